@@ -1,0 +1,292 @@
+/*
+ * lmcache_native.h — the C ABI of LMCacheNative (liblmcache_native.so).
+ *
+ * LMCacheNative stores the KV cache an inference engine computed for a token prefix, finds it again
+ * for any later request that shares the prefix, and writes it back into the engine's paged KV cache.
+ * This header is the library's only public surface. It includes nothing but <stdint.h>.
+ *
+ * Conventions (they hold for every function below unless its comment says otherwise):
+ *  - Functions return an lmc_status: LMC_OK (0) or a negative LMC_E_* value. Values are pinned and
+ *    never renumbered; new ones are only appended.
+ *  - On failure, lmc_last_error_message() on the SAME thread says why. Out-parameters are left
+ *    untouched on failure, and a failed call changes no cached data.
+ *  - Out-parameters come first and are named *_out; they must not be NULL.
+ *  - Pointers passed in are borrowed for the duration of the call only; the library keeps none of
+ *    them, except the KV layer memory registered with lmc_engine_register_layers (see there).
+ *  - Every function may be called from any thread. Calls on one engine are serialised internally
+ *    where they must be; a lookup can run while another thread stores or retrieves.
+ *  - No input, however wrong (NULL, a destroyed handle, lengths that do not match, a slot past the
+ *    cache), crashes the process: each such call returns a status instead.
+ *  - Versioned structs start with `uint32_t struct_size`, which the caller sets to sizeof(the struct
+ *    it was compiled with). The library reads or writes only that many bytes, so older callers keep
+ *    working when fields are appended.
+ */
+#ifndef LMCACHE_NATIVE_H
+#define LMCACHE_NATIVE_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+#define LMC_BEGIN_DECL extern "C" {
+#define LMC_END_DECL }
+#else
+#define LMC_BEGIN_DECL
+#define LMC_END_DECL
+#endif
+
+#define LMC_API __attribute__((visibility("default")))
+
+LMC_BEGIN_DECL
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Versions                                                                                        */
+/* ---------------------------------------------------------------------------------------------- */
+
+#define LMC_VERSION_MAJOR 0
+#define LMC_VERSION_MINOR 1
+#define LMC_VERSION_PATCH 0
+/* MAJOR * 10000 + MINOR * 100 + PATCH */
+#define LMC_VERSION_NUMBER (LMC_VERSION_MAJOR * 10000 + LMC_VERSION_MINOR * 100 + LMC_VERSION_PATCH)
+/* Bumped only when the ABI breaks (a signature, struct layout or status value changes). Bindings
+ * must refuse to run against a library whose lmc_abi_version() differs from the value they know. */
+#define LMC_ABI_VERSION 1
+
+/** Library version as LMC_VERSION_NUMBER of the built library. */
+LMC_API int32_t lmc_version_number(void);
+/** ABI version of the built library (compare with LMC_ABI_VERSION). */
+LMC_API int32_t lmc_abi_version(void);
+/** Version as "MAJOR.MINOR.PATCH"; static storage, never NULL. */
+LMC_API const char *lmc_version_string(void);
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Status codes and errors                                                                         */
+/* ---------------------------------------------------------------------------------------------- */
+
+typedef int32_t lmc_status;
+#define LMC_OK 0
+#define LMC_E_INVALID_ARGUMENT (-1) /* NULL where not allowed, bad lengths, bad config or layout */
+#define LMC_E_INVALID_HANDLE (-2)   /* NULL, unknown or destroyed engine handle */
+#define LMC_E_UNSUPPORTED (-3)      /* valid but not supported by this build (key, device, size) */
+#define LMC_E_OUT_OF_MEMORY (-4)    /* host memory for the pool could not be allocated */
+#define LMC_E_NOT_FOUND (-5)        /* the requested item does not exist */
+#define LMC_E_IO (-6)               /* a storage tier failed (disk, network) */
+#define LMC_E_CUDA (-7)             /* a CUDA driver call failed; the message names the error */
+#define LMC_E_NO_DEVICE (-8)        /* CUDA requested but no driver or no GPU on this machine */
+#define LMC_E_BUFFER_TOO_SMALL (-9) /* an output buffer is too small; the needed size is reported */
+#define LMC_E_INTERNAL (-10)        /* a bug in the library; the message carries the details */
+/* Values above are stable. New codes are appended below LMC_E_INTERNAL. */
+
+/** Name of a status ("LMC_OK", "LMC_E_INVALID_ARGUMENT", …; "LMC_E_UNKNOWN" for other values).
+ *  Static storage, never NULL, thread-safe. */
+LMC_API const char *lmc_status_name(lmc_status status);
+
+/** UTF-8 message of the last failed call on the calling thread; "" when the last call on this
+ *  thread succeeded. Never NULL. Owned by the library and valid until the next lmc_* call on the
+ *  same thread: copy it if you need it longer. */
+LMC_API const char *lmc_last_error_message(void);
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Engine                                                                                          */
+/* ---------------------------------------------------------------------------------------------- */
+
+/** Opaque engine handle. A destroyed handle is never reused, so using it again returns
+ *  LMC_E_INVALID_HANDLE instead of touching freed memory. */
+typedef struct lmc_engine lmc_engine;
+
+/**
+ * Creates an engine.
+ *
+ * @param[out] engine_out   receives the handle.
+ * @param[in]  config_json  UTF-8 JSON object with LMCache's configuration keys, or NULL / "" for all
+ *                          defaults. Keys and defaults follow LMCache: "chunk_size" (256),
+ *                          "local_cpu" (true), "max_local_cpu_size" (GB of host memory, 5.0),
+ *                          "save_unfull_chunk" (false), "pre_caching_hash_algorithm" ("sha256";
+ *                          "xxh3_128" is faster; LMCache's "builtin" means "sha256" here), … —
+ *                          README.md lists them all. An unknown key or an invalid value fails with
+ *                          LMC_E_INVALID_ARGUMENT and a message naming the key; a known key whose
+ *                          feature this build lacks fails with LMC_E_UNSUPPORTED.
+ * @param[in]  model_name   UTF-8 model name; part of every key's namespace. Not NULL, may be "".
+ * @param[in]  world_size   tensor-parallel size (>= 1); part of the namespace.
+ * @param[in]  worker_id    tensor-parallel rank in [0, world_size); part of the namespace.
+ * @return LMC_OK, LMC_E_INVALID_ARGUMENT, LMC_E_UNSUPPORTED.
+ */
+LMC_API lmc_status lmc_engine_create(lmc_engine **engine_out, const char *config_json,
+                                     const char *model_name, int32_t world_size, int32_t worker_id);
+
+/** Destroys an engine and frees its cache. NULL and already destroyed handles are a no-op. Waits
+ *  for calls in flight on other threads to finish. The registered KV memory is not touched. */
+LMC_API void lmc_engine_destroy(lmc_engine *engine);
+
+/**
+ * Writes the engine's resolved configuration as a NUL-terminated UTF-8 JSON object.
+ *
+ * @param[out] needed_out  receives the size in bytes including the NUL, also on BUFFER_TOO_SMALL.
+ * @param[out] buffer      destination; may be NULL when capacity is 0 (to ask for the size).
+ * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT, LMC_E_BUFFER_TOO_SMALL.
+ */
+LMC_API lmc_status lmc_engine_get_config(int64_t *needed_out, lmc_engine *engine, char *buffer,
+                                         int64_t capacity);
+
+/* ---------------------------------------------------------------------------------------------- */
+/* KV layer registration: the paged KV cache described as data                                    */
+/* ---------------------------------------------------------------------------------------------- */
+
+typedef int32_t lmc_device_kind;
+#define LMC_DEVICE_HOST 0 /* host memory (vLLM's CPU backend) */
+#define LMC_DEVICE_CUDA 1 /* CUDA device memory (needs the CUDA path) */
+
+/**
+ * One attention layer's paged KV cache. The element at (kv, block, token-in-block, head, d) is at
+ *
+ *     base_address + elem_size * (kv * kv_stride + block * block_stride + token * token_stride
+ *                                 + head * head_stride + d)
+ *
+ * for kv < kv_count, block < num_blocks, token < block_size, head < num_kv_heads, d < head_size.
+ * The head dimension d is contiguous (stride 1). Strides are in ELEMENTS, not bytes, and are what
+ * torch's Tensor.stride() reports. Every vLLM layout is expressible:
+ *
+ *   FlashAttention NHD  [2, B, N, H, D]: kv=B*N*H*D block=N*H*D token=H*D head=D
+ *   FlashAttention HND  logical [2, B, N, H, D], physical [2, B, H, N, D]: token=D head=N*D
+ *   blocks-first        [B, 2, N, H, D] (FlashInfer, Triton): kv=N*H*D block=2*N*H*D
+ *   packed              [B, H, N, 2D] (K = [..., :D], V = [..., D:]): kv=D token=2D head=N*2D
+ *   MLA                 [B, N, C]: kv_count=1, num_kv_heads=1, head_size=C
+ *   CPU SDPA            [2, B, H, N, D]: like FlashAttention HND
+ *
+ * Several layers may describe the very same memory (vLLM's KV sharing between layers); otherwise
+ * layers must not overlap.
+ */
+typedef struct lmc_kv_layer_desc {
+  uint32_t struct_size;        /* sizeof(lmc_kv_layer_desc) */
+  lmc_device_kind device_kind; /* LMC_DEVICE_HOST or LMC_DEVICE_CUDA */
+  int32_t device_index;        /* CUDA device ordinal; 0 for host */
+  int32_t elem_size;           /* bytes per element: 1 (fp8/int8), 2 (fp16/bf16) or 4 (fp32) */
+  int32_t kv_count;            /* 2 (K and V) or 1 (MLA) */
+  int32_t num_blocks;          /* blocks in the paged cache (>= 1) */
+  int32_t block_size;          /* tokens per block (>= 1) */
+  int32_t num_kv_heads;        /* KV heads of this rank (>= 1) */
+  int32_t head_size;           /* elements per head (>= 1) */
+  int32_t reserved;            /* must be 0 */
+  uint64_t base_address;       /* address of element (0,0,0,0,0); aligned to elem_size */
+  uint64_t span_bytes;         /* bytes addressable from base_address; every element must lie within */
+  int64_t kv_stride;           /* elements between K and V (ignored when kv_count == 1) */
+  int64_t block_stride;        /* elements between consecutive blocks */
+  int64_t token_stride;        /* elements between consecutive tokens of one block */
+  int64_t head_stride;         /* elements between consecutive heads of one token */
+} lmc_kv_layer_desc;
+
+/**
+ * Registers the engine's KV layers, in model layer order. All layers must agree on device, element
+ * size, kv_count, num_blocks, block_size, num_kv_heads and head_size (the model's namespace is built
+ * from them, with the layer count). Strides may differ per layer. The engine checks each description
+ * (sizes, strides that address each element once, alignment, bounds within span_bytes, overlap
+ * between layers) and refuses a bad one with a message that names the layer and the field.
+ *
+ * The memory stays owned by the caller and must stay valid until the engine is destroyed or
+ * re-registered. Registering again replaces the previous layers; if the namespace changes the
+ * cache is cleared.
+ *
+ * @param[in] layers      array of num_layers descriptions; each struct_size must be set.
+ * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT, LMC_E_UNSUPPORTED (CUDA layers in a
+ *         build or machine without the CUDA path), LMC_E_NO_DEVICE.
+ */
+LMC_API lmc_status lmc_engine_register_layers(lmc_engine *engine, const lmc_kv_layer_desc *layers,
+                                              int32_t num_layers);
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Lookup, store, retrieve                                                                         */
+/* ---------------------------------------------------------------------------------------------- */
+/*
+ * Tokens are cut into chunks of chunk_size tokens. Each chunk's key is a hash chained over all
+ * earlier chunks, the engine's namespace (model name, element size, heads, head size, layer count,
+ * kv_count, world size, worker id) and the caller's extra key bytes (cache salt, LoRA id,
+ * multimodal hashes, tags: any bytes, used at full width). Keys are seed-free: identical across
+ * processes, machines and restarts. A request with a different extra key never hits.
+ *
+ * Slot mappings are int64 arrays with one entry per token: slot = block * block_size + offset.
+ * -1 means "no slot for this token". Any other negative slot, or a slot >= num_blocks * block_size,
+ * fails the whole call before anything is copied.
+ *
+ * These calls need registered layers (else LMC_E_INVALID_ARGUMENT). They are synchronous: the
+ * copies are complete when they return.
+ */
+
+/**
+ * Number of leading tokens whose KV is in the cache (a multiple of chunk_size, or num_tokens when
+ * save_unfull_chunk stored the trailing partial chunk). Does not copy anything.
+ *
+ * @param[in] tokens        num_tokens token ids; may be NULL only when num_tokens == 0.
+ * @param[in] extra_key     extra_key_len bytes; may be NULL when extra_key_len == 0.
+ * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT.
+ */
+LMC_API lmc_status lmc_lookup(int64_t *hit_tokens_out, lmc_engine *engine, const int32_t *tokens,
+                              int64_t num_tokens, const uint8_t *extra_key, int64_t extra_key_len);
+
+/**
+ * Copies the KV of tokens [skip_leading_tokens rounded down to a chunk multiple, num_tokens) from
+ * the registered layers into the cache. Full chunks are stored; the trailing partial chunk only when
+ * save_unfull_chunk is true. Chunks already cached are not copied again. A chunk containing a token
+ * whose slot is -1 is not stored, nor is anything after it.
+ *
+ * When the pool is full and nothing can be evicted (every chunk is being read), the store stops
+ * early instead of waiting: stored_tokens_out then says how far it got.
+ *
+ * @param[out] stored_tokens_out  tokens from the rounded-down skip point whose chunks are in the
+ *                                cache after the call (stored now or already there).
+ * @param[in]  slot_mapping       num_tokens slots.
+ * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT.
+ */
+LMC_API lmc_status lmc_store(int64_t *stored_tokens_out, lmc_engine *engine, const int32_t *tokens,
+                             const int64_t *slot_mapping, int64_t num_tokens,
+                             int64_t skip_leading_tokens, const uint8_t *extra_key,
+                             int64_t extra_key_len);
+
+/**
+ * Finds the longest cached prefix of tokens and writes its KV into the registered layers. Only the
+ * slots of tokens in [first_token_to_write, retrieved) are written, and only those whose slot is not
+ * -1: slots of earlier tokens belong to the engine's own prefix cache and are never touched.
+ *
+ * @param[out] retrieved_tokens_out  length of the cached prefix that was retrieved (0 on a miss).
+ * @param[in]  first_token_to_write  first token whose slot may be written (0..num_tokens).
+ * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT.
+ */
+LMC_API lmc_status lmc_retrieve(int64_t *retrieved_tokens_out, lmc_engine *engine,
+                                const int32_t *tokens, const int64_t *slot_mapping,
+                                int64_t num_tokens, int64_t first_token_to_write,
+                                const uint8_t *extra_key, int64_t extra_key_len);
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Statistics and maintenance                                                                      */
+/* ---------------------------------------------------------------------------------------------- */
+
+/** Counters since the engine was created (cumulative) and pool gauges (current). */
+typedef struct lmc_stats {
+  uint32_t struct_size;               /* sizeof(lmc_stats), set by the caller */
+  uint32_t reserved;                  /* 0 */
+  uint64_t lookup_requests;           /* lmc_lookup calls that succeeded */
+  uint64_t lookup_tokens;             /* tokens asked about by lookups */
+  uint64_t lookup_hit_tokens;         /* tokens found by lookups */
+  uint64_t store_requests;            /* lmc_store calls that succeeded */
+  uint64_t stored_tokens;             /* tokens copied into the cache (excludes already cached) */
+  uint64_t stored_bytes;              /* bytes copied into the cache */
+  uint64_t retrieve_requests;         /* lmc_retrieve calls that succeeded */
+  uint64_t retrieve_requested_tokens; /* tokens asked for by retrieves */
+  uint64_t retrieved_tokens;          /* tokens of the retrieved prefixes */
+  uint64_t retrieved_bytes;           /* bytes written into the KV layers */
+  uint64_t evicted_chunks;            /* chunks evicted to make room (LRU) */
+  uint64_t store_skipped_chunks;      /* chunks not stored because nothing could be evicted */
+  uint64_t cached_chunks;             /* chunks in the cache now */
+  uint64_t pool_used_bytes;           /* pool bytes held by cached chunks now */
+  uint64_t pool_capacity_bytes;       /* pool capacity (max_local_cpu_size, whole chunks) */
+} lmc_stats;
+
+/** Fills the first stats->struct_size bytes of *stats (struct_size must be >= 8).
+ *  @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT. */
+LMC_API lmc_status lmc_engine_get_stats(lmc_engine *engine, lmc_stats *stats);
+
+/** Removes every cached chunk that is not being read right now and returns their memory to the
+ *  pool. Counters are kept. @return LMC_OK, LMC_E_INVALID_HANDLE. */
+LMC_API lmc_status lmc_engine_clear(lmc_engine *engine);
+
+LMC_END_DECL
+
+#endif /* LMCACHE_NATIVE_H */
