@@ -81,7 +81,8 @@ typedef int32_t lmc_status;
 LMC_API const char *lmc_status_name(lmc_status status);
 
 /** UTF-8 message of the last failed call on the calling thread; "" when the last call on this
- *  thread succeeded. Never NULL. Owned by the library and valid until the next lmc_* call on the
+ *  thread succeeded. Never NULL. The functions that cannot fail (versions, lmc_status_name and this
+ *  one) leave the message unchanged. Owned by the library and valid until the next lmc_* call on the
  *  same thread: copy it if you need it longer. */
 LMC_API const char *lmc_last_error_message(void);
 

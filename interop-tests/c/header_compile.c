@@ -1,0 +1,138 @@
+/*
+ * header_compile.c — compile test for include/lmcache_native.h.
+ *
+ * run.sh compiles this file as C99, C11 (gcc, clang-14) and C++17 (g++, clang++-14) with
+ * -Wall -Wextra -Werror -pedantic. It pins:
+ *  - the struct layouts shared with C# and ctypes (sizeof/offsetof, checked at compile time);
+ *  - the status and device values, which are part of the ABI and must never be renumbered;
+ *  - each function's prototype, by assigning it to a pointer of the expected type (a changed
+ *    signature fails to compile, so an ABI change cannot slip in unnoticed).
+ * Linked against the library and run, it also prints the layout, for the C# layout tests to copy.
+ */
+#include "lmcache_native.h"
+
+#include <stddef.h>
+#include <stdio.h>
+
+#if defined(__cplusplus)
+#define LMC_TEST_ASSERT(cond, msg) static_assert(cond, msg)
+#elif defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
+#define LMC_TEST_ASSERT(cond, msg) _Static_assert(cond, msg)
+#else
+/* C99 has no static assertion: a negative array size fails instead. */
+#define LMC_TEST_CAT2(a, b) a##b
+#define LMC_TEST_CAT(a, b) LMC_TEST_CAT2(a, b)
+#define LMC_TEST_ASSERT(cond, msg) \
+  typedef char LMC_TEST_CAT(lmc_static_assert_line_, __LINE__)[(cond) ? 1 : -1]
+#endif
+
+/* lmc_kv_layer_desc: 88 bytes, naturally aligned, no implicit padding. */
+LMC_TEST_ASSERT(sizeof(lmc_kv_layer_desc) == 88, "sizeof(lmc_kv_layer_desc) must be 88");
+LMC_TEST_ASSERT(offsetof(lmc_kv_layer_desc, struct_size) == 0, "struct_size at 0");
+LMC_TEST_ASSERT(offsetof(lmc_kv_layer_desc, device_kind) == 4, "device_kind at 4");
+LMC_TEST_ASSERT(offsetof(lmc_kv_layer_desc, device_index) == 8, "device_index at 8");
+LMC_TEST_ASSERT(offsetof(lmc_kv_layer_desc, elem_size) == 12, "elem_size at 12");
+LMC_TEST_ASSERT(offsetof(lmc_kv_layer_desc, kv_count) == 16, "kv_count at 16");
+LMC_TEST_ASSERT(offsetof(lmc_kv_layer_desc, num_blocks) == 20, "num_blocks at 20");
+LMC_TEST_ASSERT(offsetof(lmc_kv_layer_desc, block_size) == 24, "block_size at 24");
+LMC_TEST_ASSERT(offsetof(lmc_kv_layer_desc, num_kv_heads) == 28, "num_kv_heads at 28");
+LMC_TEST_ASSERT(offsetof(lmc_kv_layer_desc, head_size) == 32, "head_size at 32");
+LMC_TEST_ASSERT(offsetof(lmc_kv_layer_desc, reserved) == 36, "reserved at 36");
+LMC_TEST_ASSERT(offsetof(lmc_kv_layer_desc, base_address) == 40, "base_address at 40");
+LMC_TEST_ASSERT(offsetof(lmc_kv_layer_desc, span_bytes) == 48, "span_bytes at 48");
+LMC_TEST_ASSERT(offsetof(lmc_kv_layer_desc, kv_stride) == 56, "kv_stride at 56");
+LMC_TEST_ASSERT(offsetof(lmc_kv_layer_desc, block_stride) == 64, "block_stride at 64");
+LMC_TEST_ASSERT(offsetof(lmc_kv_layer_desc, token_stride) == 72, "token_stride at 72");
+LMC_TEST_ASSERT(offsetof(lmc_kv_layer_desc, head_stride) == 80, "head_stride at 80");
+
+/* lmc_stats: 128 bytes = 8-byte header + 15 uint64 counters. */
+LMC_TEST_ASSERT(sizeof(lmc_stats) == 128, "sizeof(lmc_stats) must be 128");
+LMC_TEST_ASSERT(offsetof(lmc_stats, struct_size) == 0, "stats.struct_size at 0");
+LMC_TEST_ASSERT(offsetof(lmc_stats, reserved) == 4, "stats.reserved at 4");
+LMC_TEST_ASSERT(offsetof(lmc_stats, lookup_requests) == 8, "lookup_requests at 8");
+LMC_TEST_ASSERT(offsetof(lmc_stats, stored_bytes) == 48, "stored_bytes at 48");
+LMC_TEST_ASSERT(offsetof(lmc_stats, retrieved_bytes) == 80, "retrieved_bytes at 80");
+LMC_TEST_ASSERT(offsetof(lmc_stats, pool_capacity_bytes) == 120, "pool_capacity_bytes at 120");
+
+/* Fixed-width typedefs. */
+LMC_TEST_ASSERT(sizeof(lmc_status) == 4, "lmc_status is int32_t");
+LMC_TEST_ASSERT(sizeof(lmc_device_kind) == 4, "lmc_device_kind is int32_t");
+
+/* Pinned values. */
+LMC_TEST_ASSERT(LMC_OK == 0, "LMC_OK");
+LMC_TEST_ASSERT(LMC_E_INVALID_ARGUMENT == -1, "LMC_E_INVALID_ARGUMENT");
+LMC_TEST_ASSERT(LMC_E_INVALID_HANDLE == -2, "LMC_E_INVALID_HANDLE");
+LMC_TEST_ASSERT(LMC_E_UNSUPPORTED == -3, "LMC_E_UNSUPPORTED");
+LMC_TEST_ASSERT(LMC_E_OUT_OF_MEMORY == -4, "LMC_E_OUT_OF_MEMORY");
+LMC_TEST_ASSERT(LMC_E_NOT_FOUND == -5, "LMC_E_NOT_FOUND");
+LMC_TEST_ASSERT(LMC_E_IO == -6, "LMC_E_IO");
+LMC_TEST_ASSERT(LMC_E_CUDA == -7, "LMC_E_CUDA");
+LMC_TEST_ASSERT(LMC_E_NO_DEVICE == -8, "LMC_E_NO_DEVICE");
+LMC_TEST_ASSERT(LMC_E_BUFFER_TOO_SMALL == -9, "LMC_E_BUFFER_TOO_SMALL");
+LMC_TEST_ASSERT(LMC_E_INTERNAL == -10, "LMC_E_INTERNAL");
+LMC_TEST_ASSERT(LMC_DEVICE_HOST == 0, "LMC_DEVICE_HOST");
+LMC_TEST_ASSERT(LMC_DEVICE_CUDA == 1, "LMC_DEVICE_CUDA");
+LMC_TEST_ASSERT(LMC_VERSION_NUMBER ==
+                    LMC_VERSION_MAJOR * 10000 + LMC_VERSION_MINOR * 100 + LMC_VERSION_PATCH,
+                "LMC_VERSION_NUMBER");
+LMC_TEST_ASSERT(LMC_ABI_VERSION >= 1, "LMC_ABI_VERSION");
+
+/* The prototypes, one pointer each. Keep in step with the header: a mismatch is an ABI change. */
+struct lmc_test_prototypes {
+  int32_t (*version_number)(void);
+  int32_t (*abi_version)(void);
+  const char *(*version_string)(void);
+  const char *(*status_name)(lmc_status);
+  const char *(*last_error_message)(void);
+  lmc_status (*engine_create)(lmc_engine **, const char *, const char *, int32_t, int32_t);
+  void (*engine_destroy)(lmc_engine *);
+  lmc_status (*engine_get_config)(int64_t *, lmc_engine *, char *, int64_t);
+  lmc_status (*engine_register_layers)(lmc_engine *, const lmc_kv_layer_desc *, int32_t);
+  lmc_status (*lookup)(int64_t *, lmc_engine *, const int32_t *, int64_t, const uint8_t *, int64_t);
+  lmc_status (*store)(int64_t *, lmc_engine *, const int32_t *, const int64_t *, int64_t, int64_t,
+                      const uint8_t *, int64_t);
+  lmc_status (*retrieve)(int64_t *, lmc_engine *, const int32_t *, const int64_t *, int64_t,
+                         int64_t, const uint8_t *, int64_t);
+  lmc_status (*engine_get_stats)(lmc_engine *, lmc_stats *);
+  lmc_status (*engine_clear)(lmc_engine *);
+};
+
+/* Not static: referenced from main, so every function must resolve when the test is linked. */
+struct lmc_test_prototypes lmc_test_prototypes_table(void);
+struct lmc_test_prototypes lmc_test_prototypes_table(void) {
+  struct lmc_test_prototypes t;
+  t.version_number = lmc_version_number;
+  t.abi_version = lmc_abi_version;
+  t.version_string = lmc_version_string;
+  t.status_name = lmc_status_name;
+  t.last_error_message = lmc_last_error_message;
+  t.engine_create = lmc_engine_create;
+  t.engine_destroy = lmc_engine_destroy;
+  t.engine_get_config = lmc_engine_get_config;
+  t.engine_register_layers = lmc_engine_register_layers;
+  t.lookup = lmc_lookup;
+  t.store = lmc_store;
+  t.retrieve = lmc_retrieve;
+  t.engine_get_stats = lmc_engine_get_stats;
+  t.engine_clear = lmc_engine_clear;
+  return t;
+}
+
+#define PRINT_OFFSET(type, field) \
+  printf("offsetof(%s, %s) = %u\n", #type, #field, (unsigned)offsetof(type, field))
+
+int main(void) {
+  struct lmc_test_prototypes t = lmc_test_prototypes_table();
+  printf("sizeof(lmc_kv_layer_desc) = %u\n", (unsigned)sizeof(lmc_kv_layer_desc));
+  PRINT_OFFSET(lmc_kv_layer_desc, device_kind);
+  PRINT_OFFSET(lmc_kv_layer_desc, reserved);
+  PRINT_OFFSET(lmc_kv_layer_desc, base_address);
+  PRINT_OFFSET(lmc_kv_layer_desc, span_bytes);
+  PRINT_OFFSET(lmc_kv_layer_desc, kv_stride);
+  PRINT_OFFSET(lmc_kv_layer_desc, head_stride);
+  printf("sizeof(lmc_stats) = %u\n", (unsigned)sizeof(lmc_stats));
+  PRINT_OFFSET(lmc_stats, lookup_requests);
+  PRINT_OFFSET(lmc_stats, pool_capacity_bytes);
+  /* Touch the table so the linker must resolve every function. */
+  return t.version_number == NULL || t.engine_clear == NULL;
+}

@@ -1,0 +1,65 @@
+"""lmcache_native: Python bindings of liblmcache_native.so (LMCache's KV-cache layer in C#/NativeAOT).
+
+    from lmcache_native import Engine
+    with Engine({"chunk_size": 256}) as engine:
+        engine.register_layers(kv_caches, layout="flash_attn")   # list/dict of torch tensors
+        engine.store(tokens, slot_mapping)
+        hit_tokens = engine.lookup(tokens)
+        engine.retrieve(tokens, slot_mapping)
+
+Importing the package loads the library and refuses to continue (ImportError) when its ABI version
+differs from the one these bindings were written for: a silent ABI mismatch would corrupt memory.
+"""
+
+from . import _bindings
+from ._bindings import ABI_VERSION, LmcKvLayerDesc, LmcStats
+
+_library_abi_version = _bindings.lmc_abi_version()
+if _library_abi_version != ABI_VERSION:
+    from ._lib import LIB_PATH
+
+    raise ImportError(
+        f"lmcache_native: {LIB_PATH} has ABI version {_library_abi_version}, but these bindings need "
+        f"ABI version {ABI_VERSION}. Rebuild the library and the package from the same checkout."
+    )
+
+from ._errors import (  # noqa: E402  (after the ABI gate on purpose)
+    LmcBufferTooSmall,
+    LmcCudaError,
+    LmcError,
+    LmcInternalError,
+    LmcInvalidArgument,
+    LmcInvalidHandle,
+    LmcIOError,
+    LmcNoDevice,
+    LmcNotFound,
+    LmcOutOfMemory,
+    LmcUnsupported,
+    check,
+)
+from .engine import Engine, SlotBuffer, TokenBuffer, as_int32_buffer, as_int64_buffer  # noqa: E402
+
+__version__ = _bindings.lmc_version_string().decode("ascii")
+
+__all__ = [
+    "ABI_VERSION",
+    "Engine",
+    "LmcKvLayerDesc",
+    "LmcStats",
+    "TokenBuffer",
+    "SlotBuffer",
+    "as_int32_buffer",
+    "as_int64_buffer",
+    "check",
+    "LmcError",
+    "LmcInvalidArgument",
+    "LmcInvalidHandle",
+    "LmcUnsupported",
+    "LmcOutOfMemory",
+    "LmcNotFound",
+    "LmcIOError",
+    "LmcCudaError",
+    "LmcNoDevice",
+    "LmcBufferTooSmall",
+    "LmcInternalError",
+]

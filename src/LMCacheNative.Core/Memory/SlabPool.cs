@@ -1,0 +1,106 @@
+using System.Runtime.InteropServices;
+
+namespace LMCacheNative.Core.Memory;
+
+/// <summary>
+/// Where the pool's host memory comes from. Plain aligned host memory here; the CUDA path supplies
+/// pinned, mapped memory (cuMemHostAlloc) through the same seam.
+/// </summary>
+public interface IHostMemoryAllocator
+{
+    /// <summary>Allocates <paramref name="bytes"/> bytes, aligned to at least 4 KiB; returns 0 when the memory is not available.</summary>
+    nint Allocate(long bytes);
+    void Free(nint address, long bytes);
+}
+
+/// <summary>Page-aligned memory from the C runtime heap.</summary>
+public sealed unsafe class AlignedHostAllocator : IHostMemoryAllocator
+{
+    public const int Alignment = 4096;
+
+    public static readonly AlignedHostAllocator Instance = new();
+
+    public nint Allocate(long bytes)
+    {
+        try
+        {
+            return (nint)NativeMemory.AlignedAlloc((nuint)bytes, Alignment);
+        }
+        catch (OutOfMemoryException)
+        {
+            return 0;
+        }
+    }
+
+    public void Free(nint address, long bytes) => NativeMemory.AlignedFree((void*)address);
+}
+
+/// <summary>
+/// A pool of equal-sized slabs, one per cached chunk (a full chunk's bytes; a partial chunk uses a
+/// whole slab too). Because every slab has the same size, freeing and reusing never fragments the
+/// pool, however long it runs — unlike a first-fit allocator (LMCache issues #745, #1285). Slabs are
+/// allocated on first use, up to the capacity, and kept for reuse until the pool is disposed.
+/// Not thread-safe: the cache engine calls it under its lock.
+/// </summary>
+public sealed class SlabPool : IDisposable
+{
+    private readonly IHostMemoryAllocator _allocator;
+    private readonly Stack<nint> _free = new();
+    private readonly List<nint> _all = new();
+    private bool _disposed;
+
+    /// <param name="slabBytes">bytes per slab (one full chunk), > 0</param>
+    /// <param name="capacityBytes">upper bound of the pool; it holds floor(capacity / slab) slabs</param>
+    public SlabPool(long slabBytes, long capacityBytes, IHostMemoryAllocator allocator)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThanOrEqual(slabBytes, 0);
+        ArgumentOutOfRangeException.ThrowIfNegative(capacityBytes);
+        SlabBytes = slabBytes;
+        CapacitySlabs = capacityBytes / slabBytes;
+        _allocator = allocator;
+    }
+
+    public long SlabBytes { get; }
+    public long CapacitySlabs { get; }
+    public long CapacityBytes => CapacitySlabs * SlabBytes;
+    /// <summary>Slabs handed out and not yet returned.</summary>
+    public long RentedSlabs { get; private set; }
+    public long UsedBytes => RentedSlabs * SlabBytes;
+    /// <summary>Slabs ever allocated from the system (rented or free).</summary>
+    public long AllocatedSlabs => _all.Count;
+
+    /// <summary>A slab, or 0 when the pool is at capacity (or the system is out of memory): the caller evicts and retries, or gives up.</summary>
+    public nint TryRent()
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (_free.TryPop(out nint slab))
+        {
+            RentedSlabs++;
+            return slab;
+        }
+        if (_all.Count >= CapacitySlabs) return 0;
+        slab = _allocator.Allocate(SlabBytes);
+        if (slab == 0) return 0;
+        _all.Add(slab);
+        RentedSlabs++;
+        return slab;
+    }
+
+    public void Return(nint slab)
+    {
+        if (_disposed) return;
+        if (slab == 0) throw new ArgumentException("slab is null", nameof(slab));
+        _free.Push(slab);
+        RentedSlabs--;
+    }
+
+    public void Dispose()
+    {
+        if (_disposed) return;
+        _disposed = true;
+        foreach (nint slab in _all) _allocator.Free(slab, SlabBytes);
+        _all.Clear();
+        _free.Clear();
+        RentedSlabs = 0;
+    }
+}

@@ -1,0 +1,185 @@
+using LMCacheNative.Core.Layout;
+
+namespace LMCacheNative.Core.Transfer;
+
+/// <summary>
+/// One chunk's part of a transfer. Tokens <c>[FirstToken, FirstToken + TokenCount)</c> of the request
+/// live in the chunk object at <see cref="ChunkData"/>; only tokens at or after
+/// <see cref="FirstTokenToCopy"/> (absolute token index) are copied, and tokens whose slot is -1 are
+/// skipped.
+/// </summary>
+public readonly record struct ChunkTransfer(nint ChunkData, int FirstToken, int TokenCount, int FirstTokenToCopy);
+
+public enum TransferDirection
+{
+    /// <summary>Paged KV layers → chunk objects (store).</summary>
+    Gather,
+    /// <summary>Chunk objects → paged KV layers (retrieve).</summary>
+    Scatter,
+}
+
+/// <summary>
+/// Moves KV between paged layers and chunk objects. The host implementation copies with the CPU;
+/// the CUDA path implements the same seam with one kernel launch per request.
+/// </summary>
+public interface IKvTransfer
+{
+    /// <summary>Copies every layer, K and V, of every listed chunk; returns the bytes moved.</summary>
+    long Transfer(TransferDirection direction, ReadOnlySpan<ChunkTransfer> chunks, ReadOnlySpan<long> slotMapping);
+}
+
+/// <summary>
+/// CPU gather/scatter between paged layers in host memory and chunk objects.
+///
+/// Chunk object format (layout-free, LMCache's KV_2LTD): <c>[kv_count][num_layers][T][num_kv_heads][head_size]</c>
+/// elements, T = the chunk's token count, so one token's K (or V) of one layer is one row of
+/// <c>num_kv_heads * head_size * elem_size</c> bytes.
+///
+/// Copies go in the largest runs the strides allow: a whole token row when the heads of a token are
+/// adjacent (NHD, MLA), merged across consecutive tokens whose slots are adjacent in the same block;
+/// one head (head_size elements) at a time otherwise (HND, packed). Work is split over
+/// (chunk, layer, kv) items and spread over cores when the request is large enough to pay for it.
+/// </summary>
+public sealed unsafe class HostKvTransfer : IKvTransfer
+{
+    /// <summary>Below this many bytes a transfer runs on the calling thread: waking workers costs more than it saves.</summary>
+    public const long ParallelThresholdBytes = 4L << 20;
+
+    private readonly LayerPlan[] _layers;
+    private readonly int _kvCount;
+    private readonly long _rowBytes;
+    private readonly long _headBytes;
+    private readonly int _numHeads;
+    private readonly int _blockSize;
+    private readonly bool _headsContiguous;
+
+    private readonly struct LayerPlan(byte* baseAddress, long kvStrideBytes, long blockStrideBytes, long tokenStrideBytes, long headStrideBytes)
+    {
+        public readonly byte* Base = baseAddress;
+        public readonly long KvStrideBytes = kvStrideBytes;
+        public readonly long BlockStrideBytes = blockStrideBytes;
+        public readonly long TokenStrideBytes = tokenStrideBytes;
+        public readonly long HeadStrideBytes = headStrideBytes;
+    }
+
+    /// <param name="layers">validated host layers (see <see cref="LayoutValidator"/>); all share one model shape</param>
+    public HostKvTransfer(IReadOnlyList<KvLayerLayout> layers)
+    {
+        if (layers.Count == 0) throw new ArgumentException("no layers");
+        var first = layers[0];
+        _kvCount = first.KvCount;
+        _rowBytes = first.TokenRowBytes;
+        _headBytes = (long)first.HeadSize * first.ElemSize;
+        _numHeads = first.NumKvHeads;
+        _blockSize = first.BlockSize;
+        _headsContiguous = layers.All(l => l.HeadsContiguous);
+        _layers = layers.Select(l => new LayerPlan(
+            (byte*)l.BaseAddress,
+            l.KvStride * l.ElemSize,
+            l.BlockStride * l.ElemSize,
+            l.TokenStride * l.ElemSize,
+            l.HeadStride * l.ElemSize)).ToArray();
+    }
+
+    public int NumLayers => _layers.Length;
+
+    /// <summary>Bytes one token occupies in a chunk object: all layers, K and V.</summary>
+    public long BytesPerToken => _rowBytes * _layers.Length * _kvCount;
+
+    public long Transfer(TransferDirection direction, ReadOnlySpan<ChunkTransfer> chunks, ReadOnlySpan<long> slotMapping)
+    {
+        if (chunks.Length == 0) return 0;
+        int itemsPerChunk = _layers.Length * _kvCount;
+        int items = chunks.Length * itemsPerChunk;
+
+        long tokensToCopy = 0;
+        foreach (var c in chunks)
+            tokensToCopy += Math.Max(0, c.FirstToken + c.TokenCount - Math.Max(c.FirstToken, c.FirstTokenToCopy));
+
+        fixed (long* slots = slotMapping)
+        fixed (ChunkTransfer* chunkArray = chunks)
+        {
+            if (tokensToCopy * BytesPerToken < ParallelThresholdBytes || Environment.ProcessorCount == 1)
+            {
+                long copied = 0;
+                for (int item = 0; item < items; item++)
+                    copied += CopyItem(direction, chunkArray, slots, item, itemsPerChunk);
+                return copied;
+            }
+
+            // The pointers stay valid: the fixed scope outlives Parallel.For, which returns only when
+            // every item is done.
+            nint chunkPtr = (nint)chunkArray, slotPtr = (nint)slots;
+            long total = 0;
+            Parallel.For(0, items,
+                () => 0L,
+                (item, _, local) => local + CopyItem(direction, (ChunkTransfer*)chunkPtr, (long*)slotPtr, item, itemsPerChunk),
+                local => Interlocked.Add(ref total, local));
+            return total;
+        }
+    }
+
+    /// <summary>Copies one (chunk, layer, kv) item; returns the bytes moved.</summary>
+    private long CopyItem(TransferDirection direction, ChunkTransfer* chunks, long* slots, int item, int itemsPerChunk)
+    {
+        int chunkIndex = item / itemsPerChunk;
+        int rest = item - chunkIndex * itemsPerChunk;
+        int layerIndex = rest / _kvCount;
+        int kv = rest - layerIndex * _kvCount;
+        ChunkTransfer chunk = chunks[chunkIndex];
+        ref readonly LayerPlan layer = ref _layers[layerIndex];
+
+        byte* pagedKvBase = layer.Base + kv * layer.KvStrideBytes;
+        // [kv][layer][T][row]: this item's rows start here.
+        byte* chunkRows = (byte*)chunk.ChunkData + ((long)(kv * _layers.Length + layerIndex) * chunk.TokenCount) * _rowBytes;
+        int firstLocal = Math.Max(0, chunk.FirstTokenToCopy - chunk.FirstToken);
+        bool gather = direction == TransferDirection.Gather;
+        long copied = 0;
+
+        if (_headsContiguous)
+        {
+            // A token's row is contiguous on both sides; consecutive tokens in consecutive slots of a
+            // block are contiguous too, so they are merged into one run.
+            byte* runPaged = null, runChunk = null;
+            long runBytes = 0;
+            for (int t = firstLocal; t < chunk.TokenCount; t++)
+            {
+                long slot = slots[chunk.FirstToken + t];
+                if (slot < 0) continue;
+                long block = slot / _blockSize;
+                byte* paged = pagedKvBase + block * layer.BlockStrideBytes + (slot - block * _blockSize) * layer.TokenStrideBytes;
+                byte* row = chunkRows + t * _rowBytes;
+                if (runBytes > 0 && paged == runPaged + runBytes && row == runChunk + runBytes)
+                {
+                    runBytes += _rowBytes;
+                    continue;
+                }
+                if (runBytes > 0) copied += Copy(gather, runPaged, runChunk, runBytes);
+                runPaged = paged;
+                runChunk = row;
+                runBytes = _rowBytes;
+            }
+            if (runBytes > 0) copied += Copy(gather, runPaged, runChunk, runBytes);
+            return copied;
+        }
+
+        for (int t = firstLocal; t < chunk.TokenCount; t++)
+        {
+            long slot = slots[chunk.FirstToken + t];
+            if (slot < 0) continue;
+            long block = slot / _blockSize;
+            byte* paged = pagedKvBase + block * layer.BlockStrideBytes + (slot - block * _blockSize) * layer.TokenStrideBytes;
+            byte* row = chunkRows + t * _rowBytes;
+            for (int h = 0; h < _numHeads; h++)
+                copied += Copy(gather, paged + h * layer.HeadStrideBytes, row + h * _headBytes, _headBytes);
+        }
+        return copied;
+    }
+
+    private static long Copy(bool gather, byte* paged, byte* chunk, long bytes)
+    {
+        if (gather) Buffer.MemoryCopy(paged, chunk, bytes, bytes);
+        else Buffer.MemoryCopy(chunk, paged, bytes, bytes);
+        return bytes;
+    }
+}

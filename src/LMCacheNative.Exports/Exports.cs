@@ -1,0 +1,294 @@
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
+using System.Text;
+using LMCacheNative.Core;
+using LMCacheNative.Core.Config;
+using LMCacheNative.Core.Engine;
+using LMCacheNative.Core.Layout;
+
+namespace LMCacheNative.Exports;
+
+/// <summary>
+/// The C ABI (include/lmcache_native.h). Each export validates its raw arguments, translates them
+/// into engine types, calls the engine and maps every exception to a status code: an exception that
+/// escaped an [UnmanagedCallersOnly] method would abort the host process (vLLM with it).
+/// </summary>
+internal static unsafe class Exports
+{
+    private const int VersionMajor = 0, VersionMinor = 1, VersionPatch = 0;
+    private const int AbiVersion = 1;
+
+    // ---- versions and errors: these cannot fail and leave the last error message unchanged ----
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_version_number")]
+    public static int VersionNumber() => VersionMajor * 10000 + VersionMinor * 100 + VersionPatch;
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_abi_version")]
+    public static int AbiVersionNumber() => AbiVersion;
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_version_string")]
+    public static byte* VersionString() => Literal("0.1.0\0"u8);
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_status_name")]
+    public static byte* StatusName(int status) => status switch
+    {
+        Status.Ok => Literal("LMC_OK\0"u8),
+        Status.InvalidArgument => Literal("LMC_E_INVALID_ARGUMENT\0"u8),
+        Status.InvalidHandle => Literal("LMC_E_INVALID_HANDLE\0"u8),
+        Status.Unsupported => Literal("LMC_E_UNSUPPORTED\0"u8),
+        Status.OutOfMemory => Literal("LMC_E_OUT_OF_MEMORY\0"u8),
+        Status.NotFound => Literal("LMC_E_NOT_FOUND\0"u8),
+        Status.Io => Literal("LMC_E_IO\0"u8),
+        Status.Cuda => Literal("LMC_E_CUDA\0"u8),
+        Status.NoDevice => Literal("LMC_E_NO_DEVICE\0"u8),
+        Status.BufferTooSmall => Literal("LMC_E_BUFFER_TOO_SMALL\0"u8),
+        Status.Internal => Literal("LMC_E_INTERNAL\0"u8),
+        _ => Literal("LMC_E_UNKNOWN\0"u8),
+    };
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_last_error_message")]
+    public static byte* LastErrorMessage() => ErrorState.Message;
+
+    // UTF-8 literals live in the image's read-only data, so their address is stable for the process.
+    private static byte* Literal(ReadOnlySpan<byte> nulTerminated)
+    {
+        fixed (byte* p = nulTerminated) return p;
+    }
+
+    // ---- engine lifetime ----
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_engine_create")]
+    public static int EngineCreate(nint* engineOut, byte* configJson, byte* modelName, int worldSize, int workerId)
+    {
+        try
+        {
+            RequireOut(engineOut, "engine_out");
+            if (modelName == null) throw LmcException.InvalidArgument("model_name is NULL (pass \"\" for none)");
+            var config = EngineConfig.Parse(Utf8(configJson, "config_json"));
+            var engine = new CacheEngine(config, Utf8(modelName, "model_name")!, worldSize, workerId);
+            *engineOut = HandleTable.Add(engine);
+            return ErrorState.Ok();
+        }
+        catch (Exception e)
+        {
+            return ErrorState.FromException(e);
+        }
+    }
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_engine_destroy")]
+    public static void EngineDestroy(nint engine)
+    {
+        try
+        {
+            HandleTable.Remove(engine)?.Dispose();
+            ErrorState.Ok();
+        }
+        catch (Exception e)
+        {
+            ErrorState.FromException(e);
+        }
+    }
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_engine_get_config")]
+    public static int EngineGetConfig(long* neededOut, nint engine, byte* buffer, long capacity)
+    {
+        try
+        {
+            RequireOut(neededOut, "needed_out");
+            var cacheEngine = HandleTable.Get(engine);
+            if (capacity < 0) throw LmcException.InvalidArgument($"capacity must be >= 0, got {capacity}");
+            if (buffer == null && capacity > 0) throw LmcException.InvalidArgument("buffer is NULL but capacity is not 0");
+            byte[] json = Encoding.UTF8.GetBytes(cacheEngine.Config.ToJson());
+            *neededOut = json.Length + 1;
+            if (capacity < json.Length + 1)
+                return ErrorState.Fail(Status.BufferTooSmall, $"buffer holds {capacity} bytes; the configuration needs {json.Length + 1}");
+            json.CopyTo(new Span<byte>(buffer, json.Length));
+            buffer[json.Length] = 0;
+            return ErrorState.Ok();
+        }
+        catch (Exception e)
+        {
+            return ErrorState.FromException(e);
+        }
+    }
+
+    // ---- registration ----
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_engine_register_layers")]
+    public static int EngineRegisterLayers(nint engine, NativeKvLayerDesc* layers, int numLayers)
+    {
+        try
+        {
+            var cacheEngine = HandleTable.Get(engine);
+            if (layers == null) throw LmcException.InvalidArgument("layers is NULL");
+            if (numLayers < 1) throw LmcException.InvalidArgument($"num_layers must be >= 1, got {numLayers}");
+            // The array's element size is the caller's sizeof(lmc_kv_layer_desc): a newer header may
+            // have appended fields, and this build reads only the fields it knows.
+            uint stride = layers->StructSize;
+            if (stride < NativeKvLayerDesc.SizeV1)
+                throw LmcException.InvalidArgument($"layer 0: struct_size {stride} is smaller than lmc_kv_layer_desc ({NativeKvLayerDesc.SizeV1} bytes); set it to sizeof(lmc_kv_layer_desc)");
+            if (stride > 4096 || stride % 8 != 0)
+                throw LmcException.InvalidArgument($"layer 0: struct_size {stride} is not a plausible sizeof(lmc_kv_layer_desc)");
+            var parsed = new KvLayerLayout[numLayers];
+            for (int i = 0; i < numLayers; i++)
+            {
+                var d = (NativeKvLayerDesc*)((byte*)layers + (long)i * stride);
+                if (d->StructSize != stride)
+                    throw LmcException.InvalidArgument($"layer {i}: struct_size {d->StructSize} differs from layer 0's {stride}");
+                if (d->Reserved != 0) throw LmcException.InvalidArgument($"layer {i}: reserved must be 0, got {d->Reserved}");
+                parsed[i] = new KvLayerLayout((DeviceKind)d->DeviceKind, d->DeviceIndex, d->ElemSize, d->KvCount, d->NumBlocks,
+                    d->BlockSize, d->NumKvHeads, d->HeadSize, d->BaseAddress, d->SpanBytes,
+                    d->KvStride, d->BlockStride, d->TokenStride, d->HeadStride);
+            }
+            cacheEngine.RegisterLayers(parsed);
+            return ErrorState.Ok();
+        }
+        catch (Exception e)
+        {
+            return ErrorState.FromException(e);
+        }
+    }
+
+    // ---- lookup, store, retrieve ----
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_lookup")]
+    public static int Lookup(long* hitTokensOut, nint engine, int* tokens, long numTokens, byte* extraKey, long extraKeyLength)
+    {
+        try
+        {
+            RequireOut(hitTokensOut, "hit_tokens_out");
+            var cacheEngine = HandleTable.Get(engine);
+            var tokenSpan = Input(tokens, numTokens, "tokens", "num_tokens");
+            var extra = Input(extraKey, extraKeyLength, "extra_key", "extra_key_len");
+            *hitTokensOut = cacheEngine.Lookup(tokenSpan, extra);
+            return ErrorState.Ok();
+        }
+        catch (Exception e)
+        {
+            return ErrorState.FromException(e);
+        }
+    }
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_store")]
+    public static int Store(long* storedTokensOut, nint engine, int* tokens, long* slotMapping, long numTokens,
+        long skipLeadingTokens, byte* extraKey, long extraKeyLength)
+    {
+        try
+        {
+            RequireOut(storedTokensOut, "stored_tokens_out");
+            var cacheEngine = HandleTable.Get(engine);
+            var tokenSpan = Input(tokens, numTokens, "tokens", "num_tokens");
+            var slots = Input(slotMapping, numTokens, "slot_mapping", "num_tokens");
+            var extra = Input(extraKey, extraKeyLength, "extra_key", "extra_key_len");
+            *storedTokensOut = cacheEngine.Store(tokenSpan, slots, skipLeadingTokens, extra).TokensInCache;
+            return ErrorState.Ok();
+        }
+        catch (Exception e)
+        {
+            return ErrorState.FromException(e);
+        }
+    }
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_retrieve")]
+    public static int Retrieve(long* retrievedTokensOut, nint engine, int* tokens, long* slotMapping, long numTokens,
+        long firstTokenToWrite, byte* extraKey, long extraKeyLength)
+    {
+        try
+        {
+            RequireOut(retrievedTokensOut, "retrieved_tokens_out");
+            var cacheEngine = HandleTable.Get(engine);
+            var tokenSpan = Input(tokens, numTokens, "tokens", "num_tokens");
+            var slots = Input(slotMapping, numTokens, "slot_mapping", "num_tokens");
+            var extra = Input(extraKey, extraKeyLength, "extra_key", "extra_key_len");
+            *retrievedTokensOut = cacheEngine.Retrieve(tokenSpan, slots, firstTokenToWrite, extra).RetrievedTokens;
+            return ErrorState.Ok();
+        }
+        catch (Exception e)
+        {
+            return ErrorState.FromException(e);
+        }
+    }
+
+    // ---- statistics and maintenance ----
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_engine_get_stats")]
+    public static int EngineGetStats(nint engine, NativeStats* stats)
+    {
+        try
+        {
+            var cacheEngine = HandleTable.Get(engine);
+            if (stats == null) throw LmcException.InvalidArgument("stats is NULL");
+            uint size = stats->StructSize;
+            if (size < 8) throw LmcException.InvalidArgument($"stats->struct_size must be set to sizeof(lmc_stats), got {size}");
+            var s = cacheEngine.GetStats();
+            var native = new NativeStats
+            {
+                StructSize = size,
+                LookupRequests = (ulong)s.LookupRequests,
+                LookupTokens = (ulong)s.LookupTokens,
+                LookupHitTokens = (ulong)s.LookupHitTokens,
+                StoreRequests = (ulong)s.StoreRequests,
+                StoredTokens = (ulong)s.StoredTokens,
+                StoredBytes = (ulong)s.StoredBytes,
+                RetrieveRequests = (ulong)s.RetrieveRequests,
+                RetrieveRequestedTokens = (ulong)s.RetrieveRequestedTokens,
+                RetrievedTokens = (ulong)s.RetrievedTokens,
+                RetrievedBytes = (ulong)s.RetrievedBytes,
+                EvictedChunks = (ulong)s.EvictedChunks,
+                StoreSkippedChunks = (ulong)s.StoreSkippedChunks,
+                CachedChunks = (ulong)s.CachedChunks,
+                PoolUsedBytes = (ulong)s.PoolUsedBytes,
+                PoolCapacityBytes = (ulong)s.PoolCapacityBytes,
+            };
+            // Only the bytes the caller's struct has: an older caller's struct is shorter.
+            Buffer.MemoryCopy(&native, stats, size, Math.Min(size, (uint)sizeof(NativeStats)));
+            return ErrorState.Ok();
+        }
+        catch (Exception e)
+        {
+            return ErrorState.FromException(e);
+        }
+    }
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_engine_clear")]
+    public static int EngineClear(nint engine)
+    {
+        try
+        {
+            HandleTable.Get(engine).Clear();
+            return ErrorState.Ok();
+        }
+        catch (Exception e)
+        {
+            return ErrorState.FromException(e);
+        }
+    }
+
+    // ---- argument translation ----
+
+    private static void RequireOut(void* pointer, string name)
+    {
+        if (pointer == null) throw LmcException.InvalidArgument($"{name} is NULL");
+    }
+
+    private static ReadOnlySpan<T> Input<T>(T* pointer, long length, string name, string lengthName) where T : unmanaged
+    {
+        if (length < 0) throw LmcException.InvalidArgument($"{lengthName} must be >= 0, got {length}");
+        if (length > Array.MaxLength) throw LmcException.InvalidArgument($"{lengthName} {length} is too large");
+        if (length > 0 && pointer == null) throw LmcException.InvalidArgument($"{name} is NULL but {lengthName} is {length}");
+        return length == 0 ? ReadOnlySpan<T>.Empty : new ReadOnlySpan<T>(pointer, (int)length);
+    }
+
+    private static string? Utf8(byte* text, string name)
+    {
+        if (text == null) return null;
+        try
+        {
+            return Marshal.PtrToStringUTF8((nint)text);
+        }
+        catch (Exception e) when (e is not LmcException)
+        {
+            throw LmcException.InvalidArgument($"{name} is not valid UTF-8");
+        }
+    }
+}
