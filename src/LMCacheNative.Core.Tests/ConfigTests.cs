@@ -1,0 +1,92 @@
+using LMCacheNative.Core.Config;
+using NUnit.Framework;
+
+namespace LMCacheNative.Core.Tests;
+
+public class ConfigTests
+{
+    [TestCase(null)]
+    [TestCase("")]
+    [TestCase("{}")]
+    [TestCase("  { }  ")]
+    public void Defaults_AreLMCaches(string? json)
+    {
+        var c = EngineConfig.Parse(json);
+        Assert.That(c.ChunkSize, Is.EqualTo(256));
+        Assert.That(c.LocalCpu, Is.True);
+        Assert.That(c.MaxLocalCpuSize, Is.EqualTo(5.0));
+        Assert.That(c.MaxLocalCpuBytes, Is.EqualTo(5L << 30));
+        Assert.That(c.SaveUnfullChunk, Is.False);
+        Assert.That(c.HashAlgorithm, Is.EqualTo(ChunkHashAlgorithm.Sha256));
+        Assert.That(c.BlockingTimeoutSecs, Is.EqualTo(10));
+        Assert.That(c.LookupTimeoutMs, Is.EqualTo(3000));
+    }
+
+    [Test]
+    public void KnownKeys_AreApplied()
+    {
+        var c = EngineConfig.Parse("""
+            {"chunk_size": 64, "local_cpu": true, "max_local_cpu_size": 0.5, "save_unfull_chunk": true,
+             "pre_caching_hash_algorithm": "xxh3_128", "save_decode_cache": true, "min_retrieve_tokens": 32,
+             "enable_async_loading": true, "cache_policy": "lru", "local_disk": null, "remote_url": null,
+             "use_layerwise": false, "extra_config": {"anything": [1, 2]}, "priority_limit": 3}
+            """);
+        Assert.That((c.ChunkSize, c.MaxLocalCpuBytes, c.SaveUnfullChunk, c.HashAlgorithm), Is.EqualTo((64, 1L << 29, true, ChunkHashAlgorithm.Xxh3_128)));
+        Assert.That((c.SaveDecodeCache, c.MinRetrieveTokens, c.EnableAsyncLoading, c.CachePolicy, c.PriorityLimit), Is.EqualTo((true, 32, true, "LRU", (int?)3)));
+        Assert.That(c.ExtraConfigJson, Does.Contain("anything"));
+    }
+
+    [TestCase("builtin")]
+    [TestCase("sha256_cbor")]
+    public void LMCacheHashNames_MapToSeedFreeSha256(string name) =>
+        Assert.That(EngineConfig.Parse($"{{\"pre_caching_hash_algorithm\": \"{name}\"}}").HashAlgorithm, Is.EqualTo(ChunkHashAlgorithm.Sha256));
+
+    [TestCase("{\"chunk_sise\": 256}", "chunk_sise")]
+    [TestCase("{\"chunk_size\": 0}", "chunk_size")]
+    [TestCase("{\"chunk_size\": 2.5}", "chunk_size")]
+    [TestCase("{\"chunk_size\": \"256\"}", "chunk_size")]
+    [TestCase("{\"max_local_cpu_size\": -1}", "max_local_cpu_size")]
+    [TestCase("{\"local_cpu\": 1}", "local_cpu")]
+    [TestCase("{\"pre_caching_hash_algorithm\": \"md5\"}", "pre_caching_hash_algorithm")]
+    [TestCase("{\"cache_policy\": \"random\"}", "cache_policy")]
+    [TestCase("{\"blocking_timeout_secs\": 0}", "blocking_timeout_secs")]
+    [TestCase("{\"extra_config\": 5}", "extra_config")]
+    [TestCase("{\"local_disk\": 5}", "local_disk")]
+    public void InvalidKeysAndValues_AreRefused_NamingTheKey(string json, string key)
+    {
+        var error = Assert.Throws<LmcException>(() => EngineConfig.Parse(json))!;
+        Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.InvalidArgument));
+        Assert.That(error.Message, Does.Contain($"\"{key}\""));
+    }
+
+    [TestCase("[1, 2]")]
+    [TestCase("{\"chunk_size\": }")]
+    [TestCase("chunk_size: 256")]
+    public void NonObjects_AreRefused(string json) =>
+        Assert.That(Assert.Throws<LmcException>(() => EngineConfig.Parse(json))!.Kind, Is.EqualTo(LmcErrorKind.InvalidArgument));
+
+    [TestCase("{\"local_disk\": \"/tmp/x\"}", "local_disk")]
+    [TestCase("{\"remote_url\": \"redis://127.0.0.1:6379\"}", "remote_url")]
+    [TestCase("{\"use_layerwise\": true}", "use_layerwise")]
+    [TestCase("{\"cache_policy\": \"LFU\"}", "cache_policy")]
+    [TestCase("{\"remote_serde\": \"cachegen\"}", "remote_serde")]
+    public void FeaturesNotInThisBuild_AreUnsupported_NamingTheKey(string json, string key)
+    {
+        var error = Assert.Throws<LmcException>(() => EngineConfig.Parse(json))!;
+        Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.Unsupported));
+        Assert.That(error.Message, Does.Contain(key));
+    }
+
+    [Test]
+    public void ResolvedJson_ParsesBackToTheSameConfig()
+    {
+        var c = EngineConfig.Parse("{\"chunk_size\": 16, \"max_local_cpu_size\": 0.25, \"pre_caching_hash_algorithm\": \"xxh3_128\", \"extra_config\": {\"k\": 1}}");
+        var back = EngineConfig.Parse(c.ToJson());
+        Assert.That(back with { ExtraConfigJson = "" }, Is.EqualTo(c with { ExtraConfigJson = "" }));
+        Assert.That(back.ExtraConfigJson.Replace(" ", ""), Is.EqualTo("{\"k\":1}"));
+    }
+
+    [Test]
+    public void LocalCpuFalse_GivesNoPool() =>
+        Assert.That(EngineConfig.Parse("{\"local_cpu\": false}").MaxLocalCpuBytes, Is.EqualTo(0));
+}

@@ -1,0 +1,159 @@
+using LMCacheNative.Core.Config;
+using LMCacheNative.Core.Engine;
+using NUnit.Framework;
+
+namespace LMCacheNative.Core.Tests;
+
+/// <summary>
+/// Store → retrieve through the engine, checked byte for byte against the test's own model of each
+/// layout: the destination must equal a guard-filled snapshot with exactly the expected head vectors
+/// copied in, so both wrong data and writes to slots that must stay untouched fail.
+/// </summary>
+public class EngineTransferTests
+{
+    private const int Layers = 2, Blocks = 16, BlockSize = 4, Heads = 2, HeadSize = 8;
+    private const byte Guard = 0xA5;
+
+    internal static CacheEngine NewEngine(string json = "{\"chunk_size\": 8, \"save_unfull_chunk\": true}", string model = "test-model") =>
+        new(EngineConfig.Parse(json), model, 1, 0);
+
+    internal static long[] RandomSlots(Random random, long numSlots, int count, int minusOneEvery = 0)
+    {
+        var all = Enumerable.Range(0, (int)numSlots).Select(i => (long)i).OrderBy(_ => random.Next()).Take(count).ToArray();
+        if (minusOneEvery > 0)
+            for (int i = minusOneEvery - 1; i < count; i += minusOneEvery) all[i] = -1;
+        return all;
+    }
+
+    internal static int[] Tokens(int count, int seed) => Enumerable.Range(0, count).Select(i => seed * 100_000 + i).ToArray();
+
+    [Test]
+    public void StoreAndRetrieve_BetweenEveryPairOfLayouts_IsBitExact(
+        [Values] TestLayout from, [Values] TestLayout to, [Values(1, 2, 4)] int elemSize)
+    {
+        var random = new Random(HashCode.Combine(from, to, elemSize));
+        using var source = new TestModelCache(from, Layers, Blocks, BlockSize, Heads, HeadSize, elemSize);
+        using var destination = new TestModelCache(to, Layers, Blocks, BlockSize, Heads, HeadSize, elemSize);
+        source.FillRandom(random.Next());
+        destination.Fill(Guard);
+        using var engine = NewEngine();
+
+        const int numTokens = 37; // four full chunks of 8 and a partial one of 5
+        int[] tokens = Tokens(numTokens, 1);
+        long[] sourceSlots = RandomSlots(random, source.NumSlots, numTokens);
+        engine.RegisterLayers(source.Describe());
+        Assert.That(engine.Store(tokens, sourceSlots, 0, default).TokensInCache, Is.EqualTo(numTokens));
+
+        engine.RegisterLayers(destination.Describe());
+        long[] destinationSlots = RandomSlots(random, destination.NumSlots, numTokens, minusOneEvery: 7);
+        const int firstTokenToWrite = 5;
+        var expected = destination.Snapshot();
+        for (int t = firstTokenToWrite; t < numTokens; t++)
+            if (destinationSlots[t] >= 0) destination.ExpectCopied(expected, source, sourceSlots[t], destinationSlots[t]);
+
+        var result = engine.Retrieve(tokens, destinationSlots, firstTokenToWrite, default);
+
+        Assert.That(result.RetrievedTokens, Is.EqualTo(numTokens));
+        var actual = destination.Snapshot();
+        for (int l = 0; l < Layers; l++) Assert.That(actual[l], Is.EqualTo(expected[l]), $"layer {l}");
+        int written = Enumerable.Range(firstTokenToWrite, numTokens - firstTokenToWrite).Count(t => destinationSlots[t] >= 0);
+        Assert.That(result.BytesWritten, Is.EqualTo((long)written * engine.BytesPerToken));
+    }
+
+    [Test]
+    public void StoreAndRetrieve_Mla_IsBitExact([Values(1, 2)] int elemSize)
+    {
+        var random = new Random(7);
+        using var source = new TestModelCache(TestLayout.FlashNhd, 3, 8, 16, 1, 36, elemSize, mla: true);
+        using var destination = new TestModelCache(TestLayout.FlashNhd, 3, 8, 16, 1, 36, elemSize, mla: true);
+        source.FillRandom(3);
+        destination.Fill(Guard);
+        using var engine = NewEngine();
+        int[] tokens = Tokens(40, 2);
+        long[] sourceSlots = RandomSlots(random, source.NumSlots, 40);
+        long[] destinationSlots = RandomSlots(random, destination.NumSlots, 40, minusOneEvery: 5);
+        engine.RegisterLayers(source.Describe());
+        engine.Store(tokens, sourceSlots, 0, default);
+        engine.RegisterLayers(destination.Describe());
+        var expected = destination.Snapshot();
+        for (int t = 0; t < 40; t++)
+            if (destinationSlots[t] >= 0) destination.ExpectCopied(expected, source, sourceSlots[t], destinationSlots[t]);
+
+        Assert.That(engine.Retrieve(tokens, destinationSlots, 0, default).RetrievedTokens, Is.EqualTo(40));
+        var actual = destination.Snapshot();
+        for (int l = 0; l < 3; l++) Assert.That(actual[l], Is.EqualTo(expected[l]));
+    }
+
+    /// <summary>Large enough (8 MiB) to take the multi-core path of the host transfer.</summary>
+    [Test]
+    public void LargeRequest_TakesParallelPath_AndStaysBitExact([Values(TestLayout.FlashNhd, TestLayout.FlashHnd, TestLayout.Packed)] TestLayout layout)
+    {
+        var random = new Random(11);
+        using var source = new TestModelCache(layout, 2, 96, 16, 8, 128, 2);
+        using var destination = new TestModelCache(TestLayout.BlocksFirstNhd, 2, 96, 16, 8, 128, 2);
+        source.FillRandom(5);
+        destination.Fill(Guard);
+        using var engine = NewEngine("{\"chunk_size\": 256, \"max_local_cpu_size\": 0.1}");
+        const int numTokens = 1024;
+        int[] tokens = Tokens(numTokens, 3);
+        long[] sourceSlots = RandomSlots(random, source.NumSlots, numTokens);
+        long[] destinationSlots = RandomSlots(random, destination.NumSlots, numTokens);
+        engine.RegisterLayers(source.Describe());
+        var stored = engine.Store(tokens, sourceSlots, 0, default);
+        Assert.That(stored.BytesCopied, Is.GreaterThanOrEqualTo(Transfer.HostKvTransfer.ParallelThresholdBytes));
+        engine.RegisterLayers(destination.Describe());
+        var expected = destination.Snapshot();
+        for (int t = 0; t < numTokens; t++) destination.ExpectCopied(expected, source, sourceSlots[t], destinationSlots[t]);
+
+        Assert.That(engine.Retrieve(tokens, destinationSlots, 0, default).RetrievedTokens, Is.EqualTo(numTokens));
+        var actual = destination.Snapshot();
+        for (int l = 0; l < 2; l++) Assert.That(actual[l].AsSpan().SequenceEqual(expected[l]), Is.True, $"layer {l}");
+    }
+
+    [Test]
+    public void Retrieve_OnlyWritesTheRetrievedPrefix_AndLeavesLaterSlotsUntouched()
+    {
+        var random = new Random(5);
+        using var cache = new TestModelCache(TestLayout.FlashNhd, Layers, Blocks, BlockSize, Heads, HeadSize, 2);
+        cache.FillRandom(1);
+        using var engine = NewEngine("{\"chunk_size\": 8}");
+        engine.RegisterLayers(cache.Describe());
+        int[] stored = Tokens(16, 4);
+        long[] slots = RandomSlots(random, cache.NumSlots, 40);
+        engine.Store(stored, slots.AsSpan(0, 16), 0, default);
+
+        // The new request shares 16 tokens, then differs: only those 16 may be written.
+        int[] request = stored.Concat(Tokens(24, 9)).ToArray();
+        using var destination = new TestModelCache(TestLayout.FlashNhd, Layers, Blocks, BlockSize, Heads, HeadSize, 2);
+        destination.Fill(Guard);
+        engine.RegisterLayers(destination.Describe());
+        var expected = destination.Snapshot();
+        for (int t = 0; t < 16; t++) destination.ExpectCopied(expected, cache, slots[t], slots[t]);
+
+        Assert.That(engine.Retrieve(request, slots, 0, default).RetrievedTokens, Is.EqualTo(16));
+        var actual = destination.Snapshot();
+        for (int l = 0; l < Layers; l++) Assert.That(actual[l], Is.EqualTo(expected[l]));
+    }
+
+    [Test]
+    public void Retrieve_WithSlotPastTheCache_FailsAndWritesNothing()
+    {
+        using var cache = new TestModelCache(TestLayout.FlashNhd, Layers, Blocks, BlockSize, Heads, HeadSize, 2);
+        cache.FillRandom(2);
+        using var engine = NewEngine();
+        engine.RegisterLayers(cache.Describe());
+        int[] tokens = Tokens(16, 1);
+        long[] slots = Enumerable.Range(0, 16).Select(i => (long)i).ToArray();
+        engine.Store(tokens, slots, 0, default);
+        var before = cache.Snapshot();
+        slots[15] = cache.NumSlots; // one past the end
+        for (int i = 0; i < 15; i++) slots[i] = 30 + i; // would overwrite other slots if copying started
+
+        var error = Assert.Throws<LmcException>(() => engine.Retrieve(tokens, slots, 0, default))!;
+
+        Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.InvalidArgument));
+        Assert.That(error.Message, Does.Contain("slot_mapping[15]"));
+        var after = cache.Snapshot();
+        for (int l = 0; l < Layers; l++) Assert.That(after[l], Is.EqualTo(before[l]));
+    }
+}

@@ -1,0 +1,193 @@
+using LMCacheNative.Core.Keys;
+using LMCacheNative.Core.Layout;
+using LMCacheNative.Core.Memory;
+using LMCacheNative.Core.Storage;
+using NUnit.Framework;
+
+namespace LMCacheNative.Core.Tests;
+
+public class LayoutValidationTests
+{
+    // A layout that is never dereferenced: validation only reads the numbers.
+    private static readonly KvLayerLayout FlashNhd = new(DeviceKind.Host, 0, 2, 2, 10, 16, 8, 128,
+        BaseAddress: 0x10000, SpanBytes: 2 * 10 * 16 * 8 * 128 * 2, KvStride: 10 * 16 * 8 * 128, BlockStride: 16 * 8 * 128, TokenStride: 8 * 128, HeadStride: 128);
+
+    [Test]
+    public void EveryTestLayout_IsAccepted([Values] TestLayout layout, [Values(1, 2, 4)] int elemSize)
+    {
+        using var cache = new TestModelCache(layout, 2, 4, 16, 2, 8, elemSize);
+        Assert.DoesNotThrow(() => LayoutValidator.Validate(cache.Describe()));
+    }
+
+    [Test]
+    public void Mla_IsAccepted_AndIgnoresKvStride()
+    {
+        var mla = new KvLayerLayout(DeviceKind.Host, 0, 2, 1, 10, 64, 1, 576, 0x10000, 10 * 64 * 576 * 2, KvStride: 0, BlockStride: 64 * 576, TokenStride: 576, HeadStride: 12345);
+        Assert.DoesNotThrow(() => LayoutValidator.Validate([mla]));
+    }
+
+    private static string Refusal(params KvLayerLayout[] layers)
+    {
+        var error = Assert.Throws<LmcException>(() => LayoutValidator.Validate(layers))!;
+        Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.InvalidArgument));
+        return error.Message;
+    }
+
+    [Test]
+    public void BadFields_AreRefused_NamingLayerAndField()
+    {
+        Assert.That(Refusal(FlashNhd, FlashNhd with { BaseAddress = 0x900000, ElemSize = 3 }), Does.StartWith("layer 1:").And.Contain("elem_size"));
+        Assert.That(Refusal(FlashNhd with { KvCount = 3 }), Does.Contain("kv_count"));
+        Assert.That(Refusal(FlashNhd with { NumBlocks = 0 }), Does.Contain("num_blocks"));
+        Assert.That(Refusal(FlashNhd with { BlockSize = -1 }), Does.Contain("block_size"));
+        Assert.That(Refusal(FlashNhd with { NumKvHeads = 0 }), Does.Contain("num_kv_heads"));
+        Assert.That(Refusal(FlashNhd with { HeadSize = 0 }), Does.Contain("head_size"));
+        Assert.That(Refusal(FlashNhd with { BaseAddress = 0 }), Does.Contain("NULL"));
+        Assert.That(Refusal(FlashNhd with { BaseAddress = 0x10001 }), Does.Contain("aligned"));
+        Assert.That(Refusal(FlashNhd with { Device = (DeviceKind)7 }), Does.Contain("device_kind"));
+        Assert.That(Refusal(FlashNhd with { DeviceIndex = 1 }), Does.Contain("device_index"));
+        Assert.That(Refusal(FlashNhd with { BlockStride = -1 }), Does.Contain("block_stride"));
+    }
+
+    [Test]
+    public void StridesThatMakeElementsAlias_AreRefused()
+    {
+        Assert.That(Refusal(FlashNhd with { HeadStride = 64 }), Does.Contain("head_stride 64"));
+        Assert.That(Refusal(FlashNhd with { TokenStride = 128 }), Does.Contain("overlap"));
+        Assert.That(Refusal(FlashNhd with { KvStride = FlashNhd.BlockStride }), Does.Contain("overlap"));
+    }
+
+    [Test]
+    public void SpanTooSmall_IsRefused()
+    {
+        Assert.That(Refusal(FlashNhd with { SpanBytes = FlashNhd.SpanBytes - 1 }), Does.Contain("span_bytes"));
+    }
+
+    [Test]
+    public void LayersWithDifferentShapes_AreRefused()
+    {
+        var second = FlashNhd with { BaseAddress = 0x10_0000_0000, NumKvHeads = 4, SpanBytes = FlashNhd.SpanBytes };
+        Assert.That(Refusal(FlashNhd, second), Does.Contain("layer 1: num_kv_heads"));
+    }
+
+    [Test]
+    public void OverlappingLayers_AreRefused_ButSharedIdenticalOnesAreAccepted()
+    {
+        Assert.DoesNotThrow(() => LayoutValidator.Validate([FlashNhd, FlashNhd, FlashNhd with { BaseAddress = 0x10_0000_0000 }]));
+        Assert.That(Refusal(FlashNhd, FlashNhd with { BaseAddress = FlashNhd.BaseAddress + 256 }), Does.Contain("overlaps layer 0"));
+    }
+}
+
+public class SlabPoolTests
+{
+    private sealed class CountingAllocator(int failAfter = int.MaxValue) : IHostMemoryAllocator
+    {
+        public int Allocations, Frees;
+        public nint Allocate(long bytes) => Allocations >= failAfter ? 0 : AlignedHostAllocator.Instance.Allocate(bytes) is var p && p != 0 ? Count(p) : 0;
+        private nint Count(nint p) { Allocations++; return p; }
+        public void Free(nint address, long bytes) { Frees++; AlignedHostAllocator.Instance.Free(address, bytes); }
+    }
+
+    [Test]
+    public void Capacity_IsWholeSlabs_AndSlabsAreReusedNotReallocated()
+    {
+        var allocator = new CountingAllocator();
+        using (var pool = new SlabPool(1000, 3500, allocator))
+        {
+            Assert.That(pool.CapacitySlabs, Is.EqualTo(3));
+            var slabs = Enumerable.Range(0, 3).Select(_ => pool.TryRent()).ToArray();
+            Assert.That(slabs, Has.None.EqualTo((nint)0));
+            Assert.That(pool.TryRent(), Is.EqualTo((nint)0), "at capacity");
+            for (int round = 0; round < 1000; round++)
+            {
+                pool.Return(slabs[round % 3]);
+                slabs[round % 3] = pool.TryRent();
+            }
+            Assert.That(allocator.Allocations, Is.EqualTo(3), "freed slabs are reused; the pool never fragments or grows");
+            Assert.That(pool.UsedBytes, Is.EqualTo(3000));
+        }
+        Assert.That(allocator.Frees, Is.EqualTo(3));
+    }
+
+    [Test]
+    public void SystemOutOfMemory_ReportsNoSlab()
+    {
+        using var pool = new SlabPool(64, 1 << 20, new CountingAllocator(failAfter: 2));
+        Assert.That(pool.TryRent(), Is.Not.EqualTo((nint)0));
+        Assert.That(pool.TryRent(), Is.Not.EqualTo((nint)0));
+        Assert.That(pool.TryRent(), Is.EqualTo((nint)0));
+    }
+}
+
+public class LocalCpuTierTests
+{
+    private static ChunkKey Key(int i) => new((ulong)i, 0, 0, 0);
+
+    private static LocalCpuTier Tier(int slabs) => new(new SlabPool(64, 64 * slabs, AlignedHostAllocator.Instance));
+
+    private static CachedChunk Put(LocalCpuTier tier, int i)
+    {
+        var chunk = tier.TryReserve(Key(i), 1, 64) ?? throw new AssertionException($"no room for {i}");
+        tier.Publish(chunk);
+        return chunk;
+    }
+
+    [Test]
+    public void Eviction_TakesTheLeastRecentlyUsed()
+    {
+        using var tier = Tier(3);
+        var a = Put(tier, 1);
+        Put(tier, 2);
+        Put(tier, 3);
+        tier.Touch(a);
+        Put(tier, 4);
+        Assert.That(tier.Contains(Key(2)), Is.False);
+        Assert.That(tier.KeysOldestFirst(), Is.EqualTo(new[] { Key(3), Key(1), Key(4) }));
+        Assert.That(tier.EvictedChunks, Is.EqualTo(1));
+    }
+
+    [Test]
+    public void PinnedChunks_AreNeverEvicted_AndReserveGivesUpInsteadOfWaiting()
+    {
+        using var tier = Tier(2);
+        var a = Put(tier, 1);
+        var b = Put(tier, 2);
+        tier.Pin(a);
+        tier.Pin(b);
+        Assert.That(tier.TryReserve(Key(3), 1, 64), Is.Null);
+        tier.Unpin(b);
+        Assert.That(tier.TryReserve(Key(3), 1, 64), Is.Not.Null);
+        Assert.That(tier.Contains(Key(1)), Is.True);
+        Assert.That(tier.Contains(Key(2)), Is.False);
+    }
+
+    [Test]
+    public void ClearingAPinnedChunk_FreesItsSlabOnlyAtTheLastUnpin()
+    {
+        using var tier = Tier(1);
+        var a = Put(tier, 1);
+        tier.Pin(a);
+        tier.Pin(a);
+        tier.Clear();
+        Assert.That(tier.Count, Is.EqualTo(0));
+        Assert.That(tier.UsedBytes, Is.EqualTo(64), "still being read");
+        tier.Unpin(a);
+        Assert.That(tier.UsedBytes, Is.EqualTo(64));
+        tier.Unpin(a);
+        Assert.That(tier.UsedBytes, Is.EqualTo(0));
+        Assert.That(() => tier.Unpin(a), Throws.InvalidOperationException);
+    }
+
+    [Test]
+    public void PublishingAKeyTwice_KeepsTheFirst_AndReturnsTheSecondSlab()
+    {
+        using var tier = Tier(2);
+        var first = tier.TryReserve(Key(1), 1, 64)!;
+        var second = tier.TryReserve(Key(1), 1, 64)!;
+        tier.Publish(first);
+        tier.Publish(second);
+        Assert.That(tier.Find(Key(1)), Is.SameAs(first));
+        Assert.That(tier.Count, Is.EqualTo(1));
+        Assert.That(tier.UsedBytes, Is.EqualTo(64));
+    }
+}
