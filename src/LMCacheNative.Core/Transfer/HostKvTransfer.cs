@@ -96,31 +96,39 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
         foreach (var c in chunks)
             tokensToCopy += Math.Max(0, c.FirstToken + c.TokenCount - Math.Max(c.FirstToken, c.FirstTokenToCopy));
 
+        long transferBytes = tokensToCopy * BytesPerToken;
+        bool streaming = transferBytes >= BulkCopy.StreamingThresholdBytes && BulkCopy.StreamingSupported;
+
         fixed (long* slots = slotMapping)
         fixed (ChunkTransfer* chunkArray = chunks)
         {
-            if (tokensToCopy * BytesPerToken < ParallelThresholdBytes || Environment.ProcessorCount == 1)
+            if (transferBytes < ParallelThresholdBytes || Environment.ProcessorCount == 1)
             {
                 long copied = 0;
                 for (int item = 0; item < items; item++)
-                    copied += CopyItem(direction, chunkArray, slots, item, itemsPerChunk);
+                    copied += CopyItem(direction, chunkArray, slots, item, itemsPerChunk, streaming);
+                if (streaming) BulkCopy.Fence();
                 return copied;
             }
 
             // The pointers stay valid: the fixed scope outlives Parallel.For, which returns only when
-            // every item is done.
+            // every item is done. Each worker fences its own streaming stores before it reports.
             nint chunkPtr = (nint)chunkArray, slotPtr = (nint)slots;
             long total = 0;
             Parallel.For(0, items,
                 () => 0L,
-                (item, _, local) => local + CopyItem(direction, (ChunkTransfer*)chunkPtr, (long*)slotPtr, item, itemsPerChunk),
-                local => Interlocked.Add(ref total, local));
+                (item, _, local) => local + CopyItem(direction, (ChunkTransfer*)chunkPtr, (long*)slotPtr, item, itemsPerChunk, streaming),
+                local =>
+                {
+                    if (streaming) BulkCopy.Fence();
+                    Interlocked.Add(ref total, local);
+                });
             return total;
         }
     }
 
     /// <summary>Copies one (chunk, layer, kv) item; returns the bytes moved.</summary>
-    private long CopyItem(TransferDirection direction, ChunkTransfer* chunks, long* slots, int item, int itemsPerChunk)
+    private long CopyItem(TransferDirection direction, ChunkTransfer* chunks, long* slots, int item, int itemsPerChunk, bool streaming)
     {
         int chunkIndex = item / itemsPerChunk;
         int rest = item - chunkIndex * itemsPerChunk;
@@ -154,12 +162,12 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
                     runBytes += _rowBytes;
                     continue;
                 }
-                if (runBytes > 0) copied += Copy(gather, runPaged, runChunk, runBytes);
+                if (runBytes > 0) copied += Copy(gather, runPaged, runChunk, runBytes, streaming);
                 runPaged = paged;
                 runChunk = row;
                 runBytes = _rowBytes;
             }
-            if (runBytes > 0) copied += Copy(gather, runPaged, runChunk, runBytes);
+            if (runBytes > 0) copied += Copy(gather, runPaged, runChunk, runBytes, streaming);
             return copied;
         }
 
@@ -171,15 +179,15 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
             byte* paged = pagedKvBase + block * layer.BlockStrideBytes + (slot - block * _blockSize) * layer.TokenStrideBytes;
             byte* row = chunkRows + t * _rowBytes;
             for (int h = 0; h < _numHeads; h++)
-                copied += Copy(gather, paged + h * layer.HeadStrideBytes, row + h * _headBytes, _headBytes);
+                copied += Copy(gather, paged + h * layer.HeadStrideBytes, row + h * _headBytes, _headBytes, streaming);
         }
         return copied;
     }
 
-    private static long Copy(bool gather, byte* paged, byte* chunk, long bytes)
+    private static long Copy(bool gather, byte* paged, byte* chunk, long bytes, bool streaming)
     {
-        if (gather) Buffer.MemoryCopy(paged, chunk, bytes, bytes);
-        else Buffer.MemoryCopy(chunk, paged, bytes, bytes);
+        if (gather) BulkCopy.Copy(paged, chunk, bytes, streaming);
+        else BulkCopy.Copy(chunk, paged, bytes, streaming);
         return bytes;
     }
 }
