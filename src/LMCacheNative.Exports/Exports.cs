@@ -15,8 +15,9 @@ namespace LMCacheNative.Exports;
 /// </summary>
 internal static unsafe class Exports
 {
-    private const int VersionMajor = 0, VersionMinor = 1, VersionPatch = 0;
-    private const int AbiVersion = 1;
+    // Must equal LMC_VERSION_* and LMC_ABI_VERSION in the header (pinned by AbiTests).
+    internal const int VersionMajor = 0, VersionMinor = 1, VersionPatch = 0;
+    internal const int AbiVersion = 1;
 
     // ---- versions and errors: these cannot fail and leave the last error message unchanged ----
 
@@ -25,6 +26,8 @@ internal static unsafe class Exports
 
     [UnmanagedCallersOnly(EntryPoint = "lmc_abi_version")]
     public static int AbiVersionNumber() => AbiVersion;
+
+    internal const string VersionText = "0.1.0";
 
     [UnmanagedCallersOnly(EntryPoint = "lmc_version_string")]
     public static byte* VersionString() => Literal("0.1.0\0"u8);

@@ -1,0 +1,89 @@
+using System.Reflection;
+using System.Runtime.InteropServices;
+using System.Text.RegularExpressions;
+using LMCacheNative.Core;
+using LMCacheNative.Exports;
+using NUnit.Framework;
+
+namespace LMCacheNative.Exports.Tests;
+
+/// <summary>
+/// Pins the C# side of the ABI to include/lmcache_native.h: struct mirrors have the header's sizes
+/// and offsets, status values and the engine's error kinds equal the header's #defines, and every
+/// [UnmanagedCallersOnly] entry point is declared in the header with the same number of parameters.
+/// </summary>
+public class AbiTests
+{
+    private static readonly string Header = File.ReadAllText(Path.Combine(RepoRoot(), "include", "lmcache_native.h"));
+
+    private static string RepoRoot()
+    {
+        for (var dir = new DirectoryInfo(TestContext.CurrentContext.TestDirectory); dir is not null; dir = dir.Parent)
+            if (File.Exists(Path.Combine(dir.FullName, "LMCacheNative.sln"))) return dir.FullName;
+        throw new InvalidOperationException("repository root not found");
+    }
+
+    private static Dictionary<string, long> HeaderDefines() =>
+        Regex.Matches(Header, @"#define\s+(LMC_\w+)\s+\(?(-?\d+)\)?")
+            .ToDictionary(m => m.Groups[1].Value, m => long.Parse(m.Groups[2].Value));
+
+    [Test]
+    public void StructMirrors_HaveTheHeadersLayout()
+    {
+        Assert.That(Marshal.SizeOf<NativeKvLayerDesc>(), Is.EqualTo(NativeKvLayerDesc.SizeV1).And.EqualTo(88));
+        Assert.That(Marshal.OffsetOf<NativeKvLayerDesc>(nameof(NativeKvLayerDesc.BaseAddress)), Is.EqualTo((nint)40));
+        Assert.That(Marshal.OffsetOf<NativeKvLayerDesc>(nameof(NativeKvLayerDesc.HeadStride)), Is.EqualTo((nint)80));
+        Assert.That(Marshal.SizeOf<NativeStats>(), Is.EqualTo(NativeStats.SizeV1).And.EqualTo(128));
+        Assert.That(Marshal.OffsetOf<NativeStats>(nameof(NativeStats.PoolCapacityBytes)), Is.EqualTo((nint)120));
+    }
+
+    [Test]
+    public void StructFields_FollowTheHeadersFieldOrder()
+    {
+        foreach (var (cName, type) in new[] { ("lmc_kv_layer_desc", typeof(NativeKvLayerDesc)), ("lmc_stats", typeof(NativeStats)) })
+        {
+            var body = Regex.Match(Header, @"typedef struct " + cName + @" \{(.*?)\} " + cName + ";", RegexOptions.Singleline).Groups[1].Value;
+            var headerFields = Regex.Matches(body, @"^\s*\w+\s+(\w+);", RegexOptions.Multiline).Select(m => m.Groups[1].Value.Replace("_", "")).ToList();
+            var csFields = type.GetFields(BindingFlags.Public | BindingFlags.Instance).Select(f => f.Name.ToLowerInvariant()).ToList();
+            Assert.That(csFields, Is.EqualTo(headerFields), cName);
+        }
+    }
+
+    [Test]
+    public void StatusValues_AndErrorKinds_EqualTheHeader()
+    {
+        var defines = HeaderDefines();
+        var statuses = typeof(Status).GetFields(BindingFlags.Public | BindingFlags.Static)
+            .ToDictionary(f => f.Name, f => (int)f.GetValue(null)!);
+        string HeaderName(string csName) => csName == "Ok" ? "LMC_OK" : "LMC_E_" + Regex.Replace(csName, "(?<=[a-z])([A-Z])", "_$1").ToUpperInvariant();
+        foreach (var (name, value) in statuses)
+            Assert.That(defines[HeaderName(name)], Is.EqualTo(value), name);
+        Assert.That(defines.Keys.Count(k => k.StartsWith("LMC_E_") || k == "LMC_OK"), Is.EqualTo(statuses.Count));
+        foreach (LmcErrorKind kind in Enum.GetValues<LmcErrorKind>())
+            Assert.That(statuses[kind.ToString()], Is.EqualTo((int)kind), kind.ToString());
+    }
+
+    [Test]
+    public void EveryExport_IsDeclaredInTheHeader_WithTheSameArity()
+    {
+        var declared = Regex.Matches(Header, @"LMC_API\s+[\w\s\*]+?\b(lmc_\w+)\s*\(([^)]*)\)", RegexOptions.Singleline)
+            .ToDictionary(m => m.Groups[1].Value, m => m.Groups[2].Value.Trim() == "void" ? 0 : m.Groups[2].Value.Split(',').Length);
+        var exported = typeof(Status).Assembly.GetTypes()
+            .SelectMany(t => t.GetMethods(BindingFlags.Static | BindingFlags.Public | BindingFlags.NonPublic))
+            .Select(m => (Method: m, Attribute: m.GetCustomAttribute<UnmanagedCallersOnlyAttribute>()))
+            .Where(x => x.Attribute is not null)
+            .ToDictionary(x => x.Attribute!.EntryPoint!, x => x.Method.GetParameters().Length);
+        Assert.That(exported.Keys.Order(), Is.EqualTo(declared.Keys.Order()));
+        foreach (var (name, arity) in exported) Assert.That(arity, Is.EqualTo(declared[name]), name);
+    }
+
+    [Test]
+    public void AbiAndLibraryVersions_EqualTheHeader()
+    {
+        var defines = HeaderDefines();
+        Assert.That(Exports.AbiVersion, Is.EqualTo(defines["LMC_ABI_VERSION"]));
+        Assert.That((Exports.VersionMajor, Exports.VersionMinor, Exports.VersionPatch),
+            Is.EqualTo(((int)defines["LMC_VERSION_MAJOR"], (int)defines["LMC_VERSION_MINOR"], (int)defines["LMC_VERSION_PATCH"])));
+        Assert.That(Exports.VersionText, Is.EqualTo($"{Exports.VersionMajor}.{Exports.VersionMinor}.{Exports.VersionPatch}"));
+    }
+}
