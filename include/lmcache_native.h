@@ -228,8 +228,11 @@ LMC_API lmc_status lmc_lookup(int64_t *hit_tokens_out, lmc_engine *engine, const
  * save_unfull_chunk is true. Chunks already cached are not copied again. A chunk containing a token
  * whose slot is -1 is not stored, nor is anything after it.
  *
- * When the pool is full and nothing can be evicted (every chunk is being read), the store stops
- * early instead of waiting: stored_tokens_out then says how far it got.
+ * Room is made by evicting least recently used chunks of earlier requests. A store never evicts a
+ * chunk of its own request (that would cut the prefix it is building), nor a chunk being read:
+ * when nothing else can be evicted it stops early instead of waiting, and stored_tokens_out says how
+ * far it got. Lookups, stores and retrieves mark a request's chunks used from the last to the first,
+ * so under pressure a cached prompt loses its tail before its head (which more prompts share).
  *
  * @param[out] stored_tokens_out  tokens from the rounded-down skip point whose chunks are in the
  *                                cache after the call (stored now or already there).

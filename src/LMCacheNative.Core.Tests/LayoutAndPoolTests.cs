@@ -52,7 +52,7 @@ public class LayoutValidationTests
     [Test]
     public void StridesThatMakeElementsAlias_AreRefused()
     {
-        Assert.That(Refusal(FlashNhd with { HeadStride = 64 }), Does.Contain("head_stride 64"));
+        Assert.That(Refusal(FlashNhd with { HeadStride = 64 }), Does.Contain("head_stride (64)"));
         Assert.That(Refusal(FlashNhd with { TokenStride = 128 }), Does.Contain("overlap"));
         Assert.That(Refusal(FlashNhd with { KvStride = FlashNhd.BlockStride }), Does.Contain("overlap"));
     }

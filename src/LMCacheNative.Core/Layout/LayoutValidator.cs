@@ -74,9 +74,10 @@ public static class LayoutValidator
         {
             if (stride < covered)
                 throw LmcException.InvalidArgument(
-                    $"{where}: {name} {stride} makes elements overlap: it must be at least {covered} (the elements spanned by {coveredBy})");
+                    $"{where}: {name} ({stride}) and {coveredBy} make elements overlap: a stride must be at least the {covered} elements " +
+                    "spanned by all smaller-strided dimensions together; check the strides of the tensor");
             covered = stride * (Int128)(extent - 1) + covered;
-            coveredBy = $"{name} x {extent}";
+            coveredBy = coveredBy == "head_size" ? $"{name} (x {extent})" : $"{coveredBy}, {name} (x {extent})";
         }
 
         Int128 extentBytes = covered * l.ElemSize;
