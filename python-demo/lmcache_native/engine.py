@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import ctypes
 import json
+import struct
 import sys
 from ctypes import byref, c_int64, c_void_p
 
@@ -55,6 +56,16 @@ class _IntBuffer:
         width (array.array, numpy array or CPU torch tensor); otherwise converts it once."""
         if isinstance(values, cls):
             return values
+        if type(values) is list or type(values) is tuple:
+            # struct.pack converts a list of ints about twice as fast as array.array (8192 tokens:
+            # ~85 us vs ~150 us here). The bytes object is immutable and never moves, so its data
+            # address stays valid while the buffer holds it; the C side only reads it.
+            try:
+                packed = struct.pack(f"{len(values)}{cls.typecode}", *values)
+            except struct.error:
+                pass  # out of range or not an int: array.array below raises the precise error
+            else:
+                return cls(ctypes.cast(packed, c_void_p).value, len(values), packed)
         if isinstance(values, array.array):
             if values.itemsize != cls.itemsize or values.typecode not in "bhilq":
                 values = array.array(cls.typecode, values)
@@ -64,8 +75,8 @@ class _IntBuffer:
             return cls._from_numpy(values)
         if hasattr(values, "data_ptr") and hasattr(values, "dtype"):  # torch.Tensor
             return cls._from_torch(values)
-        # list, tuple, range or any iterable of ints; array.array raises OverflowError on ints that
-        # do not fit the width instead of wrapping them.
+        # Any other iterable of ints (range, generator, ...); array.array raises OverflowError on
+        # ints that do not fit the width instead of wrapping them.
         converted = array.array(cls.typecode, values)
         address, length = converted.buffer_info()
         return cls(address, length, converted)
