@@ -269,9 +269,7 @@ public sealed class RedisTier : IStorageTier
 
     public void Dispose()
     {
-        _connecting.ContinueWith(t =>
-        {
-            if (t.IsCompletedSuccessfully) t.Result.Dispose();
-        }, TaskScheduler.Default);
+        if (_connecting.IsCompletedSuccessfully) _connecting.Result.Dispose();
+        else _connecting.ContinueWith(t => { if (t.IsCompletedSuccessfully) t.Result.Dispose(); }, TaskScheduler.Default);
     }
 }
