@@ -504,11 +504,12 @@ public sealed class CacheEngine : IDisposable
     public bool Flush(TimeSpan timeout)
     {
         using var scope = EnterCall();
-        var deadline = DateTime.UtcNow + timeout;
+        bool forever = timeout == Timeout.InfiniteTimeSpan;
+        var deadline = forever ? DateTime.MaxValue : DateTime.UtcNow + timeout;
         foreach (var writer in _writers)
         {
-            var left = timeout == Timeout.InfiniteTimeSpan ? timeout : deadline - DateTime.UtcNow;
-            if (left != Timeout.InfiniteTimeSpan && left < TimeSpan.Zero) return false;
+            var left = forever ? Timeout.InfiniteTimeSpan : deadline - DateTime.UtcNow;
+            if (!forever && left < TimeSpan.Zero) return false;
             if (!writer.WaitIdle(left)) return false;
         }
         return true;

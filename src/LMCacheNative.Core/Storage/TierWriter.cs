@@ -69,13 +69,20 @@ internal sealed class TierWriter : IDisposable
     }
 
     /// <summary>Waits until every queued write is done or the timeout passes; true when idle.</summary>
+    /// <param name="timeout">how long to wait; <see cref="Timeout.InfiniteTimeSpan"/> waits for as long as it takes</param>
     public bool WaitIdle(TimeSpan timeout)
     {
-        var deadline = DateTime.UtcNow + timeout;
+        bool forever = timeout == Timeout.InfiniteTimeSpan;
+        var deadline = forever ? DateTime.MaxValue : DateTime.UtcNow + timeout;
         lock (_idle)
         {
             while (Volatile.Read(ref _inFlight) > 0)
             {
+                if (forever)
+                {
+                    Monitor.Wait(_idle);
+                    continue;
+                }
                 var left = deadline - DateTime.UtcNow;
                 if (left <= TimeSpan.Zero) return false;
                 Monitor.Wait(_idle, left);
