@@ -74,7 +74,8 @@ typedef int32_t lmc_status;
 #define LMC_E_NO_DEVICE (-8)        /* CUDA requested but no driver or no GPU on this machine */
 #define LMC_E_BUFFER_TOO_SMALL (-9) /* an output buffer is too small; the needed size is reported */
 #define LMC_E_INTERNAL (-10)        /* a bug in the library; the message carries the details */
-/* Values above are stable. New codes are appended below LMC_E_INTERNAL. */
+#define LMC_E_TIMEOUT (-11)         /* a wait ended before the work did; the work goes on */
+/* Values above are stable. New codes are appended below LMC_E_TIMEOUT. */
 
 /** Name of a status ("LMC_OK", "LMC_E_INVALID_ARGUMENT", …; "LMC_E_UNKNOWN" for other values).
  *  Static storage, never NULL, thread-safe. */
@@ -259,6 +260,41 @@ LMC_API lmc_status lmc_retrieve(int64_t *retrieved_tokens_out, lmc_engine *engin
                                 const uint8_t *extra_key, int64_t extra_key_len);
 
 /* ---------------------------------------------------------------------------------------------- */
+/* Asynchronous operations                                                                         */
+/* ---------------------------------------------------------------------------------------------- */
+
+/** Opaque handle of an operation running in the background. Like engines, destroyed job handles
+ *  are never reused and report LMC_E_INVALID_HANDLE. */
+typedef struct lmc_job lmc_job;
+
+/**
+ * Starts bringing the longest cached prefix of tokens into the CPU tier in the background: chunks
+ * on disk or in the remote store are read and promoted, no KV layer is written. A retrieve issued
+ * after the job finished finds them in memory. The tokens and extra key are copied: the caller's
+ * buffers may be reused as soon as this returns.
+ *
+ * @param[out] job_out  receives the job; destroy it with lmc_job_destroy.
+ * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT.
+ */
+LMC_API lmc_status lmc_prefetch_start(lmc_job **job_out, lmc_engine *engine, const int32_t *tokens,
+                                      int64_t num_tokens, const uint8_t *extra_key,
+                                      int64_t extra_key_len);
+
+/**
+ * Waits up to timeout_ms (0 = just poll, -1 = forever) for a job.
+ *
+ * @param[out] result_out  the job's result when it finished with LMC_OK (for a prefetch: leading
+ *                         tokens now in the CPU tier).
+ * @return LMC_OK (finished), LMC_E_TIMEOUT (still running), LMC_E_INVALID_HANDLE, or the status
+ *         the job itself failed with (its message is then the thread's last error).
+ */
+LMC_API lmc_status lmc_job_wait(int64_t *result_out, lmc_job *job, int64_t timeout_ms);
+
+/** Releases a job handle. A job still running goes on and its result is dropped. NULL and
+ *  destroyed handles are a no-op. */
+LMC_API void lmc_job_destroy(lmc_job *job);
+
+/* ---------------------------------------------------------------------------------------------- */
 /* Statistics and maintenance                                                                      */
 /* ---------------------------------------------------------------------------------------------- */
 
@@ -287,8 +323,42 @@ typedef struct lmc_stats {
  *  @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT. */
 LMC_API lmc_status lmc_engine_get_stats(lmc_engine *engine, lmc_stats *stats);
 
-/** Removes every cached chunk that is not being read right now and returns their memory to the
- *  pool. Counters are kept. @return LMC_OK, LMC_E_INVALID_HANDLE. */
+/** Counters of one lower storage tier (local disk, remote), cumulative since the engine started,
+ *  and its current size. */
+typedef struct lmc_tier_stats {
+  uint32_t struct_size;       /* sizeof(lmc_tier_stats), set by the caller */
+  uint32_t reserved;          /* 0 */
+  char name[32];              /* LMCache's backend name: "LocalDiskBackend", "RemoteBackend"; NUL-terminated */
+  uint64_t hits;              /* chunks read from this tier */
+  uint64_t misses;            /* chunks asked for and not found or not readable */
+  uint64_t bytes_read;        /* payload bytes read */
+  uint64_t bytes_written;     /* payload bytes written */
+  uint64_t writes;            /* records written */
+  uint64_t evictions;         /* records removed to make room */
+  uint64_t write_queue_drops; /* writes dropped because the write-behind queue was full */
+  uint64_t corrupt_records;   /* records refused for a bad header, length or checksum */
+  uint64_t errors;            /* I/O or network failures, each turned into a miss or a skipped write */
+  uint64_t reconnects;        /* connections restored (remote) */
+  uint64_t used_bytes;        /* bytes held now (disk) */
+  uint64_t capacity_bytes;    /* bound on used_bytes (max_local_disk_size); 0 when not applicable */
+} lmc_tier_stats;
+
+/** Number of lower tiers, in lookup order (disk before remote). @return LMC_OK, LMC_E_INVALID_HANDLE,
+ *  LMC_E_INVALID_ARGUMENT. */
+LMC_API lmc_status lmc_engine_tier_count(int32_t *count_out, lmc_engine *engine);
+
+/** Fills the first stats->struct_size bytes (>= 8) with the counters of tier tier_index.
+ *  @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT, LMC_E_NOT_FOUND (no such tier). */
+LMC_API lmc_status lmc_engine_get_tier_stats(lmc_engine *engine, int32_t tier_index,
+                                             lmc_tier_stats *stats);
+
+/** Waits up to timeout_ms (-1 = forever) until the lower tiers have written everything stored so
+ *  far (stores write them in the background). @return LMC_OK, LMC_E_TIMEOUT, LMC_E_INVALID_HANDLE. */
+LMC_API lmc_status lmc_engine_flush(lmc_engine *engine, int64_t timeout_ms);
+
+/** Removes every chunk of the CPU tier that is not being read right now and returns their memory to
+ *  the pool. Lower tiers keep their records (other engines may share them). Counters are kept.
+ *  @return LMC_OK, LMC_E_INVALID_HANDLE. */
 LMC_API lmc_status lmc_engine_clear(lmc_engine *engine);
 
 LMC_END_DECL

@@ -47,6 +47,8 @@ LMC_TEST_ASSERT(offsetof(lmc_kv_layer_desc, head_stride) == 80, "head_stride at 
 
 /* lmc_stats: 128 bytes = 8-byte header + 15 uint64 counters. */
 LMC_TEST_ASSERT(sizeof(lmc_stats) == 128, "sizeof(lmc_stats) must be 128");
+LMC_TEST_ASSERT(sizeof(lmc_tier_stats) == 136, "sizeof(lmc_tier_stats) must be 136");
+LMC_TEST_ASSERT(offsetof(lmc_tier_stats, hits) == 40, "lmc_tier_stats.hits at 40");
 LMC_TEST_ASSERT(offsetof(lmc_stats, struct_size) == 0, "stats.struct_size at 0");
 LMC_TEST_ASSERT(offsetof(lmc_stats, reserved) == 4, "stats.reserved at 4");
 LMC_TEST_ASSERT(offsetof(lmc_stats, lookup_requests) == 8, "lookup_requests at 8");
@@ -70,6 +72,7 @@ LMC_TEST_ASSERT(LMC_E_CUDA == -7, "LMC_E_CUDA");
 LMC_TEST_ASSERT(LMC_E_NO_DEVICE == -8, "LMC_E_NO_DEVICE");
 LMC_TEST_ASSERT(LMC_E_BUFFER_TOO_SMALL == -9, "LMC_E_BUFFER_TOO_SMALL");
 LMC_TEST_ASSERT(LMC_E_INTERNAL == -10, "LMC_E_INTERNAL");
+LMC_TEST_ASSERT(LMC_E_TIMEOUT == -11, "LMC_E_TIMEOUT");
 LMC_TEST_ASSERT(LMC_DEVICE_HOST == 0, "LMC_DEVICE_HOST");
 LMC_TEST_ASSERT(LMC_DEVICE_CUDA == 1, "LMC_DEVICE_CUDA");
 LMC_TEST_ASSERT(LMC_VERSION_NUMBER ==

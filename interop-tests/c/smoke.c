@@ -68,6 +68,7 @@ static const char *sname(lmc_status s) {
   case LMC_E_NO_DEVICE: return "LMC_E_NO_DEVICE";
   case LMC_E_BUFFER_TOO_SMALL: return "LMC_E_BUFFER_TOO_SMALL";
   case LMC_E_INTERNAL: return "LMC_E_INTERNAL";
+  case LMC_E_TIMEOUT: return "LMC_E_TIMEOUT";
   default: return "LMC_E_UNKNOWN";
   }
 }
@@ -402,7 +403,8 @@ static void test_status_names(void) {
       {LMC_E_BUFFER_TOO_SMALL, "LMC_E_BUFFER_TOO_SMALL"},
       {LMC_E_INTERNAL, "LMC_E_INTERNAL"},
       {1, "LMC_E_UNKNOWN"},
-      {-11, "LMC_E_UNKNOWN"},
+      {LMC_E_TIMEOUT, "LMC_E_TIMEOUT"},
+      {-12, "LMC_E_UNKNOWN"},
       {INT32_MIN, "LMC_E_UNKNOWN"},
       {INT32_MAX, "LMC_E_UNKNOWN"},
   };
@@ -1694,6 +1696,116 @@ static void test_cuda_layers(void) {
 
 /* ---------------------------------------------------------------------------------------------- */
 
+/* ---------------------------------------------------------------------------------------------- */
+/* Lower tiers, flush, per-tier stats and prefetch jobs                                            */
+/* ---------------------------------------------------------------------------------------------- */
+
+static void test_tiers_and_jobs(void) {
+  char dir[] = "/tmp/lmcn-smoke-XXXXXX";
+  char config[256];
+  lmc_engine *e;
+  kvbuf src, dst, expect;
+  int32_t tok[NTOK];
+  int64_t slots[NTOK], result = SENTINEL_I64;
+  int32_t count = -1;
+  lmc_tier_stats ts;
+  lmc_job *job = NULL, *stale;
+  lmc_status s;
+  char where[128];
+  if (!mkdtemp(dir)) {
+    report(0, "mkdtemp for the disk tier");
+    return;
+  }
+  snprintf(config, sizeof config,
+           "{\"chunk_size\": 8, \"max_local_cpu_size\": 0.01, \"local_disk\": \"%s\", "
+           "\"max_local_disk_size\": 0.01}",
+           dir);
+  e = create_engine(config, "disk tier");
+  if (!e) return;
+  kv_alloc(&src);
+  kv_alloc(&dst);
+  kv_alloc(&expect);
+  kv_pattern(&src, 21);
+  make_tokens(tok, NTOK, 9);
+  make_slots(slots, NTOK, 7, 1);
+  EXPECT(kv_register(e, &src, 2), LMC_OK, "register_layers [tiers]");
+  expect_store(e, tok, slots, NTOK, 0, NULL, NTOK, "into CPU, written behind to disk");
+  EXPECT(lmc_engine_flush(e, -1), LMC_OK, "lmc_engine_flush(-1) waits for the disk writes");
+  EXPECT_MSG(lmc_engine_flush(e, -2), LMC_E_INVALID_ARGUMENT, "timeout_ms", "lmc_engine_flush(-2)");
+
+  s = lmc_engine_tier_count(&count, e);
+  report(s == LMC_OK && count == 1, "lmc_engine_tier_count -> %s, %d (want 1)", sname(s), (int)count);
+  EXPECT_MSG(lmc_engine_tier_count(NULL, e), LMC_E_INVALID_ARGUMENT, "count_out", "tier_count(NULL)");
+  memset(&ts, 0, sizeof ts);
+  ts.struct_size = (uint32_t)sizeof ts;
+  s = lmc_engine_get_tier_stats(e, 0, &ts);
+  report(s == LMC_OK && strcmp(ts.name, "LocalDiskBackend") == 0 && ts.writes == NTOK / CHUNK &&
+             ts.bytes_written == NTOK * TOKEN_BYTES && ts.used_bytes > ts.bytes_written,
+         "tier 0 stats: %s name %s writes %llu bytes_written %llu used %llu", sname(s), ts.name,
+         (unsigned long long)ts.writes, (unsigned long long)ts.bytes_written,
+         (unsigned long long)ts.used_bytes);
+  EXPECT(lmc_engine_get_tier_stats(e, 1, &ts), LMC_E_NOT_FOUND, "tier stats index 1 of 1");
+  EXPECT(lmc_engine_get_tier_stats(e, -1, &ts), LMC_E_NOT_FOUND, "tier stats index -1");
+  EXPECT(lmc_engine_get_tier_stats(e, 0, NULL), LMC_E_INVALID_ARGUMENT, "tier stats NULL");
+  ts.struct_size = 4;
+  EXPECT(lmc_engine_get_tier_stats(e, 0, &ts), LMC_E_INVALID_ARGUMENT, "tier stats struct_size 4");
+
+  /* Drop the CPU copies; a prefetch brings them back from disk. */
+  EXPECT(lmc_engine_clear(e), LMC_OK, "clear the CPU tier");
+  s = lmc_prefetch_start(&job, e, tok, NTOK, NULL, 0);
+  EXPECT(s, LMC_OK, "lmc_prefetch_start");
+  s = lmc_job_wait(&result, job, -1);
+  report(s == LMC_OK && result == NTOK, "lmc_job_wait(-1) -> %s, %lld tokens in CPU (want %d)",
+         sname(s), (long long)result, NTOK);
+  result = SENTINEL_I64;
+  s = lmc_job_wait(&result, job, 0);
+  report(s == LMC_OK && result == NTOK, "lmc_job_wait(0) on a finished job -> %s, %lld", sname(s),
+         (long long)result);
+  EXPECT_MSG(lmc_job_wait(NULL, job, 0), LMC_E_INVALID_ARGUMENT, "result_out", "job_wait(NULL out)");
+  EXPECT_MSG(lmc_job_wait(&result, job, -5), LMC_E_INVALID_ARGUMENT, "timeout_ms", "job_wait(-5)");
+  stale = job;
+  lmc_job_destroy(job);
+  EXPECT(lmc_job_wait(&result, stale, 0), LMC_E_INVALID_HANDLE, "job_wait on a destroyed job");
+  lmc_job_destroy(stale);
+  lmc_job_destroy(NULL);
+  report(1, "lmc_job_destroy twice and with NULL are no-ops");
+  EXPECT(lmc_job_wait(&result, NULL, 0), LMC_E_INVALID_HANDLE, "job_wait(NULL job)");
+  EXPECT_MSG(lmc_prefetch_start(NULL, e, tok, NTOK, NULL, 0), LMC_E_INVALID_ARGUMENT, "job_out",
+             "prefetch_start(NULL job_out)");
+  EXPECT_MSG(lmc_prefetch_start(&job, e, NULL, NTOK, NULL, 0), LMC_E_INVALID_ARGUMENT, "tokens",
+             "prefetch_start(NULL tokens)");
+
+  memset(&ts, 0, sizeof ts);
+  ts.struct_size = (uint32_t)sizeof ts;
+  s = lmc_engine_get_tier_stats(e, 0, &ts);
+  report(s == LMC_OK && ts.hits == NTOK / CHUNK, "prefetch read %llu chunks from disk (want %d)",
+         (unsigned long long)ts.hits, NTOK / CHUNK);
+
+  /* The promoted chunks retrieve bit-exact into a second buffer. */
+  kv_fill(&dst, GUARD_VALUE);
+  kv_copy(&expect, &dst);
+  apply_retrieve(&expect, &src, slots, slots, 0, NTOK, 2);
+  EXPECT(kv_register(e, &dst, 2), LMC_OK, "register the destination [tiers]");
+  s = lmc_retrieve(&result, e, tok, slots, NTOK, 0, NULL, 0);
+  report(s == LMC_OK && result == NTOK && kv_equal(&dst, &expect, where, sizeof where),
+         "retrieve after prefetch -> %s, %lld, bytes %s", sname(s), (long long)result, where);
+
+  lmc_engine_destroy(e);
+  EXPECT(lmc_engine_flush(e, 0), LMC_E_INVALID_HANDLE, "destroyed handle: lmc_engine_flush");
+  EXPECT(lmc_engine_tier_count(&count, e), LMC_E_INVALID_HANDLE, "destroyed handle: tier_count");
+  EXPECT(lmc_engine_get_tier_stats(e, 0, &ts), LMC_E_INVALID_HANDLE, "destroyed handle: tier stats");
+  EXPECT(lmc_prefetch_start(&job, e, tok, NTOK, NULL, 0), LMC_E_INVALID_HANDLE,
+         "destroyed handle: prefetch_start");
+  kv_free(&src);
+  kv_free(&dst);
+  kv_free(&expect);
+  {
+    char command[300];
+    snprintf(command, sizeof command, "rm -rf '%s'", dir);
+    report(system(command) == 0, "remove the disk tier directory");
+  }
+}
+
 int main(int argc, char **argv) {
   if (argc == 3 && strcmp(argv[1], "--probe") == 0) {
     if (strcmp(argv[2], "foreign-handle") == 0) return probe_foreign_handles();
@@ -1716,6 +1828,7 @@ int main(int argc, char **argv) {
   test_destroyed_handle();
   test_foreign_handles();
   test_cuda_layers();
+  test_tiers_and_jobs();
 
   printf("# smoke: %d passed, %d failed\n", g_passed, g_failed);
   return g_failed ? 1 : 0;

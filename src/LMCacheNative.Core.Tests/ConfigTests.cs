@@ -65,8 +65,7 @@ public class ConfigTests
     public void NonObjects_AreRefused(string json) =>
         Assert.That(Assert.Throws<LmcException>(() => EngineConfig.Parse(json))!.Kind, Is.EqualTo(LmcErrorKind.InvalidArgument));
 
-    [TestCase("{\"local_disk\": \"/tmp/x\"}", "local_disk")]
-    [TestCase("{\"remote_url\": \"redis://127.0.0.1:6379\"}", "remote_url")]
+    [TestCase("{\"gds_path\": \"/mnt/gds\"}", "gds_path")]
     [TestCase("{\"use_layerwise\": true}", "use_layerwise")]
     [TestCase("{\"cache_policy\": \"LFU\"}", "cache_policy")]
     [TestCase("{\"remote_serde\": \"cachegen\"}", "remote_serde")]
@@ -84,6 +83,14 @@ public class ConfigTests
         var back = EngineConfig.Parse(c.ToJson());
         Assert.That(back with { ExtraConfigJson = "" }, Is.EqualTo(c with { ExtraConfigJson = "" }));
         Assert.That(back.ExtraConfigJson.Replace(" ", ""), Is.EqualTo("{\"k\":1}"));
+    }
+
+    [Test]
+    public void TierKeys_AreKept()
+    {
+        var c = EngineConfig.Parse("{\"local_disk\": \"file:///tmp/lmc\", \"max_local_disk_size\": 2, \"remote_url\": \"redis://127.0.0.1:6379/1\", \"blocking_timeout_secs\": 0.5}");
+        Assert.That((c.LocalDisk, c.MaxLocalDiskSize, c.RemoteUrl, c.BlockingTimeoutSecs), Is.EqualTo(("file:///tmp/lmc", 2.0, "redis://127.0.0.1:6379/1", 0.5)));
+        Assert.That(Assert.Throws<LmcException>(() => EngineConfig.Parse("{\"local_disk\": \"\"}"))!.Message, Does.Contain("local_disk"));
     }
 
     [Test]

@@ -223,6 +223,10 @@ public class EngineBehaviourTests
         Assert.That(Kind(() => new CacheEngine(new EngineConfig(), "m", 2, 2)), Is.EqualTo(LmcErrorKind.InvalidArgument));
         Assert.That(Kind(() => new CacheEngine(new EngineConfig(), "m", 2, -1)), Is.EqualTo(LmcErrorKind.InvalidArgument));
 
+        var noRemoteBackend = Assert.Throws<LmcException>(() => new CacheEngine(EngineConfig.Parse("{\"remote_url\": \"lm://host:1\"}"), "m", 1, 0))!;
+        Assert.That(noRemoteBackend.Kind, Is.EqualTo(LmcErrorKind.Unsupported));
+        Assert.That(noRemoteBackend.Message, Does.Contain("remote_url"));
+
         var cuda = _cache.Describe().Select(l => l with { Device = DeviceKind.Cuda }).ToArray();
         Assert.That(Kind(() => engine.RegisterLayers(cuda)), Is.EqualTo(LmcErrorKind.Unsupported));
     }

@@ -14,10 +14,10 @@ public class EngineTransferTests
     private const int Layers = 2, Blocks = 16, BlockSize = 4, Heads = 2, HeadSize = 8;
     private const byte Guard = 0xA5;
 
-    internal static CacheEngine NewEngine(string json = "{\"chunk_size\": 8, \"save_unfull_chunk\": true}", string model = "test-model") =>
+    public static CacheEngine NewEngine(string json = "{\"chunk_size\": 8, \"save_unfull_chunk\": true}", string model = "test-model") =>
         new(EngineConfig.Parse(json), model, 1, 0);
 
-    internal static long[] RandomSlots(Random random, long numSlots, int count, int minusOneEvery = 0)
+    public static long[] RandomSlots(Random random, long numSlots, int count, int minusOneEvery = 0)
     {
         var all = Enumerable.Range(0, (int)numSlots).Select(i => (long)i).OrderBy(_ => random.Next()).Take(count).ToArray();
         if (minusOneEvery > 0)
@@ -25,7 +25,7 @@ public class EngineTransferTests
         return all;
     }
 
-    internal static int[] Tokens(int count, int seed) => Enumerable.Range(0, count).Select(i => seed * 100_000 + i).ToArray();
+    public static int[] Tokens(int count, int seed) => Enumerable.Range(0, count).Select(i => seed * 100_000 + i).ToArray();
 
     [Test]
     public void StoreAndRetrieve_BetweenEveryPairOfLayouts_IsBitExact(

@@ -16,6 +16,7 @@ public enum LmcErrorKind
     NoDevice = -8,
     BufferTooSmall = -9,
     Internal = -10,
+    Timeout = -11,
 }
 
 /// <summary>An expected failure with a message meant for the caller (it names the bad key, field or argument).</summary>

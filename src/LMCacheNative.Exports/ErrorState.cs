@@ -18,6 +18,7 @@ internal static class Status
     public const int NoDevice = -8;
     public const int BufferTooSmall = -9;
     public const int Internal = -10;
+    public const int Timeout = -11;
 }
 
 /// <summary>

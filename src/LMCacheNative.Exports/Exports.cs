@@ -46,6 +46,7 @@ internal static unsafe class Exports
         Status.NoDevice => Literal("LMC_E_NO_DEVICE\0"u8),
         Status.BufferTooSmall => Literal("LMC_E_BUFFER_TOO_SMALL\0"u8),
         Status.Internal => Literal("LMC_E_INTERNAL\0"u8),
+        Status.Timeout => Literal("LMC_E_TIMEOUT\0"u8),
         _ => Literal("LMC_E_UNKNOWN\0"u8),
     };
 
@@ -68,7 +69,8 @@ internal static unsafe class Exports
             RequireOut(engineOut, "engine_out");
             if (modelName == null) throw LmcException.InvalidArgument("model_name is NULL (pass \"\" for none)");
             var config = EngineConfig.Parse(Utf8(configJson, "config_json"));
-            var engine = new CacheEngine(config, Utf8(modelName, "model_name")!, worldSize, workerId);
+            var engine = new CacheEngine(config, Utf8(modelName, "model_name")!, worldSize, workerId,
+                remoteTierFactory: LMCacheNative.Redis.RedisTier.TryCreate);
             *engineOut = HandleTable.Add(engine);
             return ErrorState.Ok();
         }
@@ -264,6 +266,141 @@ internal static unsafe class Exports
         catch (Exception e)
         {
             return ErrorState.FromException(e);
+        }
+    }
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_engine_flush")]
+    public static int EngineFlush(nint engine, long timeoutMs)
+    {
+        try
+        {
+            var cacheEngine = HandleTable.Get(engine);
+            if (timeoutMs < -1) throw LmcException.InvalidArgument($"timeout_ms must be >= -1, got {timeoutMs}");
+            var timeout = timeoutMs == -1 ? Timeout.InfiniteTimeSpan : TimeSpan.FromMilliseconds(timeoutMs);
+            return cacheEngine.Flush(timeout)
+                ? ErrorState.Ok()
+                : ErrorState.Fail(Status.Timeout, $"the lower tiers are still writing after {timeoutMs} ms");
+        }
+        catch (Exception e)
+        {
+            return ErrorState.FromException(e);
+        }
+    }
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_engine_tier_count")]
+    public static int EngineTierCount(int* countOut, nint engine)
+    {
+        try
+        {
+            RequireOut(countOut, "count_out");
+            *countOut = HandleTable.Get(engine).LowerTierNames.Count;
+            return ErrorState.Ok();
+        }
+        catch (Exception e)
+        {
+            return ErrorState.FromException(e);
+        }
+    }
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_engine_get_tier_stats")]
+    public static int EngineGetTierStats(nint engine, int tierIndex, NativeTierStats* stats)
+    {
+        try
+        {
+            var cacheEngine = HandleTable.Get(engine);
+            if (stats == null) throw LmcException.InvalidArgument("stats is NULL");
+            uint size = stats->StructSize;
+            if (size < 8) throw LmcException.InvalidArgument($"stats->struct_size must be set to sizeof(lmc_tier_stats), got {size}");
+            var tiers = cacheEngine.GetTierStats();
+            if (tierIndex < 0 || tierIndex >= tiers.Count)
+                throw new LmcException(LmcErrorKind.NotFound, $"tier_index {tierIndex}: the engine has {tiers.Count} lower tier(s)");
+            var (name, c) = tiers[tierIndex];
+            var native = new NativeTierStats
+            {
+                StructSize = size,
+                Hits = (ulong)c.Hits,
+                Misses = (ulong)c.Misses,
+                BytesRead = (ulong)c.BytesRead,
+                BytesWritten = (ulong)c.BytesWritten,
+                Writes = (ulong)c.Writes,
+                Evictions = (ulong)c.Evictions,
+                WriteQueueDrops = (ulong)c.WriteQueueDrops,
+                CorruptRecords = (ulong)c.CorruptRecords,
+                Errors = (ulong)c.Errors,
+                Reconnects = (ulong)c.Reconnects,
+                UsedBytes = (ulong)Math.Max(0, c.UsedBytes),
+                CapacityBytes = (ulong)Math.Max(0, c.CapacityBytes),
+            };
+            int written = System.Text.Encoding.UTF8.GetBytes(name.AsSpan(0, Math.Min(name.Length, 31)), new Span<byte>(native.Name, 31));
+            native.Name[written] = 0;
+            Buffer.MemoryCopy(&native, stats, size, Math.Min(size, (uint)sizeof(NativeTierStats)));
+            return ErrorState.Ok();
+        }
+        catch (Exception e)
+        {
+            return ErrorState.FromException(e);
+        }
+    }
+
+    // ---- asynchronous operations ----
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_prefetch_start")]
+    public static int PrefetchStart(nint* jobOut, nint engine, int* tokens, long numTokens, byte* extraKey, long extraKeyLength)
+    {
+        try
+        {
+            RequireOut(jobOut, "job_out");
+            var cacheEngine = HandleTable.Get(engine);
+            // Copied: the caller's buffers are borrowed for this call only.
+            int[] tokenCopy = Input(tokens, numTokens, "tokens", "num_tokens").ToArray();
+            byte[] extraCopy = Input(extraKey, extraKeyLength, "extra_key", "extra_key_len").ToArray();
+            var task = Task.Run(() => cacheEngine.Prefetch(tokenCopy, extraCopy));
+            *jobOut = JobTable.Add(task);
+            return ErrorState.Ok();
+        }
+        catch (Exception e)
+        {
+            return ErrorState.FromException(e);
+        }
+    }
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_job_wait")]
+    public static int JobWait(long* resultOut, nint job, long timeoutMs)
+    {
+        try
+        {
+            RequireOut(resultOut, "result_out");
+            var task = JobTable.Get(job);
+            if (timeoutMs < -1) throw LmcException.InvalidArgument($"timeout_ms must be >= -1, got {timeoutMs}");
+            try
+            {
+                if (!task.Wait(timeoutMs == -1 ? Timeout.InfiniteTimeSpan : TimeSpan.FromMilliseconds(timeoutMs)))
+                    return ErrorState.Fail(Status.Timeout, $"the job is still running after {timeoutMs} ms");
+            }
+            catch (AggregateException failed) when (failed.InnerException is { } inner)
+            {
+                return ErrorState.FromException(inner);
+            }
+            *resultOut = task.Result;
+            return ErrorState.Ok();
+        }
+        catch (Exception e)
+        {
+            return ErrorState.FromException(e);
+        }
+    }
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_job_destroy")]
+    public static void JobDestroy(nint job)
+    {
+        try
+        {
+            JobTable.Remove(job);
+            ErrorState.Ok();
+        }
+        catch (Exception e)
+        {
+            ErrorState.FromException(e);
         }
     }
 

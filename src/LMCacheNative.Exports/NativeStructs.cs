@@ -50,3 +50,26 @@ internal struct NativeStats
 
     public const int SizeV1 = 128;
 }
+
+/// <summary>Mirror of lmc_tier_stats (136 bytes).</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal unsafe struct NativeTierStats
+{
+    public uint StructSize;
+    public uint Reserved;
+    public fixed byte Name[32];
+    public ulong Hits;
+    public ulong Misses;
+    public ulong BytesRead;
+    public ulong BytesWritten;
+    public ulong Writes;
+    public ulong Evictions;
+    public ulong WriteQueueDrops;
+    public ulong CorruptRecords;
+    public ulong Errors;
+    public ulong Reconnects;
+    public ulong UsedBytes;
+    public ulong CapacityBytes;
+
+    public const int SizeV1 = 136;
+}

@@ -34,7 +34,12 @@ public sealed record EngineConfig
     public bool EnableAsyncLoading { get; init; }
     public double LookupTimeoutMs { get; init; } = 3000;
     public double BlockingTimeoutSecs { get; init; } = 10;
+    /// <summary>Directory of the local disk tier (LMCache's <c>local_disk</c>; a <c>file://</c> prefix is allowed), or null.</summary>
+    public string? LocalDisk { get; init; }
+    /// <summary>Disk tier capacity in GB (2^30 bytes); the tier is enabled when this is > 0 and <see cref="LocalDisk"/> is set.</summary>
     public double MaxLocalDiskSize { get; init; }
+    /// <summary>Remote tier URL (<c>redis://host:port/db</c>, <c>rediss://</c> for TLS), or null.</summary>
+    public string? RemoteUrl { get; init; }
     public string RemoteSerde { get; init; } = "naive";
     public int? PriorityLimit { get; init; }
     /// <summary>LMCache's free-form <c>extra_config</c> object, kept verbatim (raw JSON).</summary>
@@ -85,7 +90,9 @@ public sealed record EngineConfig
         "extra_config" => c with { ExtraConfigJson = ExtraConfig(key, v) },
         // Known LMCache keys for features that later tiers and paths add. The default value is
         // accepted so that LMCache configuration files load unchanged; anything else is refused.
-        "local_disk" or "remote_url" or "gds_path" => NullOnly(c, key, v),
+        "local_disk" => c with { LocalDisk = OptionalText(key, v) },
+        "remote_url" => c with { RemoteUrl = OptionalText(key, v) },
+        "gds_path" => NullOnly(c, key, v),
         "use_layerwise" or "enable_blending" or "enable_pd" or "enable_p2p" or "enable_controller"
             or "local_cpu_use_hugepages" or "enable_lazy_memory_allocator" or "use_gpu_connector_v3" => FalseOnly(c, key, v),
         _ => throw LmcException.InvalidArgument($"config: unknown key \"{key}\""),
@@ -118,6 +125,14 @@ public sealed record EngineConfig
 
     private static string Text(string key, JsonElement v) =>
         v.ValueKind == JsonValueKind.String ? v.GetString()! : throw LmcException.InvalidArgument($"config: \"{key}\" must be a string, got {Describe(v)}");
+
+    private static string? OptionalText(string key, JsonElement v)
+    {
+        if (v.ValueKind == JsonValueKind.Null) return null;
+        string text = Text(key, v);
+        if (text.Length == 0) throw LmcException.InvalidArgument($"config: \"{key}\" must not be empty (use null)");
+        return text;
+    }
 
     private static ChunkHashAlgorithm HashName(string key, JsonElement v) => Text(key, v) switch
     {
@@ -158,7 +173,7 @@ public sealed record EngineConfig
         if (v.ValueKind == JsonValueKind.Null) return c;
         if (v.ValueKind != JsonValueKind.String)
             throw LmcException.InvalidArgument($"config: \"{key}\" must be a string or null, got {Describe(v)}");
-        throw LmcException.Unsupported($"config: \"{key}\" names a storage tier this build does not have yet");
+        throw LmcException.Unsupported($"config: \"{key}\" names a storage back-end this build does not have");
     }
 
     private static EngineConfig FalseOnly(EngineConfig c, string key, JsonElement v)
@@ -193,9 +208,9 @@ public sealed record EngineConfig
             w.WriteBoolean("enable_async_loading", EnableAsyncLoading);
             w.WriteNumber("lookup_timeout_ms", LookupTimeoutMs);
             w.WriteNumber("blocking_timeout_secs", BlockingTimeoutSecs);
-            w.WriteNull("local_disk");
+            if (LocalDisk is null) w.WriteNull("local_disk"); else w.WriteString("local_disk", LocalDisk);
             w.WriteNumber("max_local_disk_size", MaxLocalDiskSize);
-            w.WriteNull("remote_url");
+            if (RemoteUrl is null) w.WriteNull("remote_url"); else w.WriteString("remote_url", RemoteUrl);
             w.WriteString("remote_serde", RemoteSerde);
             if (PriorityLimit is int limit) w.WriteNumber("priority_limit", limit); else w.WriteNull("priority_limit");
             w.WritePropertyName("extra_config");

@@ -15,6 +15,9 @@ public readonly record struct EngineStats(
     long RetrieveRequests, long RetrieveRequestedTokens, long RetrievedTokens, long RetrievedBytes,
     long EvictedChunks, long StoreSkippedChunks, long CachedChunks, long PoolUsedBytes, long PoolCapacityBytes);
 
+/// <summary>One lower tier's counters, for the C ABI's per-tier statistics.</summary>
+public readonly record struct TierStats(string Name, StorageTierStats Counters);
+
 /// <summary>What a store did, for the caller's log line.</summary>
 public readonly record struct StoreResult(long TokensInCache, long TokensCopied, long BytesCopied, int ChunksSkippedForSpace);
 
@@ -37,6 +40,8 @@ public sealed class CacheEngine : IDisposable
     // what the readers use.
     private readonly ReaderWriterLockSlim _lifecycle = new(LockRecursionPolicy.NoRecursion);
     private readonly IHostMemoryAllocator _allocator;
+    // Lower tiers in LMCache's order (local disk, then remote), each with its write-behind worker.
+    private readonly TierWriter[] _writers;
     private Registration? _registration;
     private bool _disposed;
 
@@ -55,7 +60,8 @@ public sealed class CacheEngine : IDisposable
         public long NumSlots => Layers[0].NumSlots;
     }
 
-    public CacheEngine(EngineConfig config, string modelName, int worldSize, int workerId, IHostMemoryAllocator? allocator = null)
+    public CacheEngine(EngineConfig config, string modelName, int worldSize, int workerId,
+        IHostMemoryAllocator? allocator = null, RemoteTierFactory? remoteTierFactory = null)
     {
         ArgumentNullException.ThrowIfNull(config);
         ArgumentNullException.ThrowIfNull(modelName);
@@ -67,7 +73,45 @@ public sealed class CacheEngine : IDisposable
         WorldSize = worldSize;
         WorkerId = workerId;
         _allocator = allocator ?? AlignedHostAllocator.Instance;
+        _writers = CreateLowerTiers(config, remoteTierFactory);
     }
+
+    private TierWriter[] CreateLowerTiers(EngineConfig config, RemoteTierFactory? remoteTierFactory)
+    {
+        var tiers = new List<IStorageTier>();
+        try
+        {
+            if (config.LocalDisk is { } directory && config.MaxLocalDiskSize > 0)
+                tiers.Add(new LocalDiskTier(directory, (long)(config.MaxLocalDiskSize * EngineConfig.BytesPerGb)));
+            if (config.RemoteUrl is { } url)
+            {
+                var remote = remoteTierFactory?.Invoke(url, config)
+                             ?? throw LmcException.Unsupported($"config: \"remote_url\" \"{url}\": no remote backend for this URL scheme in this build");
+                tiers.Add(remote);
+            }
+        }
+        catch
+        {
+            foreach (var tier in tiers) tier.Dispose();
+            throw;
+        }
+        return tiers.Select(t => new TierWriter(t, ReleaseWrittenChunk)).ToArray();
+    }
+
+    /// <summary>Called by a write-behind worker when a chunk is written (or failed): drop its pin.</summary>
+    private void ReleaseWrittenChunk(CachedChunk chunk)
+    {
+        lock (_indexLock)
+        {
+            var tier = _registration?.Tier;
+            if (tier is null) return;
+            tier.Unpin(chunk);
+            if (!Config.LocalCpu) tier.RemoveIfUnpinned(chunk);
+        }
+    }
+
+    /// <summary>Names of the lower tiers, in lookup order.</summary>
+    public IReadOnlyList<string> LowerTierNames => _writers.Select(w => w.Tier.Name).ToArray();
 
     public EngineConfig Config { get; }
     public string ModelName { get; }
@@ -110,14 +154,27 @@ public sealed class CacheEngine : IDisposable
             else
             {
                 long slabBytes = checked(bytesPerToken * ChunkSize);
-                tier = new LocalCpuTier(new SlabPool(slabBytes, Config.MaxLocalCpuBytes, _allocator));
+                // Without local_cpu the pool is only a staging area for the lower tiers: chunks
+                // leave it once written down (LMCache sizes that buffer with max_local_cpu_size too).
+                long poolBytes = Config.LocalCpu || _writers.Length > 0 ? (long)(Config.MaxLocalCpuSize * EngineConfig.BytesPerGb) : 0;
+                tier = new LocalCpuTier(new SlabPool(slabBytes, poolBytes, _allocator));
                 if (previous is not null)
                 {
+                    // Queued writes read slabs of the old pool: let them finish before it goes.
+                    foreach (var writer in _writers) writer.WaitIdle(Timeout.InfiniteTimeSpan);
                     _evictedBeforeCurrentTier += previous.Tier.EvictedChunks;
-                    previous.Tier.Dispose();
+                    lock (_indexLock) previous.Tier.Dispose();
+                }
+                var binding = new TierBinding(keyNamespace, Config.HashAlgorithm, ChunkSize, bytesPerToken);
+                foreach (var writer in _writers)
+                {
+                    writer.Tier.Bind(binding);
+                    // Queued writes pin CPU chunks: a quarter of the pool at most, so stores keep room.
+                    writer.MaxQueuedChunks = (int)Math.Clamp(tier.CapacitySlabs / 4, 1, int.MaxValue);
                 }
             }
-            _registration = new Registration(layers.ToArray(), new ChunkHasher(Config.HashAlgorithm, keyNamespace), tier, transfer, bytesPerToken);
+            lock (_indexLock)
+                _registration = new Registration(layers.ToArray(), new ChunkHasher(Config.HashAlgorithm, keyNamespace), tier, transfer, bytesPerToken);
         }
         finally
         {
@@ -125,7 +182,11 @@ public sealed class CacheEngine : IDisposable
         }
     }
 
-    /// <summary>Number of leading tokens whose KV is cached (whole chunks, or all tokens when the trailing partial chunk is cached).</summary>
+    /// <summary>
+    /// Number of leading tokens whose KV is cached in any tier (whole chunks, or all tokens when the
+    /// trailing partial chunk is cached). The prefix may be split: the first chunks in CPU memory,
+    /// later ones on disk or remote.
+    /// </summary>
     public long Lookup(ReadOnlySpan<int> tokens, ReadOnlySpan<byte> extraKey)
     {
         using var scope = EnterCall();
@@ -142,12 +203,20 @@ public sealed class CacheEngine : IDisposable
                 // Most recent last for the prefix: touching in reverse keeps the first chunks, which
                 // every extension of the prompt needs, away from eviction the longest.
                 for (int i = hitChunks - 1; i >= 0; i--) reg.Tier.Touch(reg.Tier.Find(keys[i])!);
-                long hit = Math.Min((long)hitChunks * ChunkSize, tokens.Length);
+            }
+            foreach (var writer in _writers)
+            {
+                if (hitChunks == chunkCount) break;
+                hitChunks += writer.Tier.CountPrefix(keys.AsSpan(hitChunks, chunkCount - hitChunks));
+            }
+            long hit = Math.Min((long)hitChunks * ChunkSize, tokens.Length);
+            lock (_indexLock)
+            {
                 _lookupRequests++;
                 _lookupTokens += tokens.Length;
                 _lookupHitTokens += hit;
-                return hit;
             }
+            return hit;
         }
         finally
         {
@@ -158,7 +227,8 @@ public sealed class CacheEngine : IDisposable
     /// <summary>
     /// Stores the KV of tokens from <paramref name="skipLeadingTokens"/> (rounded down to a chunk
     /// boundary) to the end: full chunks, plus the trailing partial chunk with save_unfull_chunk.
-    /// Stops before a chunk with a -1 slot, and when the pool has no room left.
+    /// Stops before a chunk with a -1 slot, and when the pool has no room left. Chunks go to the CPU
+    /// tier now and to the lower tiers in the background.
     /// </summary>
     public StoreResult Store(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long skipLeadingTokens, ReadOnlySpan<byte> extraKey)
     {
@@ -173,7 +243,7 @@ public sealed class CacheEngine : IDisposable
         int chunkCount = fullChunks + (hasPartial ? 1 : 0);
         int firstChunk = (int)(skipLeadingTokens / ChunkSize);
         long alignedSkip = (long)firstChunk * ChunkSize;
-        if (!Config.LocalCpu || firstChunk >= chunkCount)
+        if ((!Config.LocalCpu && _writers.Length == 0) || firstChunk >= chunkCount)
         {
             lock (_indexLock) _storeRequests++;
             return new StoreResult(0, 0, 0, 0);
@@ -188,8 +258,9 @@ public sealed class CacheEngine : IDisposable
         }
 
         ChunkKey[] keys = ArrayPool<ChunkKey>.Shared.Rent(Math.Max(storableChunks, 1));
-        var held = new List<CachedChunk>(Math.Max(storableChunks - firstChunk, 0));
-        var fresh = new List<CachedChunk>();
+        // (chunk index, chunk) of every chunk this store holds a pin on.
+        var held = new List<(int Index, CachedChunk Chunk)>(Math.Max(storableChunks - firstChunk, 0));
+        var fresh = new List<(int Index, CachedChunk Chunk)>();
         try
         {
             reg.Hasher.ComputeKeys(tokens, extraKey, ChunkSize, keys.AsSpan(0, storableChunks));
@@ -204,7 +275,7 @@ public sealed class CacheEngine : IDisposable
                     if (reg.Tier.Find(keys[c]) is { } existing)
                     {
                         reg.Tier.Pin(existing);
-                        held.Add(existing);
+                        held.Add((c, existing));
                     }
                     else
                     {
@@ -215,7 +286,7 @@ public sealed class CacheEngine : IDisposable
                             skippedForSpace = storableChunks - c;
                             break;
                         }
-                        fresh.Add(reserved);
+                        fresh.Add((c, reserved));
                     }
                     reachedChunk = c + 1;
                 }
@@ -229,9 +300,8 @@ public sealed class CacheEngine : IDisposable
                     var transfers = new ChunkTransfer[fresh.Count];
                     for (int i = 0; i < fresh.Count; i++)
                     {
-                        int chunkIndex = IndexOf(keys, firstChunk, reachedChunk, fresh[i].Key);
-                        int start = chunkIndex * ChunkSize;
-                        transfers[i] = new ChunkTransfer(fresh[i].Data, start, fresh[i].TokenCount, start);
+                        int start = fresh[i].Index * ChunkSize;
+                        transfers[i] = new ChunkTransfer(fresh[i].Chunk.Data, start, fresh[i].Chunk.TokenCount, start);
                     }
                     bytesCopied = reg.Transfer.Transfer(TransferDirection.Gather, transfers, slotMapping);
                 }
@@ -240,21 +310,31 @@ public sealed class CacheEngine : IDisposable
             {
                 lock (_indexLock)
                 {
-                    foreach (var chunk in fresh) reg.Tier.Abandon(chunk);
-                    foreach (var chunk in held) reg.Tier.Unpin(chunk);
+                    foreach (var (_, chunk) in fresh) reg.Tier.Abandon(chunk);
+                    foreach (var (_, chunk) in held) reg.Tier.Unpin(chunk);
                 }
                 throw;
             }
 
-            long tokensCopied = fresh.Sum(c => (long)c.TokenCount);
+            long tokensCopied = fresh.Sum(c => (long)c.Chunk.TokenCount);
             lock (_indexLock)
             {
-                // Publish and unpin from the last chunk to the first, so the prefix ends up most recent.
-                var all = held.Concat(fresh).OrderByDescending(c => IndexOf(keys, firstChunk, reachedChunk, c.Key)).ToList();
-                foreach (var chunk in all)
+                foreach (var (index, chunk) in fresh)
                 {
-                    if (chunk.Published) reg.Tier.Unpin(chunk);
-                    else reg.Tier.Publish(chunk);
+                    var winner = reg.Tier.PublishPinned(chunk);
+                    held.Add((index, winner));
+                    if (winner != chunk) continue; // another store got there first and queued it
+                    foreach (var writer in _writers)
+                    {
+                        reg.Tier.Pin(winner);
+                        if (!writer.TryEnqueue(winner)) reg.Tier.Unpin(winner);
+                    }
+                }
+                // Unpin from the last chunk to the first, so the prefix ends up most recent.
+                foreach (var (_, chunk) in held.OrderByDescending(h => h.Index))
+                {
+                    reg.Tier.Unpin(chunk);
+                    if (!Config.LocalCpu) reg.Tier.RemoveIfUnpinned(chunk);
                 }
                 _storeRequests++;
                 _storedTokens += tokensCopied;
@@ -272,7 +352,8 @@ public sealed class CacheEngine : IDisposable
 
     /// <summary>
     /// Retrieves the longest cached prefix, writing only the slots of tokens in
-    /// [<paramref name="firstTokenToWrite"/>, retrieved) whose slot is not -1.
+    /// [<paramref name="firstTokenToWrite"/>, retrieved) whose slot is not -1. Chunks found in a
+    /// lower tier are read into the CPU tier first (promotion).
     /// </summary>
     public RetrieveResult Retrieve(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long firstTokenToWrite, ReadOnlySpan<byte> extraKey)
     {
@@ -284,51 +365,21 @@ public sealed class CacheEngine : IDisposable
 
         int chunkCount = ChunkHasher.ChunkCount(tokens.Length, ChunkSize);
         ChunkKey[] keys = ArrayPool<ChunkKey>.Shared.Rent(Math.Max(chunkCount, 1));
-        var pinned = new List<CachedChunk>();
+        List<CachedChunk> held = [];
         try
         {
             reg.Hasher.ComputeKeys(tokens, extraKey, ChunkSize, keys.AsSpan(0, chunkCount));
-            int hitChunks = 0;
-            lock (_indexLock)
-            {
-                for (; hitChunks < chunkCount; hitChunks++)
-                {
-                    if (reg.Tier.Find(keys[hitChunks]) is not { } chunk) break;
-                    long chunkEnd = Math.Min((long)(hitChunks + 1) * ChunkSize, tokens.Length);
-                    if (chunkEnd > firstTokenToWrite)
-                    {
-                        reg.Tier.Pin(chunk);
-                        pinned.Add(chunk);
-                    }
-                    else
-                    {
-                        reg.Tier.Touch(chunk);
-                    }
-                }
-            }
-            long retrieved = Math.Min((long)hitChunks * ChunkSize, tokens.Length);
+            held = PinPrefix(reg, keys.AsSpan(0, chunkCount), tokens.Length);
+            long retrieved = Math.Min((long)held.Count * ChunkSize, tokens.Length);
 
             long bytesWritten = 0;
-            try
+            int firstToCopy = (int)(firstTokenToWrite / ChunkSize);
+            if (held.Count > firstToCopy)
             {
-                if (pinned.Count > 0)
-                {
-                    var transfers = new ChunkTransfer[pinned.Count];
-                    int firstPinnedChunk = hitChunks - pinned.Count;
-                    for (int i = 0; i < pinned.Count; i++)
-                    {
-                        int start = (firstPinnedChunk + i) * ChunkSize;
-                        transfers[i] = new ChunkTransfer(pinned[i].Data, start, pinned[i].TokenCount, (int)firstTokenToWrite);
-                    }
-                    bytesWritten = reg.Transfer.Transfer(TransferDirection.Scatter, transfers, slotMapping);
-                }
-            }
-            finally
-            {
-                lock (_indexLock)
-                {
-                    for (int i = pinned.Count - 1; i >= 0; i--) reg.Tier.Unpin(pinned[i]);
-                }
+                var transfers = new ChunkTransfer[held.Count - firstToCopy];
+                for (int i = firstToCopy; i < held.Count; i++)
+                    transfers[i - firstToCopy] = new ChunkTransfer(held[i].Data, i * ChunkSize, held[i].TokenCount, (int)firstTokenToWrite);
+                bytesWritten = reg.Transfer.Transfer(TransferDirection.Scatter, transfers, slotMapping);
             }
 
             lock (_indexLock)
@@ -342,8 +393,139 @@ public sealed class CacheEngine : IDisposable
         }
         finally
         {
+            UnpinAll(reg, held);
             ArrayPool<ChunkKey>.Shared.Return(keys);
         }
+    }
+
+    /// <summary>
+    /// Brings the longest cached prefix into the CPU tier (reading disk or remote chunks) without
+    /// writing any KV layer; returns the number of leading tokens now in CPU memory. The retrieve
+    /// that follows then finds them there.
+    /// </summary>
+    public long Prefetch(ReadOnlySpan<int> tokens, ReadOnlySpan<byte> extraKey)
+    {
+        using var scope = EnterCall();
+        var reg = RequireRegistration();
+        int chunkCount = ChunkHasher.ChunkCount(tokens.Length, ChunkSize);
+        ChunkKey[] keys = ArrayPool<ChunkKey>.Shared.Rent(Math.Max(chunkCount, 1));
+        List<CachedChunk> held = [];
+        try
+        {
+            reg.Hasher.ComputeKeys(tokens, extraKey, ChunkSize, keys.AsSpan(0, chunkCount));
+            held = PinPrefix(reg, keys.AsSpan(0, chunkCount), tokens.Length);
+            return Math.Min((long)held.Count * ChunkSize, tokens.Length);
+        }
+        finally
+        {
+            UnpinAll(reg, held);
+            ArrayPool<ChunkKey>.Shared.Return(keys);
+        }
+    }
+
+    /// <summary>
+    /// Pins the longest prefix of <paramref name="keys"/> in the CPU tier, promoting chunks from the
+    /// lower tiers as needed. Returns the pinned chunks in order; the caller unpins them.
+    /// </summary>
+    private List<CachedChunk> PinPrefix(Registration reg, ReadOnlySpan<ChunkKey> keys, int numTokens)
+    {
+        var held = new List<CachedChunk>(keys.Length);
+        lock (_indexLock)
+        {
+            while (held.Count < keys.Length && reg.Tier.Find(keys[held.Count]) is { } chunk)
+            {
+                reg.Tier.Pin(chunk);
+                held.Add(chunk);
+            }
+        }
+        if (held.Count == keys.Length || _writers.Length == 0) return held;
+
+        // Which lower tier holds each further chunk: each tier continues where the previous stopped.
+        int planned = held.Count;
+        var sources = new List<IStorageTier>();
+        foreach (var writer in _writers)
+        {
+            int n = writer.Tier.CountPrefix(keys[planned..]);
+            for (int i = 0; i < n; i++) sources.Add(writer.Tier);
+            planned += n;
+            if (planned == keys.Length) break;
+        }
+
+        int start = held.Count;
+        for (int i = 0; i < sources.Count; i++)
+        {
+            int index = start + i;
+            int tokenCount = Math.Min(ChunkSize, numTokens - index * ChunkSize);
+            CachedChunk? reserved;
+            lock (_indexLock)
+            {
+                if (reg.Tier.Find(keys[index]) is { } promotedMeanwhile)
+                {
+                    reg.Tier.Pin(promotedMeanwhile);
+                    held.Add(promotedMeanwhile);
+                    continue;
+                }
+                reserved = reg.Tier.TryReserve(keys[index], tokenCount, tokenCount * reg.BytesPerToken);
+            }
+            if (reserved is null) break; // no room in the CPU tier: the prefix ends here
+
+            bool read;
+            unsafe
+            {
+                read = sources[i].TryRead(keys[index], tokenCount, new Span<byte>((void*)reserved.Data, checked((int)reserved.PayloadBytes)));
+            }
+            lock (_indexLock)
+            {
+                if (!read)
+                {
+                    reg.Tier.Abandon(reserved);
+                    break; // a record that vanished or failed its checksum ends the prefix
+                }
+                held.Add(reg.Tier.PublishPinned(reserved));
+            }
+        }
+        return held;
+    }
+
+    private void UnpinAll(Registration registration, List<CachedChunk> held)
+    {
+        if (held.Count == 0) return;
+        lock (_indexLock)
+        {
+            for (int i = held.Count - 1; i >= 0; i--)
+            {
+                registration.Tier.Unpin(held[i]);
+                if (!Config.LocalCpu) registration.Tier.RemoveIfUnpinned(held[i]);
+            }
+        }
+    }
+
+    /// <summary>Waits until the lower tiers have written everything stored so far; false on timeout.</summary>
+    public bool Flush(TimeSpan timeout)
+    {
+        using var scope = EnterCall();
+        bool forever = timeout == Timeout.InfiniteTimeSpan;
+        var deadline = forever ? DateTime.MaxValue : DateTime.UtcNow + timeout;
+        foreach (var writer in _writers)
+        {
+            var left = forever ? Timeout.InfiniteTimeSpan : deadline - DateTime.UtcNow;
+            if (!forever && left < TimeSpan.Zero) return false;
+            if (!writer.WaitIdle(left)) return false;
+        }
+        return true;
+    }
+
+    /// <summary>Counters of each lower tier, in lookup order; write-behind drops included.</summary>
+    public IReadOnlyList<TierStats> GetTierStats()
+    {
+        using var scope = EnterCall();
+        return _writers.Select(w =>
+        {
+            var counters = w.Tier.GetStats();
+            counters.WriteQueueDrops += w.Drops;
+            counters.Errors += w.Errors;
+            return new TierStats(w.Tier.Name, counters);
+        }).ToArray();
     }
 
     public EngineStats GetStats()
@@ -358,11 +540,14 @@ public sealed class CacheEngine : IDisposable
                 _retrieveRequests, _retrieveRequestedTokens, _retrievedTokens, _retrievedBytes,
                 _evictedBeforeCurrentTier + (tier?.EvictedChunks ?? 0), _storeSkippedChunks,
                 tier?.Count ?? 0, tier?.UsedBytes ?? 0,
-                tier?.CapacityBytes ?? (long)Math.Floor((double)Config.MaxLocalCpuBytes));
+                tier?.CapacityBytes ?? Config.MaxLocalCpuBytes);
         }
     }
 
-    /// <summary>Drops every cached chunk; chunks being read are freed when their readers finish.</summary>
+    /// <summary>
+    /// Drops every chunk of the CPU tier (chunks being read are freed when their readers finish).
+    /// The lower tiers keep their records: they may be shared with other engines.
+    /// </summary>
     public void Clear()
     {
         using var scope = EnterCall();
@@ -376,20 +561,20 @@ public sealed class CacheEngine : IDisposable
         {
             if (_disposed) return;
             _disposed = true;
-            _registration?.Tier.Dispose();
-            _registration = null;
+            // Writers first: they finish the queued writes (what other processes expect to find)
+            // and release their pins through the CPU tier, which must still exist.
+            foreach (var writer in _writers) writer.Dispose();
+            foreach (var writer in _writers) writer.Tier.Dispose();
+            lock (_indexLock)
+            {
+                _registration?.Tier.Dispose();
+                _registration = null;
+            }
         }
         finally
         {
             _lifecycle.ExitWriteLock();
         }
-    }
-
-    private static int IndexOf(ChunkKey[] keys, int from, int to, ChunkKey key)
-    {
-        for (int i = from; i < to; i++)
-            if (keys[i] == key) return i;
-        throw new InvalidOperationException("chunk key not among the request's keys");
     }
 
     private static void CheckTokensAndSlots(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, Registration reg, string operation)

@@ -57,6 +57,7 @@ public sealed class LocalCpuTier : IDisposable
     public long UsedBytes => _pool.UsedBytes;
     public long CapacityBytes => _pool.CapacityBytes;
     public long SlabBytes => _pool.SlabBytes;
+    public long CapacitySlabs => _pool.CapacitySlabs;
 
     public CachedChunk? Find(in ChunkKey key) => _index.GetValueOrDefault(key);
 
@@ -110,19 +111,30 @@ public sealed class LocalCpuTier : IDisposable
     }
 
     /// <summary>
-    /// Makes a reserved chunk visible and drops the reservation's pin. If another store published the
-    /// same key meanwhile, the existing chunk wins and this one's slab goes back to the pool.
+    /// Makes a reserved chunk visible. The reservation's pin stays with the caller (unpin when done).
+    /// If another store published the same key meanwhile, that chunk wins: this one's slab goes back
+    /// to the pool and the winner is returned, pinned for the caller instead.
     /// </summary>
-    public void Publish(CachedChunk chunk)
+    public CachedChunk PublishPinned(CachedChunk chunk)
     {
-        if (_index.ContainsKey(chunk.Key))
+        if (_index.TryGetValue(chunk.Key, out var existing))
         {
             Abandon(chunk);
-            return;
+            Pin(existing);
+            return existing;
         }
         _index.Add(chunk.Key, chunk);
         chunk.Published = true;
-        Unpin(chunk);
+        return chunk;
+    }
+
+    /// <summary>Makes a reserved chunk visible and drops the reservation's pin.</summary>
+    public void Publish(CachedChunk chunk) => Unpin(PublishPinned(chunk));
+
+    /// <summary>Removes a published chunk now if nobody holds it (used when the CPU tier is only a staging area).</summary>
+    public void RemoveIfUnpinned(CachedChunk chunk)
+    {
+        if (chunk.Published && chunk.Pins == 0) Remove(chunk);
     }
 
     /// <summary>Returns a reserved, unpublished chunk's slab to the pool.</summary>

@@ -1,0 +1,71 @@
+using LMCacheNative.Core.Config;
+using LMCacheNative.Core.Keys;
+
+namespace LMCacheNative.Core.Storage;
+
+/// <summary>Per-tier counters (cumulative since the tier was created).</summary>
+public sealed class StorageTierStats
+{
+    public long Hits;            // chunks read successfully
+    public long Misses;          // chunks asked for and not found (or unreadable)
+    public long BytesRead;       // payload bytes read
+    public long BytesWritten;    // payload bytes written
+    public long Writes;          // records written
+    public long Evictions;       // records removed to make room
+    public long WriteQueueDrops; // writes dropped because the write-behind queue was full
+    public long CorruptRecords;  // records refused for a bad header, length or checksum
+    public long Errors;          // I/O or network failures (each turned into a miss or a skipped write)
+    public long Reconnects;      // connections restored (remote tiers)
+    public long UsedBytes;       // bytes held now (records, headers included)
+    public long CapacityBytes;   // bound on UsedBytes (0 = unbounded or not applicable)
+
+    public StorageTierStats Snapshot() => (StorageTierStats)MemberwiseClone();
+}
+
+/// <summary>What a tier stores records for: the engine's key namespace and chunk geometry.</summary>
+public sealed record TierBinding(KeyNamespace Namespace, ChunkHashAlgorithm Algorithm, int ChunkSize, long BytesPerToken)
+{
+    public byte[] Fingerprint { get; } = ChunkRecord.NamespaceFingerprint(Namespace, Algorithm);
+}
+
+/// <summary>
+/// A storage tier below the CPU pool (local disk, a remote store). It holds chunk records
+/// (<see cref="ChunkRecord"/>) and is asked for whole prefixes, like LMCache's backends'
+/// batched_contains. Implementations are thread-safe: lookups and reads come from request threads
+/// while the engine's write-behind worker writes.
+///
+/// A tier never throws for I/O or network trouble: a failed read or lookup is a miss, a failed
+/// write is skipped, and both are counted in <see cref="GetStats"/>. It must answer within a
+/// bounded time (blocking_timeout_secs for remote tiers).
+/// </summary>
+public interface IStorageTier : IDisposable
+{
+    /// <summary>LMCache's backend name ("LocalDiskBackend", "RemoteBackend"), for logs and stats.</summary>
+    string Name { get; }
+
+    /// <summary>
+    /// Called when layers are registered (again): from then on records are read and written for this
+    /// binding. A disk tier scans its directory here (warm restart).
+    /// </summary>
+    void Bind(TierBinding binding);
+
+    /// <summary>Number of leading <paramref name="keys"/> whose records the tier holds; stops at the first miss.</summary>
+    int CountPrefix(ReadOnlySpan<ChunkKey> keys);
+
+    /// <summary>Reads one record's payload into <paramref name="payload"/> (exactly its length); false on a miss or an unusable record.</summary>
+    bool TryRead(in ChunkKey key, int tokenCount, Span<byte> payload);
+
+    /// <summary>Whether the tier already holds the key (cheap enough to ask before a write).</summary>
+    bool Contains(in ChunkKey key);
+
+    /// <summary>Writes one record synchronously (the engine calls it from its write-behind worker); false if skipped or failed.</summary>
+    bool Write(in ChunkKey key, int tokenCount, ReadOnlySpan<byte> payload);
+
+    /// <summary>Removes every record of the bound namespace that this tier may remove.</summary>
+    void Clear();
+
+    StorageTierStats GetStats();
+}
+
+/// <summary>Builds a remote tier from a <c>remote_url</c>; supplied by the composition root so the engine does not depend on a client library.</summary>
+public delegate IStorageTier? RemoteTierFactory(string remoteUrl, EngineConfig config);

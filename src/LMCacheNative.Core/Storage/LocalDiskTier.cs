@@ -1,0 +1,328 @@
+using LMCacheNative.Core.Keys;
+
+namespace LMCacheNative.Core.Storage;
+
+/// <summary>
+/// The local disk tier (LMCache's LocalDiskBackend, config <c>local_disk</c> and
+/// <c>max_local_disk_size</c>): one file per chunk, <c>&lt;namespace&gt;-&lt;key&gt;.lmcc</c>, each a
+/// <see cref="ChunkRecord"/> (header with checksums, then the payload).
+///
+/// Durability: a record is written to a temporary name and renamed into place, so a reader never
+/// sees a half-written file under a record name; a process killed mid-write leaves only a
+/// temporary file, deleted at the next start. Checksums catch anything else (a flipped bit, a
+/// truncated file): such a record is a miss, deleted and counted, never loaded.
+///
+/// Warm restart: the index is rebuilt at <see cref="Bind"/> by reading every record's 128-byte
+/// header (no payload is read), least recently written first, so LRU order survives a restart
+/// approximately.
+///
+/// Sharing a directory: the first engine to open it takes an exclusive lock file and owns it
+/// (writes, evicts, deletes corrupt records). Any further engine on the same directory, in this or
+/// another process, opens it read-only: it serves hits from what it found at start and never
+/// writes or deletes. Capacity is the owner's to enforce.
+/// </summary>
+public sealed class LocalDiskTier : IStorageTier
+{
+    public const string RecordExtension = ".lmcc";
+    private const string LockFileName = ".lmcache-native.lock";
+    private const string TempMarker = ".tmp-";
+
+    private readonly object _lock = new();
+    private readonly string _directory;
+    private readonly long _capacityBytes;
+    private readonly StorageTierStats _stats = new();
+    private readonly Dictionary<ChunkKey, LinkedListNode<Entry>> _index = new();
+    private readonly LinkedList<Entry> _lru = new(); // First = least recently used
+    private FileStream? _ownerLock;
+    private TierBinding? _binding;
+    private string _filePrefix = "";
+
+    private sealed record Entry(ChunkKey Key, string Path, long Bytes);
+
+    public LocalDiskTier(string directory, long capacityBytes)
+    {
+        if (string.IsNullOrWhiteSpace(directory)) throw LmcException.InvalidArgument("config: \"local_disk\" is empty");
+        if (directory.StartsWith("file://", StringComparison.Ordinal)) directory = directory["file://".Length..];
+        _directory = Path.GetFullPath(directory);
+        _capacityBytes = capacityBytes;
+        try
+        {
+            Directory.CreateDirectory(_directory);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new LmcException(LmcErrorKind.Io, $"config: \"local_disk\": cannot create {_directory}: {e.Message}");
+        }
+        try
+        {
+            // FileShare.None is an exclusive advisory lock (flock) on Unix: one owner per directory.
+            _ownerLock = new FileStream(Path.Combine(_directory, LockFileName), FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None);
+        }
+        catch (IOException)
+        {
+            _ownerLock = null;
+        }
+        catch (UnauthorizedAccessException)
+        {
+            _ownerLock = null;
+        }
+        _stats.CapacityBytes = capacityBytes;
+    }
+
+    public string Name => "LocalDiskBackend";
+    public string DirectoryPath => _directory;
+    /// <summary>False when another engine owns the directory: this one only reads.</summary>
+    public bool IsOwner => _ownerLock is not null;
+
+    public void Bind(TierBinding binding)
+    {
+        lock (_lock)
+        {
+            _binding = binding;
+            _filePrefix = Convert.ToHexStringLower(binding.Fingerprint, 0, 8) + "-";
+            _index.Clear();
+            _lru.Clear();
+            _stats.UsedBytes = 0;
+            Scan();
+        }
+    }
+
+    private void Scan()
+    {
+        var found = new List<(Entry Entry, DateTime WrittenAt)>();
+        Span<byte> header = stackalloc byte[ChunkRecord.HeaderSize];
+        IEnumerable<string> files;
+        try
+        {
+            files = Directory.EnumerateFiles(_directory).ToList();
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            _stats.Errors++;
+            return;
+        }
+        foreach (string path in files)
+        {
+            string name = Path.GetFileName(path);
+            if (name.Contains(TempMarker))
+            {
+                // Left by a process killed mid-write; never a record.
+                if (IsOwner) TryDelete(path);
+                continue;
+            }
+            if (!name.StartsWith(_filePrefix, StringComparison.Ordinal) || !name.EndsWith(RecordExtension, StringComparison.Ordinal)) continue;
+            try
+            {
+                using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete, 1, FileOptions.None);
+                long length = file.Length;
+                if (file.ReadAtLeast(header, ChunkRecord.HeaderSize, throwOnEndOfStream: false) < ChunkRecord.HeaderSize
+                    || ChunkRecord.ReadHeader(header, _binding!.Fingerprint) is not { SameNamespace: true } h
+                    || length != ChunkRecord.HeaderSize + h.PayloadLength
+                    || name != FileName(h.Key))
+                {
+                    _stats.CorruptRecords++;
+                    if (IsOwner) TryDelete(path);
+                    continue;
+                }
+                found.Add((new Entry(h.Key, path, length), File.GetLastWriteTimeUtc(path)));
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                _stats.Errors++;
+            }
+        }
+        foreach (var (entry, _) in found.OrderBy(f => f.WrittenAt))
+        {
+            _index[entry.Key] = _lru.AddLast(entry);
+            _stats.UsedBytes += entry.Bytes;
+        }
+        if (IsOwner) EvictUntilFits(0);
+    }
+
+    private string FileName(in ChunkKey key) => _filePrefix + key.ToHex() + RecordExtension;
+
+    public int CountPrefix(ReadOnlySpan<ChunkKey> keys)
+    {
+        lock (_lock)
+        {
+            int count = 0;
+            while (count < keys.Length && _index.ContainsKey(keys[count])) count++;
+            return count;
+        }
+    }
+
+    public bool Contains(in ChunkKey key)
+    {
+        lock (_lock) return _index.ContainsKey(key);
+    }
+
+    public bool TryRead(in ChunkKey key, int tokenCount, Span<byte> payload)
+    {
+        string path;
+        TierBinding binding;
+        lock (_lock)
+        {
+            if (_binding is null || !_index.TryGetValue(key, out var node))
+            {
+                _stats.Misses++;
+                return false;
+            }
+            path = node.Value.Path;
+            binding = _binding;
+            _lru.Remove(node);
+            _lru.AddLast(node);
+        }
+
+        bool ok;
+        try
+        {
+            using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete, 1, FileOptions.SequentialScan);
+            Span<byte> header = stackalloc byte[ChunkRecord.HeaderSize];
+            ok = file.Length == ChunkRecord.HeaderSize + payload.Length
+                 && file.ReadAtLeast(header, ChunkRecord.HeaderSize, throwOnEndOfStream: false) == ChunkRecord.HeaderSize
+                 && ChunkRecord.ReadHeader(header, binding.Fingerprint) is { SameNamespace: true } h
+                 && h.Key == key && h.TokenCount == tokenCount && h.PayloadLength == payload.Length
+                 && file.ReadAtLeast(payload, payload.Length, throwOnEndOfStream: false) == payload.Length
+                 && System.IO.Hashing.XxHash3.HashToUInt64(payload) == h.PayloadChecksum;
+        }
+        catch (FileNotFoundException)
+        {
+            // Removed by the directory's owner (eviction) since we indexed it: a plain miss.
+            lock (_lock)
+            {
+                RemoveFromIndex(key);
+                _stats.Misses++;
+            }
+            return false;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            lock (_lock)
+            {
+                _stats.Errors++;
+                _stats.Misses++;
+            }
+            return false;
+        }
+
+        lock (_lock)
+        {
+            if (ok)
+            {
+                _stats.Hits++;
+                _stats.BytesRead += payload.Length;
+                return true;
+            }
+            _stats.CorruptRecords++;
+            _stats.Misses++;
+            RemoveFromIndex(key);
+            if (IsOwner) TryDelete(path);
+            return false;
+        }
+    }
+
+    public bool Write(in ChunkKey key, int tokenCount, ReadOnlySpan<byte> payload)
+    {
+        TierBinding binding;
+        string path;
+        long recordBytes = ChunkRecord.HeaderSize + payload.Length;
+        lock (_lock)
+        {
+            if (!IsOwner || _binding is null || _index.ContainsKey(key)) return false;
+            if (recordBytes > _capacityBytes) return false;
+            EvictUntilFits(recordBytes);
+            binding = _binding;
+            path = Path.Combine(_directory, FileName(key));
+        }
+
+        string temporary = Path.Combine(_directory, "." + Path.GetFileName(path) + TempMarker + Guid.NewGuid().ToString("N"));
+        try
+        {
+            Span<byte> header = stackalloc byte[ChunkRecord.HeaderSize];
+            ChunkRecord.WriteHeader(header, key, binding.Fingerprint, tokenCount, payload);
+            using (var file = new FileStream(temporary, FileMode.CreateNew, FileAccess.Write, FileShare.None, 1, FileOptions.None))
+            {
+                file.SetLength(recordBytes);
+                file.Write(header);
+                file.Write(payload);
+            }
+            File.Move(temporary, path, overwrite: true);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            // Disk full, permissions, a vanished directory: skip this record, keep serving.
+            TryDelete(temporary);
+            Interlocked.Increment(ref _stats.Errors);
+            return false;
+        }
+
+        lock (_lock)
+        {
+            if (_index.ContainsKey(key)) return false;
+            EvictUntilFits(recordBytes);
+            _index[key] = _lru.AddLast(new Entry(key, path, recordBytes));
+            _stats.UsedBytes += recordBytes;
+            _stats.Writes++;
+            _stats.BytesWritten += payload.Length;
+            return true;
+        }
+    }
+
+    public void Clear()
+    {
+        lock (_lock)
+        {
+            if (!IsOwner) return;
+            foreach (var entry in _lru) TryDelete(entry.Path);
+            _index.Clear();
+            _lru.Clear();
+            _stats.UsedBytes = 0;
+        }
+    }
+
+    public StorageTierStats GetStats()
+    {
+        lock (_lock) return _stats.Snapshot();
+    }
+
+    /// <summary>Makes room for <paramref name="incomingBytes"/> by deleting least recently used records. Caller holds the lock.</summary>
+    private void EvictUntilFits(long incomingBytes)
+    {
+        while (_stats.UsedBytes + incomingBytes > _capacityBytes && _lru.First is { } oldest)
+        {
+            TryDelete(oldest.Value.Path);
+            RemoveFromIndex(oldest.Value.Key);
+            _stats.Evictions++;
+        }
+    }
+
+    private void RemoveFromIndex(in ChunkKey key)
+    {
+        if (!_index.Remove(key, out var node)) return;
+        _lru.Remove(node);
+        _stats.UsedBytes -= node.Value.Bytes;
+    }
+
+    private void TryDelete(string path)
+    {
+        try
+        {
+            File.Delete(path);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            Interlocked.Increment(ref _stats.Errors);
+        }
+    }
+
+    public void Dispose()
+    {
+        lock (_lock)
+        {
+            _ownerLock?.Dispose();
+            _ownerLock = null;
+            _index.Clear();
+            _lru.Clear();
+        }
+    }
+}

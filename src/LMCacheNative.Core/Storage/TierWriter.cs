@@ -1,0 +1,130 @@
+using System.Collections.Concurrent;
+
+namespace LMCacheNative.Core.Storage;
+
+/// <summary>
+/// Write-behind for one lower tier: stores return as soon as the CPU tier has the chunk, and one
+/// background thread per tier writes it down. The queue is bounded; when it is full the write is
+/// dropped and counted, so a slow disk or network never grows memory or blocks the caller.
+///
+/// Each queued chunk is pinned in the CPU tier (its slab cannot be evicted or reused until the
+/// write is done); <see cref="_release"/> unpins it under the engine's lock.
+/// </summary>
+internal sealed class TierWriter : IDisposable
+{
+    private readonly IStorageTier _tier;
+    private readonly BlockingCollection<CachedChunk> _queue;
+    private readonly Action<CachedChunk> _release;
+    private readonly Thread _thread;
+    private int _inFlight;
+    private long _drops;
+    private long _errors;
+    private readonly object _idle = new();
+
+    private int _queued;
+
+    public TierWriter(IStorageTier tier, Action<CachedChunk> release)
+    {
+        _tier = tier;
+        _release = release;
+        _queue = new BlockingCollection<CachedChunk>(new ConcurrentQueue<CachedChunk>());
+        _thread = new Thread(Run) { IsBackground = true, Name = "lmcache-native write-behind: " + tier.Name };
+        _thread.Start();
+    }
+
+    public IStorageTier Tier => _tier;
+
+    /// <summary>
+    /// Most chunks that may wait for this tier. Queued chunks stay pinned in the CPU pool, so the
+    /// engine sets this to a fraction of the pool when layers are registered.
+    /// </summary>
+    public int MaxQueuedChunks { get; set; } = 16;
+    /// <summary>Writes dropped because the queue was full.</summary>
+    public long Drops => Interlocked.Read(ref _drops);
+    /// <summary>Exceptions that escaped the tier's own error handling.</summary>
+    public long Errors => Interlocked.Read(ref _errors);
+
+    /// <summary>Queues a pinned chunk; false (and the caller must unpin) when the queue is full or closed.</summary>
+    public bool TryEnqueue(CachedChunk pinnedChunk)
+    {
+        Interlocked.Increment(ref _inFlight);
+        bool added;
+        try
+        {
+            added = false;
+            if (Interlocked.Increment(ref _queued) <= MaxQueuedChunks && !_queue.IsAddingCompleted)
+                added = _queue.TryAdd(pinnedChunk);
+            if (!added) Interlocked.Decrement(ref _queued);
+        }
+        catch (InvalidOperationException)
+        {
+            added = false; // completed concurrently by Dispose
+        }
+        if (!added)
+        {
+            Done();
+            Interlocked.Increment(ref _drops);
+        }
+        return added;
+    }
+
+    /// <summary>Waits until every queued write is done or the timeout passes; true when idle.</summary>
+    /// <param name="timeout">how long to wait; <see cref="Timeout.InfiniteTimeSpan"/> waits for as long as it takes</param>
+    public bool WaitIdle(TimeSpan timeout)
+    {
+        bool forever = timeout == Timeout.InfiniteTimeSpan;
+        var deadline = forever ? DateTime.MaxValue : DateTime.UtcNow + timeout;
+        lock (_idle)
+        {
+            while (Volatile.Read(ref _inFlight) > 0)
+            {
+                if (forever)
+                {
+                    Monitor.Wait(_idle);
+                    continue;
+                }
+                var left = deadline - DateTime.UtcNow;
+                if (left <= TimeSpan.Zero) return false;
+                Monitor.Wait(_idle, left);
+            }
+            return true;
+        }
+    }
+
+    private unsafe void Run()
+    {
+        foreach (var chunk in _queue.GetConsumingEnumerable())
+        {
+            Interlocked.Decrement(ref _queued);
+            try
+            {
+                if (!_tier.Contains(chunk.Key))
+                    _tier.Write(chunk.Key, chunk.TokenCount, new ReadOnlySpan<byte>((void*)chunk.Data, checked((int)chunk.PayloadBytes)));
+            }
+            catch (Exception)
+            {
+                // A tier reports its own failures; whatever escapes must not kill the writer thread.
+                Interlocked.Increment(ref _errors);
+            }
+            finally
+            {
+                _release(chunk);
+                Done();
+            }
+        }
+    }
+
+    private void Done()
+    {
+        if (Interlocked.Decrement(ref _inFlight) == 0)
+            lock (_idle) Monitor.PulseAll(_idle);
+    }
+
+    /// <summary>Finishes the queued writes (they are what another process expects to find), then stops.</summary>
+    public void Dispose()
+    {
+        _queue.CompleteAdding();
+        _thread.Join();
+        _queue.Dispose();
+    }
+}
