@@ -7,6 +7,7 @@
 #                       output is "N passed, M failed" over all of them; exit status 1 on failure
 #   ./build.sh demo     build, then run python-demo/demo.py
 #   ./build.sh bench    build, then run python-demo/bench.py
+#   ./build.sh deps     only install the missing Debian packages
 #
 # Needs the .NET 10 SDK, gcc and clang-14 (all on this machine kind). Installs with apt what is
 # missing (sudo when not root). Safe to run again: every step is idempotent.
@@ -27,7 +28,7 @@ RESULTS=build/test-results
 APT_PACKAGES=(
   gcc g++ clang-14 binutils                  # C interop tests (nm comes with binutils)
   python3-torch python3-numpy python3-pytest # Python package, demo and pytest
-  # redis-server                             # Redis tier: add once the Redis backend lands
+  redis-server                               # Redis tier tests start their own server from it
 )
 
 export DOTNET_CLI_TELEMETRY_OPTOUT=1 DOTNET_NOLOGO=1
@@ -276,6 +277,10 @@ trap on_exit EXIT
 
 case $MODE in
 build) build ;;
+deps)
+  ensure_packages
+  step_end
+  ;;
 test)
   build
   run_tests

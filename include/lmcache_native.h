@@ -104,10 +104,11 @@ typedef struct lmc_engine lmc_engine;
  *                          "local_cpu" (true), "max_local_cpu_size" (GB of host memory, 5.0),
  *                          "save_unfull_chunk" (false), "pre_caching_hash_algorithm" ("sha256";
  *                          "xxh3_128" is faster; LMCache's "builtin" means "sha256" here), … —
- *                          README.md lists them all. An unknown key or an invalid value fails with
+ *                          README.md lists them all. An unknown, repeated or invalid key fails with
  *                          LMC_E_INVALID_ARGUMENT and a message naming the key; a known key whose
  *                          feature this build lacks fails with LMC_E_UNSUPPORTED.
- * @param[in]  model_name   UTF-8 model name; part of every key's namespace. Not NULL, may be "".
+ * @param[in]  model_name   UTF-8 model name (invalid UTF-8 is refused); part of every key's
+ *                          namespace. Not NULL, may be "".
  * @param[in]  world_size   tensor-parallel size (>= 1); part of the namespace.
  * @param[in]  worker_id    tensor-parallel rank in [0, world_size); part of the namespace.
  * @return LMC_OK, LMC_E_INVALID_ARGUMENT, LMC_E_UNSUPPORTED.
@@ -178,8 +179,9 @@ typedef struct lmc_kv_layer_desc {
 
 /**
  * Registers the engine's KV layers, in model layer order. All layers must agree on device, element
- * size, kv_count, num_blocks, block_size, num_kv_heads and head_size (the model's namespace is built
- * from them, with the layer count). Strides may differ per layer. The engine checks each description
+ * size, kv_count, num_blocks, block_size, num_kv_heads and head_size; strides may differ per layer.
+ * The key namespace takes element size, kv_count, num_kv_heads, head_size and the layer count
+ * from them (not num_blocks, block_size or strides: cached chunks do not depend on the layout). The engine checks each description
  * (sizes, strides that address each element once, alignment, bounds within span_bytes, overlap
  * between layers) and refuses a bad one with a message that names the layer and the field.
  *

@@ -79,9 +79,12 @@ def test_builtin_hash_resolves_to_sha256():
 
 def test_known_key_for_a_missing_feature_is_unsupported():
     with pytest.raises(LmcUnsupported) as caught:
-        Engine({"local_disk": "file:///tmp/lmcache-native-test/"})
+        Engine({"remote_url": "lm://127.0.0.1:65000"})
     assert isinstance(caught.value, NotImplementedError)
-    assert "local_disk" in caught.value.message
+    assert "remote_url" in caught.value.message
+    with pytest.raises(LmcUnsupported) as caught:
+        Engine({"use_layerwise": True})
+    assert "use_layerwise" in caught.value.message
 
 
 @pytest.mark.parametrize("world_size, worker_id", [(0, 0), (-1, 0), (2, 2), (2, -1)])
@@ -402,8 +405,8 @@ def test_status_names():
     assert set(b.STATUS_NAMES.values()) == {
         "LMC_OK", "LMC_E_INVALID_ARGUMENT", "LMC_E_INVALID_HANDLE", "LMC_E_UNSUPPORTED",
         "LMC_E_OUT_OF_MEMORY", "LMC_E_NOT_FOUND", "LMC_E_IO", "LMC_E_CUDA", "LMC_E_NO_DEVICE",
-        "LMC_E_BUFFER_TOO_SMALL", "LMC_E_INTERNAL"}
-    for unknown in (1, 7, -11, -1000, 2**31 - 1, -2**31):
+        "LMC_E_BUFFER_TOO_SMALL", "LMC_E_INTERNAL", "LMC_E_TIMEOUT"}
+    for unknown in (1, 7, -12, -1000, 2**31 - 1, -2**31):
         assert b.lmc_status_name(unknown) == b"LMC_E_UNKNOWN"
 
 

@@ -11,17 +11,10 @@ Importing the package loads the library and refuses to continue (ImportError) wh
 differs from the one these bindings were written for: a silent ABI mismatch would corrupt memory.
 """
 
+# _bindings checks the library's ABI version before it binds anything else (ImportError on a
+# mismatch), so a library of another ABI, possibly lacking functions, fails with the clear message.
 from . import _bindings
-from ._bindings import ABI_VERSION, LmcKvLayerDesc, LmcStats
-
-_library_abi_version = _bindings.lmc_abi_version()
-if _library_abi_version != ABI_VERSION:
-    from ._lib import LIB_PATH
-
-    raise ImportError(
-        f"lmcache_native: {LIB_PATH} has ABI version {_library_abi_version}, but these bindings need "
-        f"ABI version {ABI_VERSION}. Rebuild the library and the package from the same checkout."
-    )
+from ._bindings import ABI_VERSION, LmcKvLayerDesc, LmcStats, LmcTierStats
 
 from ._errors import (  # noqa: E402  (after the ABI gate on purpose)
     LmcBufferTooSmall,
@@ -34,18 +27,21 @@ from ._errors import (  # noqa: E402  (after the ABI gate on purpose)
     LmcNoDevice,
     LmcNotFound,
     LmcOutOfMemory,
+    LmcTimeout,
     LmcUnsupported,
     check,
 )
-from .engine import Engine, SlotBuffer, TokenBuffer, as_int32_buffer, as_int64_buffer  # noqa: E402
+from .engine import Engine, Job, SlotBuffer, TokenBuffer, as_int32_buffer, as_int64_buffer  # noqa: E402
 
 __version__ = _bindings.lmc_version_string().decode("ascii")
 
 __all__ = [
     "ABI_VERSION",
     "Engine",
+    "Job",
     "LmcKvLayerDesc",
     "LmcStats",
+    "LmcTierStats",
     "TokenBuffer",
     "SlotBuffer",
     "as_int32_buffer",
@@ -62,4 +58,5 @@ __all__ = [
     "LmcNoDevice",
     "LmcBufferTooSmall",
     "LmcInternalError",
+    "LmcTimeout",
 ]

@@ -39,6 +39,7 @@ LMC_E_CUDA = -7
 LMC_E_NO_DEVICE = -8
 LMC_E_BUFFER_TOO_SMALL = -9
 LMC_E_INTERNAL = -10
+LMC_E_TIMEOUT = -11
 
 STATUS_NAMES = {
     LMC_OK: "LMC_OK",
@@ -52,6 +53,7 @@ STATUS_NAMES = {
     LMC_E_NO_DEVICE: "LMC_E_NO_DEVICE",
     LMC_E_BUFFER_TOO_SMALL: "LMC_E_BUFFER_TOO_SMALL",
     LMC_E_INTERNAL: "LMC_E_INTERNAL",
+    LMC_E_TIMEOUT: "LMC_E_TIMEOUT",
 }
 
 # Device kinds of lmc_kv_layer_desc.device_kind.
@@ -127,7 +129,39 @@ class LmcStats(ctypes.Structure):
         return {name: getattr(self, name) for name, _ in self._fields_[2:]}
 
 
+class LmcTierStats(ctypes.Structure):
+    """lmc_tier_stats: one lower tier's counters (cumulative) and its current size."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),  # sizeof(lmc_tier_stats) == 136, set by the caller
+        ("reserved", c_uint32),
+        ("name", c_char * 32),  # "LocalDiskBackend", "RemoteBackend"
+        ("hits", c_uint64),
+        ("misses", c_uint64),
+        ("bytes_read", c_uint64),
+        ("bytes_written", c_uint64),
+        ("writes", c_uint64),
+        ("evictions", c_uint64),
+        ("write_queue_drops", c_uint64),
+        ("corrupt_records", c_uint64),
+        ("errors", c_uint64),
+        ("reconnects", c_uint64),
+        ("used_bytes", c_uint64),
+        ("capacity_bytes", c_uint64),
+    ]
+
+    def __init__(self, **fields):
+        fields.setdefault("struct_size", ctypes.sizeof(LmcTierStats))
+        super().__init__(**fields)
+
+    def as_dict(self) -> dict:
+        values = {name: getattr(self, name) for name, _ in self._fields_[2:]}
+        values["name"] = self.name.decode("utf-8")
+        return values
+
+
 assert ctypes.sizeof(LmcKvLayerDesc) == 88, ctypes.sizeof(LmcKvLayerDesc)
+assert ctypes.sizeof(LmcTierStats) == 136, ctypes.sizeof(LmcTierStats)
 assert ctypes.sizeof(LmcStats) == 128, ctypes.sizeof(LmcStats)
 
 
@@ -148,6 +182,17 @@ lmc_version_number = _bind("lmc_version_number", [], c_int32)
 
 # LMC_API int32_t lmc_abi_version(void);
 lmc_abi_version = _bind("lmc_abi_version", [], c_int32)
+
+# The ABI gate runs before any other function is bound: a library of another ABI version may lack
+# some of them, and a silent mismatch would corrupt memory.
+_library_abi_version = lmc_abi_version()
+if _library_abi_version != ABI_VERSION:
+    from ._lib import LIB_PATH
+
+    raise ImportError(
+        f"lmcache_native: {LIB_PATH} has ABI version {_library_abi_version}, but these bindings need "
+        f"ABI version {ABI_VERSION}. Rebuild the library and the package from the same checkout."
+    )
 
 # LMC_API const char *lmc_version_string(void);
 lmc_version_string = _bind("lmc_version_string", [], c_char_p)
@@ -218,10 +263,38 @@ lmc_retrieve = _bind(
 )
 
 # ------------------------------------------------------------------------------------------------
+# Asynchronous operations
+# ------------------------------------------------------------------------------------------------
+# LMC_API lmc_status lmc_prefetch_start(lmc_job **job_out, lmc_engine *engine, const int32_t *tokens,
+#                                       int64_t num_tokens, const uint8_t *extra_key,
+#                                       int64_t extra_key_len);
+lmc_prefetch_start = _bind(
+    "lmc_prefetch_start", [POINTER(c_void_p), c_void_p, c_void_p, c_int64, c_char_p, c_int64], c_int32
+)
+
+# LMC_API lmc_status lmc_job_wait(int64_t *result_out, lmc_job *job, int64_t timeout_ms);
+lmc_job_wait = _bind("lmc_job_wait", [POINTER(c_int64), c_void_p, c_int64], c_int32)
+
+# LMC_API void lmc_job_destroy(lmc_job *job);
+lmc_job_destroy = _bind("lmc_job_destroy", [c_void_p], None)
+
+# ------------------------------------------------------------------------------------------------
 # Statistics and maintenance
 # ------------------------------------------------------------------------------------------------
 # LMC_API lmc_status lmc_engine_get_stats(lmc_engine *engine, lmc_stats *stats);
 lmc_engine_get_stats = _bind("lmc_engine_get_stats", [c_void_p, POINTER(LmcStats)], c_int32)
+
+# LMC_API lmc_status lmc_engine_tier_count(int32_t *count_out, lmc_engine *engine);
+lmc_engine_tier_count = _bind("lmc_engine_tier_count", [POINTER(c_int32), c_void_p], c_int32)
+
+# LMC_API lmc_status lmc_engine_get_tier_stats(lmc_engine *engine, int32_t tier_index,
+#                                              lmc_tier_stats *stats);
+lmc_engine_get_tier_stats = _bind(
+    "lmc_engine_get_tier_stats", [c_void_p, c_int32, POINTER(LmcTierStats)], c_int32
+)
+
+# LMC_API lmc_status lmc_engine_flush(lmc_engine *engine, int64_t timeout_ms);
+lmc_engine_flush = _bind("lmc_engine_flush", [c_void_p, c_int64], c_int32)
 
 # LMC_API lmc_status lmc_engine_clear(lmc_engine *engine);
 lmc_engine_clear = _bind("lmc_engine_clear", [c_void_p], c_int32)
@@ -240,6 +313,12 @@ ALL_FUNCTION_NAMES = (
     "lmc_lookup",
     "lmc_store",
     "lmc_retrieve",
+    "lmc_prefetch_start",
+    "lmc_job_wait",
+    "lmc_job_destroy",
     "lmc_engine_get_stats",
+    "lmc_engine_tier_count",
+    "lmc_engine_get_tier_stats",
+    "lmc_engine_flush",
     "lmc_engine_clear",
 )

@@ -68,6 +68,10 @@ class LmcInternalError(LmcError):
     """LMC_E_INTERNAL: a bug in the library; the message carries the details."""
 
 
+class LmcTimeout(LmcError, TimeoutError):
+    """LMC_E_TIMEOUT: a wait ended before the work did; the work goes on."""
+
+
 _ERROR_CLASS_BY_STATUS = {
     _b.LMC_E_INVALID_ARGUMENT: LmcInvalidArgument,
     _b.LMC_E_INVALID_HANDLE: LmcInvalidHandle,
@@ -79,6 +83,7 @@ _ERROR_CLASS_BY_STATUS = {
     _b.LMC_E_NO_DEVICE: LmcNoDevice,
     _b.LMC_E_BUFFER_TOO_SMALL: LmcBufferTooSmall,
     _b.LMC_E_INTERNAL: LmcInternalError,
+    _b.LMC_E_TIMEOUT: LmcTimeout,
 }
 
 

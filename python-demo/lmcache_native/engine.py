@@ -12,7 +12,7 @@ import ctypes
 import json
 import struct
 import sys
-from ctypes import byref, c_int64, c_void_p
+from ctypes import byref, c_int32, c_int64, c_void_p
 
 from . import _bindings as _b
 from ._errors import LmcInvalidArgument, LmcInvalidHandle, check, error_for_status, last_error_message
@@ -314,6 +314,76 @@ class Engine:
         check(_b.lmc_engine_get_stats(self.handle, byref(stats)))
         return stats.as_dict()
 
+    def tier_stats(self) -> list[dict]:
+        """Counters of each lower tier (local disk, then remote), keyed by lmc_tier_stats field names."""
+        handle = self.handle
+        count = c_int32()
+        check(_b.lmc_engine_tier_count(byref(count), handle))
+        tiers = []
+        for index in range(count.value):
+            stats = _b.LmcTierStats()
+            check(_b.lmc_engine_get_tier_stats(handle, index, byref(stats)))
+            tiers.append(stats.as_dict())
+        return tiers
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Waits until the lower tiers have written everything stored so far (None: no limit);
+        raises ``LmcTimeout`` when the time runs out first."""
+        timeout_ms = -1 if timeout_s is None else max(0, int(timeout_s * 1000))
+        check(_b.lmc_engine_flush(self.handle, timeout_ms))
+
+    def prefetch(self, tokens, extra_key=b"") -> "Job":
+        """Starts bringing the cached prefix of ``tokens`` from disk or remote into the CPU tier in
+        the background; ``Job.wait()`` returns the leading tokens then in memory."""
+        handle = self.handle
+        tokens = TokenBuffer.from_values(tokens)
+        extra_key = _as_key_bytes(extra_key)
+        job = c_void_p()
+        check(_b.lmc_prefetch_start(byref(job), handle, tokens.address, tokens.length, extra_key,
+                                    len(extra_key)))
+        return Job(job.value)
+
     def clear(self) -> None:
-        """Drops every cached chunk that is not being read; counters are kept."""
+        """Drops every chunk of the CPU tier that is not being read; lower tiers keep their records
+        and counters are kept."""
         check(_b.lmc_engine_clear(self.handle))
+
+
+class Job:
+    """A background operation (lmc_job). ``wait`` returns its result; ``close`` (idempotent, also on
+    ``__exit__``) releases the handle, and a job still running then goes on unobserved."""
+
+    def __init__(self, handle: int):
+        self._handle = handle
+
+    def wait(self, timeout_s: float | None = None) -> int:
+        """The job's result; raises ``LmcTimeout`` if it is still running after ``timeout_s``
+        (None waits as long as it takes), or the error the job failed with."""
+        if self._handle is None:
+            raise LmcInvalidHandle(_b.LMC_E_INVALID_HANDLE, "the job has been closed")
+        timeout_ms = -1 if timeout_s is None else max(0, int(timeout_s * 1000))
+        result = c_int64()
+        check(_b.lmc_job_wait(byref(result), self._handle, timeout_ms))
+        return result.value
+
+    def done(self) -> bool:
+        """Whether the job has finished (successfully or not)."""
+        if self._handle is None:
+            return True
+        result = c_int64()
+        return _b.lmc_job_wait(byref(result), self._handle, 0) != _b.LMC_E_TIMEOUT
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            _b.lmc_job_destroy(handle)
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __del__(self):
+        if not sys.is_finalizing():
+            self.close()

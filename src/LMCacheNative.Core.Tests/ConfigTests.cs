@@ -52,6 +52,7 @@ public class ConfigTests
     [TestCase("{\"blocking_timeout_secs\": 0}", "blocking_timeout_secs")]
     [TestCase("{\"extra_config\": 5}", "extra_config")]
     [TestCase("{\"local_disk\": 5}", "local_disk")]
+    [TestCase("{\"chunk_size\": 16, \"chunk_size\": 32}", "chunk_size")]
     public void InvalidKeysAndValues_AreRefused_NamingTheKey(string json, string key)
     {
         var error = Assert.Throws<LmcException>(() => EngineConfig.Parse(json))!;

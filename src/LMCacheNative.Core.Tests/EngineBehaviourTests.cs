@@ -290,6 +290,30 @@ public class EngineBehaviourTests
         Assert.That(stats.PoolUsedBytes, Is.EqualTo(stats.CachedChunks * 1024));
     }
 
+    [Test]
+    public void ConcurrentIdenticalStores_CopyEachChunkOnce_AndAllReportTheWholePrefix()
+    {
+        // A pool that fits the request exactly: a duplicate reservation would run it dry.
+        const double eightChunksGb = 8 * 1024.0 / (1 << 30);
+        using var engine = Registered($"{{\"chunk_size\": 8, \"max_local_cpu_size\": {eightChunksGb:R}}}");
+        int[] tokens = Tokens(64, 3);
+        for (int round = 0; round < 50; round++)
+        {
+            engine.Clear();
+            long storedBefore = engine.GetStats().StoredTokens;
+            using var start = new Barrier(4);
+            var results = new long[4];
+            Parallel.For(0, 4, new ParallelOptions { MaxDegreeOfParallelism = 4 }, i =>
+            {
+                start.SignalAndWait();
+                results[i] = engine.Store(tokens, _slots.AsSpan(0, 64), 0, default).TokensInCache;
+            });
+            Assert.That(results, Is.All.EqualTo(64), $"round {round}");
+            Assert.That(engine.GetStats().StoredTokens - storedBefore, Is.EqualTo(64), $"round {round}");
+        }
+        Assert.That(engine.GetStats().StoreSkippedChunks, Is.EqualTo(0));
+    }
+
     private static LmcErrorKind Kind(Action action) => Assert.Throws<LmcException>(action)!.Kind;
     private static string Message(Action action) => Assert.Throws<LmcException>(action)!.Message;
 }

@@ -75,6 +75,24 @@ public class LayoutValidationTests
     {
         Assert.DoesNotThrow(() => LayoutValidator.Validate([FlashNhd, FlashNhd, FlashNhd with { BaseAddress = 0x10_0000_0000 }]));
         Assert.That(Refusal(FlashNhd, FlashNhd with { BaseAddress = FlashNhd.BaseAddress + 256 }), Does.Contain("overlaps layer 0"));
+        Assert.That(Refusal(FlashNhd, FlashNhd with { BaseAddress = FlashNhd.BaseAddress + 2 }), Does.Contain("overlaps layer 0"), "half a head apart");
+    }
+
+    /// <summary>vLLM's cross-layer tensor [B, L, 2, N, H, D] registered as per-layer views: interleaved, disjoint.</summary>
+    [Test]
+    public void InterleavedLayersOfOneTensor_AreAccepted_WhenTheirElementsAreDisjoint()
+    {
+        const int B = 10, L = 3, N = 16, H = 8, D = 128;
+        long kv = N * H * D, block = L * 2 * kv;
+        var layers = Enumerable.Range(0, L).Select(l => new KvLayerLayout(DeviceKind.Host, 0, 2, 2, B, N, H, D,
+            BaseAddress: 0x10000 + (ulong)(l * 2 * kv * 2), SpanBytes: (ulong)((B * block - l * 2 * kv) * 2),
+            KvStride: kv, BlockStride: block, TokenStride: H * D, HeadStride: D)).ToArray();
+        Assert.DoesNotThrow(() => LayoutValidator.Validate(layers));
+
+        // Shift layer 1 by one token: its V rows now land on layer 0's rows.
+        var shifted = layers.ToArray();
+        shifted[1] = shifted[1] with { BaseAddress = layers[0].BaseAddress + (ulong)(kv * 2 + H * D * 2) };
+        Assert.That(Refusal(shifted), Does.Contain("overlaps layer"));
     }
 }
 

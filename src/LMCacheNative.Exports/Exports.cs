@@ -419,16 +419,23 @@ internal static unsafe class Exports
         return length == 0 ? ReadOnlySpan<T>.Empty : new ReadOnlySpan<T>(pointer, (int)length);
     }
 
+    private static readonly UTF8Encoding StrictUtf8 = new(encoderShouldEmitUTF8Identifier: false, throwOnInvalidBytes: true);
+
+    /// <summary>
+    /// Decodes a NUL-terminated UTF-8 string, refusing invalid bytes: replacing them would map
+    /// different model names onto one key namespace.
+    /// </summary>
     private static string? Utf8(byte* text, string name)
     {
         if (text == null) return null;
+        var bytes = MemoryMarshal.CreateReadOnlySpanFromNullTerminated(text);
         try
         {
-            return Marshal.PtrToStringUTF8((nint)text);
+            return StrictUtf8.GetString(bytes);
         }
-        catch (Exception e) when (e is not LmcException)
+        catch (DecoderFallbackException e)
         {
-            throw LmcException.InvalidArgument($"{name} is not valid UTF-8");
+            throw LmcException.InvalidArgument($"{name} is not valid UTF-8 (byte {e.Index})");
         }
     }
 }

@@ -65,8 +65,13 @@ public sealed record EngineConfig
             if (document.RootElement.ValueKind != JsonValueKind.Object)
                 throw LmcException.InvalidArgument("config: expected a JSON object of LMCache configuration keys");
             var config = new EngineConfig();
+            var seen = new HashSet<string>(StringComparer.Ordinal);
             foreach (var property in document.RootElement.EnumerateObject())
+            {
+                if (!seen.Add(property.Name))
+                    throw LmcException.InvalidArgument($"config: key \"{property.Name}\" appears more than once");
                 config = Apply(config, property.Name, property.Value);
+            }
             return config;
         }
     }

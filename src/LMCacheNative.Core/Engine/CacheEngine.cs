@@ -277,6 +277,11 @@ public sealed class CacheEngine : IDisposable
                         reg.Tier.Pin(existing);
                         held.Add((c, existing));
                     }
+                    else if (reg.Tier.IsPending(keys[c]))
+                    {
+                        // Another store is copying this very chunk right now: copying it twice
+                        // would only waste the pool and count the tokens twice.
+                    }
                     else
                     {
                         int count = Math.Min(ChunkSize, tokens.Length - c * ChunkSize);

@@ -102,8 +102,8 @@ public static class LayoutValidator
 
     /// <summary>
     /// Two layers may share memory only by describing exactly the same elements (vLLM's KV sharing
-    /// hands several layer names one tensor); any other intersection of their address ranges is
-    /// refused, since a store into one would silently corrupt the other.
+    /// hands several layer names one tensor); any other common element is refused, since a store
+    /// into one would silently corrupt the other.
     /// </summary>
     private static void CheckOverlap(IReadOnlyList<KvLayerLayout> layers)
     {
@@ -117,7 +117,7 @@ public static class LayoutValidator
             {
                 var a = layers[ranges[i].Index];
                 var b = layers[ranges[j].Index];
-                if (!SameElements(a, b))
+                if (!SameElements(a, b) && ShareAnElement(a, b))
                     throw LmcException.InvalidArgument(
                         $"layer {Math.Max(ranges[i].Index, ranges[j].Index)}: overlaps layer {Math.Min(ranges[i].Index, ranges[j].Index)} " +
                         "without describing the same memory (layers may share a tensor only as identical descriptions)");
@@ -135,6 +135,46 @@ public static class LayoutValidator
                     + l.HeadSize;
         return last * l.ElemSize;
     }
+
+    /// <summary>
+    /// Whether two layers address a common byte. Layers interleaved in one tensor (vLLM's
+    /// cross-layer <c>[B, L, 2, N, H, D]</c>, registered as per-layer views) have intersecting
+    /// address ranges but disjoint elements. For layers with the same shape and strides this is
+    /// decided exactly: the base distance must be a difference of two addresses within the layout.
+    /// Because every valid layout nests (each stride exceeds everything the smaller strides span),
+    /// such a difference decomposes stride by stride with at most two choices per dimension.
+    /// Layers with different strides are refused on intersecting ranges alone.
+    /// </summary>
+    private static bool ShareAnElement(KvLayerLayout a, KvLayerLayout b)
+    {
+        if (!SameStrides(a, b)) return true;
+        var dims = new List<(long Stride, long Extent)>(4);
+        foreach (var (extent, stride) in new[] { ((long)a.KvCount, a.KvStride), (a.NumBlocks, a.BlockStride), (a.BlockSize, a.TokenStride), (a.NumKvHeads, a.HeadStride) })
+            if (extent > 1) dims.Add((stride * a.ElemSize, extent));
+        dims.Sort((x, y) => y.Stride.CompareTo(x.Stride));
+        long distance = (long)(b.BaseAddress - a.BaseAddress);
+        return Reachable(distance, dims, 0, (long)a.HeadSize * a.ElemSize);
+    }
+
+    /// <summary>Whether <paramref name="distance"/> = sum(delta_k * stride_k) + e with |delta_k| &lt; extent_k and |e| &lt; innerBytes.</summary>
+    private static bool Reachable(long distance, List<(long Stride, long Extent)> dims, int level, long innerBytes)
+    {
+        if (level == dims.Count) return Math.Abs(distance) < innerBytes;
+        var (stride, extent) = dims[level];
+        long floor = Math.DivRem(distance, stride, out long remainder);
+        if (remainder < 0) floor--;
+        for (long delta = floor; delta <= floor + 1; delta++)
+            if (Math.Abs(delta) <= extent - 1 && Reachable(distance - delta * stride, dims, level + 1, innerBytes))
+                return true;
+        return false;
+    }
+
+    private static bool SameStrides(KvLayerLayout a, KvLayerLayout b) =>
+        a.ModelShape == b.ModelShape
+        && (a.KvCount == 1 || a.KvStride == b.KvStride)
+        && (a.NumBlocks == 1 || a.BlockStride == b.BlockStride)
+        && (a.BlockSize == 1 || a.TokenStride == b.TokenStride)
+        && (a.NumKvHeads == 1 || a.HeadStride == b.HeadStride);
 
     private static bool SameElements(KvLayerLayout a, KvLayerLayout b) =>
         a.BaseAddress == b.BaseAddress && a.ModelShape == b.ModelShape

@@ -46,6 +46,8 @@ public sealed class CachedChunk
 public sealed class LocalCpuTier : IDisposable
 {
     private readonly Dictionary<ChunkKey, CachedChunk> _index = new();
+    // Keys reserved by a store or promotion that has not published them yet, with their count.
+    private readonly Dictionary<ChunkKey, int> _pending = new();
     private readonly SlabPool _pool;
     private CachedChunk? _newest;
     private CachedChunk? _oldest;
@@ -62,6 +64,9 @@ public sealed class LocalCpuTier : IDisposable
     public CachedChunk? Find(in ChunkKey key) => _index.GetValueOrDefault(key);
 
     public bool Contains(in ChunkKey key) => _index.ContainsKey(key);
+
+    /// <summary>Whether another caller has reserved the key and is filling it right now.</summary>
+    public bool IsPending(in ChunkKey key) => _pending.ContainsKey(key);
 
     /// <summary>Marks a chunk most recently used.</summary>
     public void Touch(CachedChunk chunk)
@@ -107,6 +112,7 @@ public sealed class LocalCpuTier : IDisposable
             Remove(victim);
             EvictedChunks++;
         }
+        _pending[key] = _pending.GetValueOrDefault(key) + 1;
         return new CachedChunk(key, slab, tokenCount, payloadBytes) { Pins = 1 };
     }
 
@@ -117,12 +123,14 @@ public sealed class LocalCpuTier : IDisposable
     /// </summary>
     public CachedChunk PublishPinned(CachedChunk chunk)
     {
+        if (chunk.Published) throw new InvalidOperationException("chunk already published");
         if (_index.TryGetValue(chunk.Key, out var existing))
         {
             Abandon(chunk);
             Pin(existing);
             return existing;
         }
+        EndPending(chunk.Key);
         _index.Add(chunk.Key, chunk);
         chunk.Published = true;
         return chunk;
@@ -141,6 +149,7 @@ public sealed class LocalCpuTier : IDisposable
     public void Abandon(CachedChunk chunk)
     {
         if (chunk.Published) throw new InvalidOperationException("chunk already published");
+        EndPending(chunk.Key);
         chunk.Pins = 0;
         _pool.Return(chunk.Data);
     }
@@ -149,6 +158,13 @@ public sealed class LocalCpuTier : IDisposable
     public void Clear()
     {
         foreach (var chunk in _index.Values.ToArray()) Remove(chunk);
+    }
+
+    private void EndPending(in ChunkKey key)
+    {
+        int count = _pending.GetValueOrDefault(key);
+        if (count <= 1) _pending.Remove(key);
+        else _pending[key] = count - 1;
     }
 
     private void Remove(CachedChunk chunk)
