@@ -262,6 +262,41 @@ LMC_API lmc_status lmc_retrieve(int64_t *retrieved_tokens_out, lmc_engine *engin
                                 const uint8_t *extra_key, int64_t extra_key_len);
 
 /* ---------------------------------------------------------------------------------------------- */
+/* Lookups across processes                                                                        */
+/* ---------------------------------------------------------------------------------------------- */
+/*
+ * vLLM asks "how much of this prompt is cached?" in its scheduler process, while the engines live
+ * in the worker processes. A worker's engine serves lookups on a Unix-domain socket; the scheduler
+ * asks each worker (tensor parallel: every rank) and takes the minimum. Both sides must use the same
+ * tokens and extra key bytes as the later retrieve.
+ */
+
+/** Serves lmc_lookup for this engine on a Unix-domain socket at socket_path (UTF-8, at most 107
+ *  bytes). A socket file nobody listens on (left by a dead process) is replaced. Stopped by
+ *  lmc_lookup_server_stop or lmc_engine_destroy.
+ *  @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT (bad path, path in use, already
+ *          serving), LMC_E_IO (cannot listen). */
+LMC_API lmc_status lmc_lookup_server_start(lmc_engine *engine, const char *socket_path);
+
+/** Stops the engine's lookup server and removes its socket file; no-op when none runs.
+ *  @return LMC_OK, LMC_E_INVALID_HANDLE. */
+LMC_API lmc_status lmc_lookup_server_stop(lmc_engine *engine);
+
+/**
+ * Asks the engine serving on socket_path how many leading tokens it holds (lmc_lookup's answer).
+ * Needs no engine in the calling process.
+ *
+ * @param[in] timeout_ms  bound on the whole exchange (> 0; -1 = no bound).
+ * @return LMC_OK; LMC_E_TIMEOUT (no answer in time) or LMC_E_IO (no server, broken connection):
+ *         callers treat both as a miss; LMC_E_INVALID_ARGUMENT; or the status the remote lookup
+ *         failed with.
+ */
+LMC_API lmc_status lmc_remote_lookup(int64_t *hit_tokens_out, const char *socket_path,
+                                     const int32_t *tokens, int64_t num_tokens,
+                                     const uint8_t *extra_key, int64_t extra_key_len,
+                                     int64_t timeout_ms);
+
+/* ---------------------------------------------------------------------------------------------- */
 /* Asynchronous operations                                                                         */
 /* ---------------------------------------------------------------------------------------------- */
 

@@ -34,7 +34,7 @@ def header_define(name: str) -> int:
 
 def test_every_header_function_is_bound_with_its_prototype():
     prototypes = header_prototypes()
-    assert len(prototypes) == 20
+    assert len(prototypes) == 23
     assert set(prototypes) == set(b.ALL_FUNCTION_NAMES)
     expected_restype = {"lmc_status": ctypes.c_int32, "int32_t": ctypes.c_int32, "const char *": ctypes.c_char_p,
                         "void": None}

@@ -31,7 +31,15 @@ from ._errors import (  # noqa: E402  (after the ABI gate on purpose)
     LmcUnsupported,
     check,
 )
-from .engine import Engine, Job, SlotBuffer, TokenBuffer, as_int32_buffer, as_int64_buffer  # noqa: E402
+from .engine import (  # noqa: E402
+    Engine,
+    Job,
+    SlotBuffer,
+    TokenBuffer,
+    as_int32_buffer,
+    as_int64_buffer,
+    remote_lookup,
+)
 
 __version__ = _bindings.lmc_version_string().decode("ascii")
 
@@ -46,6 +54,7 @@ __all__ = [
     "SlotBuffer",
     "as_int32_buffer",
     "as_int64_buffer",
+    "remote_lookup",
     "check",
     "LmcError",
     "LmcInvalidArgument",

@@ -263,6 +263,25 @@ lmc_retrieve = _bind(
 )
 
 # ------------------------------------------------------------------------------------------------
+# Lookups across processes
+# ------------------------------------------------------------------------------------------------
+# LMC_API lmc_status lmc_lookup_server_start(lmc_engine *engine, const char *socket_path);
+lmc_lookup_server_start = _bind("lmc_lookup_server_start", [c_void_p, c_char_p], c_int32)
+
+# LMC_API lmc_status lmc_lookup_server_stop(lmc_engine *engine);
+lmc_lookup_server_stop = _bind("lmc_lookup_server_stop", [c_void_p], c_int32)
+
+# LMC_API lmc_status lmc_remote_lookup(int64_t *hit_tokens_out, const char *socket_path,
+#                                      const int32_t *tokens, int64_t num_tokens,
+#                                      const uint8_t *extra_key, int64_t extra_key_len,
+#                                      int64_t timeout_ms);
+lmc_remote_lookup = _bind(
+    "lmc_remote_lookup",
+    [POINTER(c_int64), c_char_p, c_void_p, c_int64, c_char_p, c_int64, c_int64],
+    c_int32,
+)
+
+# ------------------------------------------------------------------------------------------------
 # Asynchronous operations
 # ------------------------------------------------------------------------------------------------
 # LMC_API lmc_status lmc_prefetch_start(lmc_job **job_out, lmc_engine *engine, const int32_t *tokens,
@@ -313,6 +332,9 @@ ALL_FUNCTION_NAMES = (
     "lmc_lookup",
     "lmc_store",
     "lmc_retrieve",
+    "lmc_lookup_server_start",
+    "lmc_lookup_server_stop",
+    "lmc_remote_lookup",
     "lmc_prefetch_start",
     "lmc_job_wait",
     "lmc_job_destroy",

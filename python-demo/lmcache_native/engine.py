@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import ctypes
 import json
+import os
 import struct
 import sys
 from ctypes import byref, c_int32, c_int64, c_void_p
@@ -332,6 +333,14 @@ class Engine:
         timeout_ms = -1 if timeout_s is None else max(0, int(timeout_s * 1000))
         check(_b.lmc_engine_flush(self.handle, timeout_ms))
 
+    def start_lookup_server(self, socket_path: str) -> None:
+        """Serves this engine's lookups to other processes on a Unix-domain socket (see
+        ``remote_lookup``); stopped by ``stop_lookup_server`` or ``close``."""
+        check(_b.lmc_lookup_server_start(self.handle, os.fsencode(socket_path)))
+
+    def stop_lookup_server(self) -> None:
+        check(_b.lmc_lookup_server_stop(self.handle))
+
     def prefetch(self, tokens, extra_key=b"") -> "Job":
         """Starts bringing the cached prefix of ``tokens`` from disk or remote into the CPU tier in
         the background; ``Job.wait()`` returns the leading tokens then in memory."""
@@ -347,6 +356,19 @@ class Engine:
         """Drops every chunk of the CPU tier that is not being read; lower tiers keep their records
         and counters are kept."""
         check(_b.lmc_engine_clear(self.handle))
+
+
+def remote_lookup(socket_path: str, tokens, extra_key=b"", timeout_s: float | None = 3.0) -> int:
+    """Leading tokens cached by the engine serving on ``socket_path`` (in any process). Raises
+    ``LmcTimeout`` when it does not answer within ``timeout_s`` (None: no bound) and ``LmcIOError``
+    when no server is there; callers such as vLLM's scheduler treat both as a miss."""
+    tokens = TokenBuffer.from_values(tokens)
+    extra_key = _as_key_bytes(extra_key)
+    timeout_ms = -1 if timeout_s is None else max(1, int(timeout_s * 1000))
+    hit_tokens = c_int64()
+    check(_b.lmc_remote_lookup(byref(hit_tokens), os.fsencode(socket_path), tokens.address,
+                               tokens.length, extra_key, len(extra_key), timeout_ms))
+    return hit_tokens.value
 
 
 class Job:

@@ -342,6 +342,58 @@ internal static unsafe class Exports
         }
     }
 
+    // ---- lookups across processes ----
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_lookup_server_start")]
+    public static int LookupServerStart(nint engine, byte* socketPath)
+    {
+        try
+        {
+            var cacheEngine = HandleTable.Get(engine);
+            string path = Utf8(socketPath, "socket_path") ?? throw LmcException.InvalidArgument("socket_path is NULL");
+            cacheEngine.StartLookupServer(path);
+            return ErrorState.Ok();
+        }
+        catch (Exception e)
+        {
+            return ErrorState.FromException(e);
+        }
+    }
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_lookup_server_stop")]
+    public static int LookupServerStop(nint engine)
+    {
+        try
+        {
+            HandleTable.Get(engine).StopLookupServer();
+            return ErrorState.Ok();
+        }
+        catch (Exception e)
+        {
+            return ErrorState.FromException(e);
+        }
+    }
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_remote_lookup")]
+    public static int RemoteLookup(long* hitTokensOut, byte* socketPath, int* tokens, long numTokens, byte* extraKey, long extraKeyLength, long timeoutMs)
+    {
+        try
+        {
+            RequireOut(hitTokensOut, "hit_tokens_out");
+            string path = Utf8(socketPath, "socket_path") ?? throw LmcException.InvalidArgument("socket_path is NULL");
+            if (timeoutMs == 0 || timeoutMs < -1) throw LmcException.InvalidArgument($"timeout_ms must be > 0 or -1, got {timeoutMs}");
+            var tokenSpan = Input(tokens, numTokens, "tokens", "num_tokens");
+            var extra = Input(extraKey, extraKeyLength, "extra_key", "extra_key_len");
+            var timeout = timeoutMs == -1 ? Timeout.InfiniteTimeSpan : TimeSpan.FromMilliseconds(timeoutMs);
+            *hitTokensOut = LMCacheNative.Core.Lookup.LookupClient.Lookup(path, tokenSpan, extra, timeout);
+            return ErrorState.Ok();
+        }
+        catch (Exception e)
+        {
+            return ErrorState.FromException(e);
+        }
+    }
+
     // ---- asynchronous operations ----
 
     [UnmanagedCallersOnly(EntryPoint = "lmc_prefetch_start")]
