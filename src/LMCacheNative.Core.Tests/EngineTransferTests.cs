@@ -25,6 +25,12 @@ public class EngineTransferTests
         return all;
     }
 
+    public static long[] BlockOrderSlots(Random random, int numBlocks, int blockSize, int count)
+    {
+        var blocks = Enumerable.Range(0, numBlocks).OrderBy(_ => random.Next()).ToArray();
+        return Enumerable.Range(0, count).Select(t => (long)blocks[t / blockSize] * blockSize + t % blockSize).ToArray();
+    }
+
     public static int[] Tokens(int count, int seed) => Enumerable.Range(0, count).Select(i => seed * 100_000 + i).ToArray();
 
     [Test]
@@ -86,24 +92,29 @@ public class EngineTransferTests
 
     /// <summary>Large enough (8 MiB) to take the multi-core path of the host transfer.</summary>
     [Test]
-    public void LargeRequest_TakesParallelPath_AndStaysBitExact([Values(TestLayout.FlashNhd, TestLayout.FlashHnd, TestLayout.Packed)] TestLayout layout)
+    public void LargeRequest_TakesParallelPath_AndStaysBitExact(
+        [Values(TestLayout.FlashNhd, TestLayout.FlashHnd, TestLayout.Packed)] TestLayout layout, [Values] bool vllmBlockOrder)
     {
         var random = new Random(11);
         using var source = new TestModelCache(layout, 2, 96, 16, 8, 128, 2);
-        using var destination = new TestModelCache(TestLayout.BlocksFirstNhd, 2, 96, 16, 8, 128, 2);
+        using var destination = new TestModelCache(vllmBlockOrder ? TestLayout.FlashHnd : TestLayout.BlocksFirstNhd, 2, 96, 16, 8, 128, 2);
         source.FillRandom(5);
         destination.Fill(Guard);
         using var engine = NewEngine("{\"chunk_size\": 256, \"max_local_cpu_size\": 0.1}");
         const int numTokens = 1024;
         int[] tokens = Tokens(numTokens, 3);
-        long[] sourceSlots = RandomSlots(random, source.NumSlots, numTokens);
-        long[] destinationSlots = RandomSlots(random, destination.NumSlots, numTokens);
+        // vLLM's order: whole blocks in random order, the tokens of a block in consecutive slots
+        // (long runs); otherwise every token in a random slot (runs of one).
+        long[] sourceSlots = vllmBlockOrder ? BlockOrderSlots(random, 96, 16, numTokens) : RandomSlots(random, source.NumSlots, numTokens);
+        long[] destinationSlots = vllmBlockOrder ? BlockOrderSlots(random, 96, 16, numTokens) : RandomSlots(random, destination.NumSlots, numTokens);
+        if (vllmBlockOrder) destinationSlots[700] = -1; // a hole inside a run
         engine.RegisterLayers(source.Describe());
         var stored = engine.Store(tokens, sourceSlots, 0, default);
         Assert.That(stored.BytesCopied, Is.GreaterThanOrEqualTo(Transfer.HostKvTransfer.ParallelThresholdBytes));
         engine.RegisterLayers(destination.Describe());
         var expected = destination.Snapshot();
-        for (int t = 0; t < numTokens; t++) destination.ExpectCopied(expected, source, sourceSlots[t], destinationSlots[t]);
+        for (int t = 0; t < numTokens; t++)
+            if (destinationSlots[t] >= 0) destination.ExpectCopied(expected, source, sourceSlots[t], destinationSlots[t]);
 
         Assert.That(engine.Retrieve(tokens, destinationSlots, 0, default).RetrievedTokens, Is.EqualTo(numTokens));
         var actual = destination.Snapshot();

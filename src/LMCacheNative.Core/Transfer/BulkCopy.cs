@@ -30,6 +30,31 @@ internal static unsafe class BulkCopy
         else Buffer.MemoryCopy(source, destination, bytes, bytes);
     }
 
+    /// <summary>
+    /// One head vector (tens to hundreds of bytes): inlined 32-byte vector moves when the length
+    /// allows, so the per-copy cost stays small next to the bytes moved; streaming stores when asked
+    /// and the destination is 32-byte aligned.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void CopySmall(byte* source, byte* destination, long bytes, bool streaming)
+    {
+        if (!Avx.IsSupported || (bytes & 31) != 0 || bytes > 4096)
+        {
+            Copy(source, destination, bytes, streaming);
+            return;
+        }
+        if (streaming && ((long)destination & 31) == 0)
+        {
+            for (long i = 0; i < bytes; i += 32)
+                Avx.StoreAlignedNonTemporal(destination + i, Avx.LoadVector256(source + i));
+        }
+        else
+        {
+            for (long i = 0; i < bytes; i += 32)
+                Avx.Store(destination + i, Avx.LoadVector256(source + i));
+        }
+    }
+
     /// <summary>Makes the streaming stores of this thread globally visible; call once when a streaming transfer is done.</summary>
     public static void Fence()
     {

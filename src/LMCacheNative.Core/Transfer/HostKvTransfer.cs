@@ -171,15 +171,36 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
             return copied;
         }
 
-        for (int t = firstLocal; t < chunk.TokenCount; t++)
+        // Heads apart (HND, packed): one head vector per copy. Tokens are taken in runs that sit in
+        // consecutive slots of one block, and each run is walked head by head, so the paged side is
+        // read or written as one sequential stretch per head (HND keeps a head's tokens together)
+        // instead of hopping between heads for every token.
+        int t0 = firstLocal;
+        while (t0 < chunk.TokenCount)
         {
-            long slot = slots[chunk.FirstToken + t];
-            if (slot < 0) continue;
+            long slot = slots[chunk.FirstToken + t0];
+            if (slot < 0)
+            {
+                t0++;
+                continue;
+            }
             long block = slot / _blockSize;
-            byte* paged = pagedKvBase + block * layer.BlockStrideBytes + (slot - block * _blockSize) * layer.TokenStrideBytes;
-            byte* row = chunkRows + t * _rowBytes;
+            long offset = slot - block * _blockSize;
+            int run = 1;
+            while (t0 + run < chunk.TokenCount && offset + run < _blockSize && slots[chunk.FirstToken + t0 + run] == slot + run) run++;
+
+            byte* pagedRun = pagedKvBase + block * layer.BlockStrideBytes + offset * layer.TokenStrideBytes;
+            byte* rowRun = chunkRows + t0 * _rowBytes;
             for (int h = 0; h < _numHeads; h++)
-                copied += Copy(gather, paged + h * layer.HeadStrideBytes, row + h * _headBytes, _headBytes, streaming);
+            {
+                byte* paged = pagedRun + h * layer.HeadStrideBytes;
+                byte* row = rowRun + h * _headBytes;
+                for (int i = 0; i < run; i++)
+                    BulkCopy.CopySmall(gather ? paged + i * layer.TokenStrideBytes : row + i * _rowBytes,
+                                       gather ? row + i * _rowBytes : paged + i * layer.TokenStrideBytes, _headBytes, streaming);
+            }
+            copied += (long)run * _numHeads * _headBytes;
+            t0 += run;
         }
         return copied;
     }
