@@ -10,15 +10,31 @@
 2. Lookup latency of the 8192-token prompt (hit) through the Python binding with the tokens already
    in an int32 buffer, for sha256 and xxh3_128 chunk hashing; and the cost of converting a Python
    list of 8192 ints to that buffer.
+3. Lower tiers, one 2048-token request of the same shape (256 MiB, eight 32 MiB chunks):
+   - local disk: retrieve after store, flush and clear() (so every chunk comes from disk), cold
+     (page cache dropped for the record files: fsync + posix_fadvise(DONTNEED), and
+     /proc/sys/vm/drop_caches where allowed; the output says which worked and how much of the files
+     stayed resident, measured with mincore) and warm, next to a plain sequential read of the same
+     record files from the same directory in the same state;
+   - Redis on loopback (a redis-server started for the bench, stopped after): retrieve after store,
+     flush and clear(), next to a plain GET loop of the same values over a raw socket (RESP written
+     here; no redis-py), each reply read straight into a preallocated buffer.
+   Each also times prefetch(...).wait() alone (tier read and promotion, no KV write) as a breakdown.
+   Set LMC_BENCH_DISK_DIR to put the disk tier on another file system (default: the temp dir).
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import glob
 import os
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -36,25 +52,25 @@ CONVERSION_CALLS = 200
 GB = 1e9  # throughput in GB/s of 10^9 bytes (sizes below are printed in GiB where noted)
 
 
-def allocate_cache(layout: str, generator: torch.Generator) -> list[torch.Tensor]:
+def allocate_cache(layout: str, generator: torch.Generator, num_blocks: int = NUM_BLOCKS) -> list[torch.Tensor]:
     """One [2, B, N, H, D] tensor per layer; HND is the same logical shape over [2, B, H, N, D]."""
     layers = []
-    pattern = torch.randint(-2**15, 2**15 - 1, (2, NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE),
+    pattern = torch.randint(-2**15, 2**15 - 1, (2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE),
                             dtype=torch.int16, generator=generator)
     for index in range(NUM_LAYERS):
         if layout == "NHD":
-            layer = torch.empty(2, NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE, dtype=DTYPE)
+            layer = torch.empty(2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE, dtype=DTYPE)
         else:
-            layer = torch.empty(2, NUM_BLOCKS, NUM_KV_HEADS, BLOCK_SIZE, HEAD_SIZE, dtype=DTYPE).permute(0, 1, 3, 2, 4)
+            layer = torch.empty(2, num_blocks, NUM_KV_HEADS, BLOCK_SIZE, HEAD_SIZE, dtype=DTYPE).permute(0, 1, 3, 2, 4)
         layer.view(torch.int16).copy_(pattern).add_(index)  # distinct, non-trivial bits per layer
         layers.append(layer)
     return layers
 
 
-def request(generator: torch.Generator):
-    tokens = torch.randint(0, 128000, (NUM_TOKENS,), dtype=torch.int32, generator=generator)
-    blocks = torch.randperm(NUM_BLOCKS, generator=generator)[:NUM_TOKENS // BLOCK_SIZE]
-    positions = torch.arange(NUM_TOKENS)
+def request(generator: torch.Generator, num_tokens: int = NUM_TOKENS, num_blocks: int = NUM_BLOCKS):
+    tokens = torch.randint(0, 128000, (num_tokens,), dtype=torch.int32, generator=generator)
+    blocks = torch.randperm(num_blocks, generator=generator)[:num_tokens // BLOCK_SIZE]
+    positions = torch.arange(num_tokens)
     slots = blocks[positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
     return as_int32_buffer(tokens), as_int64_buffer(slots)
 
@@ -148,6 +164,350 @@ def measure_list_conversion() -> float:
     return statistics.median(seconds) / 1e3
 
 
+# ------------------------------------------------------------------------------------------------
+# 3. Lower tiers: local disk (cold and warm page cache) and Redis on loopback
+# ------------------------------------------------------------------------------------------------
+
+TIER_TOKENS = 2048  # 256 MiB of KV: eight 32 MiB chunks
+TIER_BLOCKS = TIER_TOKENS // BLOCK_SIZE + 32
+TIER_REPETITIONS = 3
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def resident_fraction(paths: list[str]) -> float:
+    """Fraction of the files' pages in the page cache (mincore on a read-only mapping)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    resident = total = 0
+    for path in paths:
+        size = os.path.getsize(path)
+        pages = (size + page - 1) // page
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            address = _libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+            if address in (None, ctypes.c_void_p(-1).value):
+                return float("nan")
+            try:
+                vector = (ctypes.c_ubyte * pages)()
+                if _libc.mincore(address, size, vector) != 0:
+                    return float("nan")
+                resident += sum(v & 1 for v in vector)
+                total += pages
+            finally:
+                _libc.munmap(address, size)
+        finally:
+            os.close(fd)
+    return resident / total if total else 0.0
+
+
+def drop_page_cache(paths: list[str]) -> dict:
+    """Evicts the files from the page cache as far as this process may: fsync (dirty pages cannot
+    be dropped) and posix_fadvise(DONTNEED) per file, then /proc/sys/vm/drop_caches."""
+    fadvise = "ok"
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError as error:
+            fadvise = f"failed ({error.strerror})"
+        finally:
+            os.close(fd)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as control:
+            control.write("1\n")
+        drop_caches = "ok"
+    except OSError as error:
+        drop_caches = f"failed ({type(error).__name__}: {error.strerror})"
+    return {"posix_fadvise(DONTNEED)": fadvise, "/proc/sys/vm/drop_caches": drop_caches,
+            "resident": resident_fraction(paths)}
+
+
+def sequential_read(paths: list[str], buffer: memoryview) -> int:
+    """Reads every file front to back into ``buffer`` (one large read() per call); returns bytes."""
+    total = 0
+    for path in paths:
+        with open(path, "rb", buffering=0) as file:
+            while True:
+                count = file.readinto(buffer)
+                if not count:
+                    break
+                total += count
+    return total
+
+
+def tier_counters(engine: Engine, name: str) -> dict:
+    return next(t for t in engine.tier_stats() if t["name"] == name)
+
+
+def wait_for_remote(engine: Engine, timeout: float = 10.0) -> None:
+    """Waits until the Redis tier is connected: it connects in the background and, until then,
+    skips writes and misses lookups. A lookup of an unknown chunk counts an error only then."""
+    probe = as_int32_buffer(list(range(2_000_000_000, 2_000_000_256)))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        errors = tier_counters(engine, "RemoteBackend")["errors"]
+        engine.lookup(probe)
+        if tier_counters(engine, "RemoteBackend")["errors"] == errors:
+            return
+        time.sleep(0.01)
+    raise TimeoutError("the Redis tier did not connect")
+
+
+def timed_tier_retrieve(engine: Engine, layers, tokens, slots, tier_name: str) -> float:
+    """clear() the CPU tier, zero the KV cache (untimed), then time one retrieve that must read all
+    chunks from ``tier_name``."""
+    engine.clear()
+    for layer in layers:
+        layer.zero_()
+    before = tier_counters(engine, tier_name)["hits"]
+    started = time.perf_counter()
+    retrieved = engine.retrieve(tokens, slots)
+    seconds = time.perf_counter() - started
+    assert retrieved == TIER_TOKENS, retrieved
+    chunks = TIER_TOKENS // 256
+    assert tier_counters(engine, tier_name)["hits"] - before == chunks, "every chunk must come from the tier"
+    return seconds
+
+
+def timed_tier_prefetch(engine: Engine, tokens, tier_name: str) -> float:
+    """clear() the CPU tier, then time prefetch(...).wait(): the tier read and promotion alone,
+    without writing the KV cache (the breakdown of a retrieve)."""
+    engine.clear()
+    before = tier_counters(engine, tier_name)["hits"]
+    started = time.perf_counter()
+    with engine.prefetch(tokens) as job:
+        prefetched = job.wait()
+    seconds = time.perf_counter() - started
+    assert prefetched == TIER_TOKENS, prefetched
+    assert tier_counters(engine, tier_name)["hits"] - before == TIER_TOKENS // 256
+    return seconds
+
+
+def check_tier_retrieve(layers, reference: dict, slots) -> None:
+    slot_tensor = torch.tensor((ctypes.c_int64 * slots.length).from_address(slots.address))
+    blocks, offsets = slot_tensor // BLOCK_SIZE, slot_tensor % BLOCK_SIZE
+    for index, original in reference.items():
+        assert torch.equal(layers[index][:, blocks, offsets].view(torch.int16),
+                           original[:, blocks, offsets].view(torch.int16)), f"layer {index} differs"
+
+
+def measure_disk_tier() -> dict:
+    generator = torch.Generator().manual_seed(3)
+    layers = allocate_cache("NHD", generator, TIER_BLOCKS)
+    tokens, slots = request(generator, TIER_TOKENS, TIER_BLOCKS)
+    reference = {index: layers[index].clone() for index in (0, NUM_LAYERS - 1)}
+    directory = tempfile.mkdtemp(prefix="lmcache-bench-disk-", dir=os.environ.get("LMC_BENCH_DISK_DIR"))
+    config = {"chunk_size": 256, "max_local_cpu_size": 2, "local_disk": directory, "max_local_disk_size": 2}
+    result = {"engine_cold": [], "read_cold": [], "engine_warm": [], "read_warm": [], "prefetch_cold": [],
+              "prefetch_warm": [], "drops": []}
+    try:
+        with Engine(config, model_name="llama-3-8b-shape") as engine:
+            engine.register_layers(layers, layout="flash_attn")
+            assert engine.store(tokens, slots) == TIER_TOKENS
+            engine.flush(300)
+            disk = tier_counters(engine, "LocalDiskBackend")
+            assert disk["writes"] == TIER_TOKENS // 256 and disk["write_queue_drops"] == 0, disk
+            paths = sorted(glob.glob(os.path.join(directory, "*.lmcc")))
+            file_bytes = sum(os.path.getsize(path) for path in paths)
+            buffer = memoryview(bytearray(max(os.path.getsize(path) for path in paths)))
+            sequential_read(paths[:1], buffer)  # touch the buffer's pages
+            for _ in range(TIER_REPETITIONS):  # cold, engine and plain read interleaved
+                result["drops"].append(drop_page_cache(paths))
+                result["engine_cold"].append(timed_tier_retrieve(engine, layers, tokens, slots, "LocalDiskBackend"))
+                check_tier_retrieve(layers, reference, slots)
+                result["drops"].append(drop_page_cache(paths))
+                started = time.perf_counter()
+                assert sequential_read(paths, buffer) == file_bytes
+                result["read_cold"].append(time.perf_counter() - started)
+                result["drops"].append(drop_page_cache(paths))
+                result["prefetch_cold"].append(timed_tier_prefetch(engine, tokens, "LocalDiskBackend"))
+            for _ in range(TIER_REPETITIONS):  # warm: the files are in the page cache now
+                result["engine_warm"].append(timed_tier_retrieve(engine, layers, tokens, slots, "LocalDiskBackend"))
+                started = time.perf_counter()
+                sequential_read(paths, buffer)
+                result["read_warm"].append(time.perf_counter() - started)
+                result["prefetch_warm"].append(timed_tier_prefetch(engine, tokens, "LocalDiskBackend"))
+            check_tier_retrieve(layers, reference, slots)
+            result["kv_bytes"] = tier_counters(engine, "LocalDiskBackend")["bytes_read"] // (4 * TIER_REPETITIONS)
+            result["file_bytes"] = file_bytes
+            result["directory"] = directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return result
+
+
+class RawRedis:
+    """The baseline client: RESP over a plain TCP socket, replies read straight into a buffer."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send(self, *args: bytes) -> None:
+        self.sock.sendall(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args))
+
+    def read_into(self, buffer: memoryview) -> tuple[int, int]:
+        """Reads one reply into ``buffer``; returns (start of the payload, payload length or -1)."""
+        received = 0
+        header_end = -1
+        while header_end < 0:
+            count = self.sock.recv_into(buffer[received:])
+            if not count:
+                raise ConnectionError("closed")
+            received += count
+            header_end = bytes(buffer[:min(received, 64)]).find(b"\r\n")
+        kind, header = buffer[0:1].tobytes(), bytes(buffer[1:header_end])
+        if kind == b"-":
+            raise RuntimeError(header.decode())
+        if kind != b"$":
+            return header_end + 2, int(header) if kind == b":" else len(header)
+        length = int(header)
+        if length < 0:
+            return header_end + 2, -1
+        needed = header_end + 2 + length + 2
+        while received < needed:
+            count = self.sock.recv_into(buffer[received:needed])
+            if not count:
+                raise ConnectionError("closed")
+            received += count
+        return header_end + 2, length
+
+    def command(self, *args: bytes) -> bytes:
+        """A reply that is small or an array of bulk strings (KEYS), parsed from a socket file."""
+        self.send(*args)
+        reader = self.sock.makefile("rb")
+        line = reader.readline()
+        if line[:1] == b"*":
+            items = []
+            for _ in range(int(line[1:-2])):
+                length = int(reader.readline()[1:-2])
+                items.append(reader.read(length + 2)[:-2])
+            return items
+        return line[:-2]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def start_redis_server() -> tuple[subprocess.Popen, int, str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    directory = tempfile.mkdtemp(prefix="lmcache-bench-redis-")
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", directory],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client = RawRedis(port)
+            try:
+                if client.command(b"PING") == b"+PONG":
+                    return server, port, directory
+            finally:
+                client.close()
+        except OSError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            stop_redis_server(server, directory)
+            raise RuntimeError("redis-server did not start")
+        time.sleep(0.05)
+
+
+def stop_redis_server(server: subprocess.Popen, directory: str) -> None:
+    server.terminate()
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def measure_redis_tier() -> dict | None:
+    if not shutil.which("redis-server"):
+        return None
+    generator = torch.Generator().manual_seed(4)
+    layers = allocate_cache("NHD", generator, TIER_BLOCKS)
+    tokens, slots = request(generator, TIER_TOKENS, TIER_BLOCKS)
+    reference = {index: layers[index].clone() for index in (0, NUM_LAYERS - 1)}
+    server, port, directory = start_redis_server()
+    result = {"engine": [], "get": [], "prefetch": []}
+    try:
+        config = {"chunk_size": 256, "max_local_cpu_size": 2, "remote_url": f"redis://127.0.0.1:{port}/0",
+                  "blocking_timeout_secs": 30}
+        with Engine(config, model_name="llama-3-8b-shape") as engine:
+            engine.register_layers(layers, layout="flash_attn")
+            wait_for_remote(engine)
+            assert engine.store(tokens, slots) == TIER_TOKENS
+            engine.flush(300)
+            remote = tier_counters(engine, "RemoteBackend")
+            assert remote["writes"] == TIER_TOKENS // 256 and remote["write_queue_drops"] == 0, remote
+            client = RawRedis(port)
+            keys = sorted(client.command(b"KEYS", b"lmcn:*"))
+            assert len(keys) == TIER_TOKENS // 256, keys
+            buffer = memoryview(bytearray(64 << 20)).cast("B")
+            buffer[:] = b"\x01" * len(buffer)  # pre-touch
+            value_bytes = 0
+            for _ in range(TIER_REPETITIONS):  # engine and GET loop interleaved
+                result["engine"].append(timed_tier_retrieve(engine, layers, tokens, slots, "RemoteBackend"))
+                check_tier_retrieve(layers, reference, slots)
+                started = time.perf_counter()
+                value_bytes = 0
+                for key in keys:
+                    client.send(b"GET", key)
+                    start, length = client.read_into(buffer)
+                    assert bytes(buffer[start:start + 8]) == b"LMCNREC1", bytes(buffer[:16])
+                    value_bytes += length
+                result["get"].append(time.perf_counter() - started)
+                result["prefetch"].append(timed_tier_prefetch(engine, tokens, "RemoteBackend"))
+            client.close()
+            result["kv_bytes"] = tier_counters(engine, "RemoteBackend")["bytes_read"] // (2 * TIER_REPETITIONS)
+            result["value_bytes"] = value_bytes
+    finally:
+        stop_redis_server(server, directory)
+    return result
+
+
+def print_tiers(disk: dict, redis: dict | None) -> None:
+    def row(name, seconds, num_bytes, baseline=None):
+        rates = summarize(seconds, num_bytes)
+        text = f"{name:<30}{rates['best']:>9.2f}{rates['median']:>9.2f}"
+        if baseline is not None:
+            text += f"{rates['best'] / baseline['best']:>14.2f}, {rates['median'] / baseline['median']:.2f}"
+        print(text)
+        return rates
+
+    print()
+    print(f"lower tiers: one {TIER_TOKENS}-token request ({disk['kv_bytes'] / 2**20:.0f} MiB of KV, "
+          f"{TIER_TOKENS // 256} chunks), CPU tier cleared before each retrieve, {TIER_REPETITIONS} repetitions")
+    drop = disk["drops"][0]
+    resident = ", ".join(f"{d['resident']:.0%}" for d in disk["drops"])
+    print(f"page cache drop: posix_fadvise(DONTNEED) {drop['posix_fadvise(DONTNEED)']}; "
+          f"/proc/sys/vm/drop_caches {drop['/proc/sys/vm/drop_caches']}; record files resident after each "
+          f"drop (mincore): {resident}")
+    print(f"disk tier directory: {os.path.dirname(disk['directory'])} "
+          f"(record files {disk['file_bytes'] / 2**20:.1f} MiB incl. 128-byte headers)")
+    print(f"{'GB/s (1e9 B/s)':<30}{'best':>9}{'median':>9}{'engine/baseline (best, median)':>32}")
+    read_cold = row("read files, cold", disk["read_cold"], disk["file_bytes"])
+    row("retrieve from disk, cold", disk["engine_cold"], disk["kv_bytes"], read_cold)
+    row("  prefetch only, cold", disk["prefetch_cold"], disk["kv_bytes"], read_cold)
+    read_warm = row("read files, page cache", disk["read_warm"], disk["file_bytes"])
+    row("retrieve from disk, page cache", disk["engine_warm"], disk["kv_bytes"], read_warm)
+    row("  prefetch only, page cache", disk["prefetch_warm"], disk["kv_bytes"], read_warm)
+    if redis is None:
+        print("redis-server not installed: Redis tier not measured")
+        return
+    get = row("GET loop, raw socket", redis["get"], redis["value_bytes"])
+    row("retrieve from Redis", redis["engine"], redis["kv_bytes"], get)
+    row("  prefetch only", redis["prefetch"], redis["kv_bytes"], get)
+    print("(prefetch only: the tier read and promotion into the CPU tier, without writing the KV cache)")
+
+
 def main() -> int:
     started = time.perf_counter()
     bytes_per_token = NUM_LAYERS * 2 * NUM_KV_HEADS * HEAD_SIZE * 2
@@ -183,6 +543,12 @@ def main() -> int:
         print(f"{algorithm:<12}{result['median']:>19.1f} us{result['p99']:>7.1f} us"
               f"{result['raw_median']:>21.1f} us{result['raw_p99']:>7.1f} us")
     print(f"list of {NUM_TOKENS} ints -> int32 buffer (as_int32_buffer), median: {conversion_us:.1f} us")
+
+    gc.collect()
+    disk = measure_disk_tier()
+    gc.collect()
+    redis = measure_redis_tier()
+    print_tiers(disk, redis)
     print(f"\ntotal bench time: {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -3,15 +3,22 @@
 Puts ``python-demo`` (the lmcache_native package) and this directory (kv_oracle) on sys.path, and
 offers a small KV "rig" (an engine with registered layers) plus a helper to run code in a child
 interpreter, for checks whose failure mode is a crash.
+
+Redis: ``shared_redis_url`` is LMC_TEST_REDIS_URL when set (CI's .ci/run starts one server for the
+run), else a server started for this session; tests on it must not stop it and use a model name of
+their own (``unique_model``) so they never see each other's records. ``private_redis`` is a server of
+the test's own (port, directory, appendonly), for tests that stop, pause or restart it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
@@ -26,6 +33,7 @@ for path in (str(PACKAGE_PARENT), str(TESTS_DIR)):
 
 import kv_oracle  # noqa: E402
 import lmcache_native  # noqa: E402
+from redis_helpers import REDIS_SERVER, RedisServer  # noqa: E402
 
 # The interpreter with torch, numpy and pytest on the project's Debian machines.
 CHILD_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
@@ -110,3 +118,40 @@ def make_rig():
     yield factory
     for rig in rigs:
         rig.close()
+
+
+def _require_redis_server() -> None:
+    if not os.path.exists(REDIS_SERVER):
+        pytest.skip(f"redis-server not installed ({REDIS_SERVER}); ./build.sh deps installs it")
+
+
+@pytest.fixture(scope="session")
+def shared_redis_url(tmp_path_factory):
+    """A Redis URL that stays up for the whole session: LMC_TEST_REDIS_URL, or a server of our own."""
+    url = os.environ.get("LMC_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    _require_redis_server()
+    server = RedisServer(tmp_path_factory.mktemp("redis-shared")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """A started redis-server of this test only (appendonly, data in tmp_path); always stopped after."""
+    _require_redis_server()
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def unique_model() -> str:
+    """A model name no other test or run uses: its key namespace is empty in a shared Redis."""
+    return f"tiers-{uuid.uuid4().hex}"

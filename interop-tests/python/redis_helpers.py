@@ -150,7 +150,7 @@ class RedisServer:
     def client(self) -> RespClient:
         return RespClient("127.0.0.1", self.port)
 
-    def signal(self, signum: int) -> None:
+    def send_signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.send_signal(signum)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import torch
 
@@ -109,17 +110,41 @@ class Destination:
         return None
 
 
+def wait_for_remote(engine, timeout: float = 10.0) -> float:
+    """Waits until the engine's Redis tier is connected; returns the seconds waited.
+
+    Workaround, see test_tiers.py::test_fresh_engine_waits_for_its_first_connection: the tier
+    connects in the background and, until it is connected, every lookup is a miss and every write is
+    skipped (counted as an error), even with a healthy server. A lookup of a chunk nobody stores
+    counts an error exactly while the tier is not connected. Needs registered layers.
+    """
+    started = time.monotonic()
+    probe = torch.arange(CHUNK, dtype=torch.int32) + 2_000_000_000
+    while True:
+        remote = [t for t in engine.tier_stats() if t["name"] == "RemoteBackend"][0]
+        engine.lookup(probe, extra_key=b"lmcn connection probe")
+        after = [t for t in engine.tier_stats() if t["name"] == "RemoteBackend"][0]
+        if after["errors"] == remote["errors"]:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"the Redis tier did not connect within {timeout} s: {after}")
+        time.sleep(0.01)
+
+
 def store_requests(config: dict, model_name: str, seed: int, requests: list[tuple[int, int, str]],
                    geometry: Geometry = Geometry(), flush: bool = False, close: bool = True,
-                   announce: bool = False) -> dict:
+                   announce: bool = False, wait_remote: bool = True) -> dict:
     """Stores requests (index, num_tokens, extra key) of ``seed`` from the source layers; returns
     the stored counts and tier counters. ``announce`` prints "storing" first (for a parent that
-    kills this process during the write-behind)."""
+    kills this process during the write-behind); ``wait_remote`` waits for the Redis connection
+    before storing (see ``wait_for_remote``)."""
     from lmcache_native import Engine
 
     layers = source_layers(seed, geometry)
     engine = Engine(config, model_name=model_name)
     engine.register_layers([layer.logical for layer in layers], layout="flash_attn")
+    if wait_remote and config.get("remote_url"):
+        wait_for_remote(engine)
     if announce:
         print("storing", flush=True)
     stored = []

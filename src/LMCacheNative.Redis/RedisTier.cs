@@ -121,9 +121,25 @@ public sealed class RedisTier : IStorageTier
 
     private RedisKey KeyOf(in ChunkKey key) => _keyPrefix + key.ToHex();
 
-    /// <summary>The database when the connection is up; null (a fast miss) otherwise.</summary>
+    /// <summary>
+    /// The database when the connection is up; null (a fast miss) otherwise. Until the first
+    /// connection attempt has finished, callers wait for it (bounded by blocking_timeout_secs): a
+    /// process that creates an engine, stores and exits must not lose its writes to the race with
+    /// its own connect, nor a fresh engine miss its first lookups.
+    /// </summary>
     private IDatabase? Database()
     {
+        if (!_connecting.IsCompleted)
+        {
+            try
+            {
+                _connecting.Wait(_timeout);
+            }
+            catch (Exception)
+            {
+                return null;
+            }
+        }
         if (!_connecting.IsCompletedSuccessfully) return null;
         var multiplexer = _connecting.Result;
         return multiplexer.IsConnected ? multiplexer.GetDatabase(_database) : null;
@@ -212,6 +228,66 @@ public sealed class RedisTier : IStorageTier
             _stats.BytesRead += payload.Length;
         }
         return true;
+    }
+
+    /// <summary>
+    /// Pipelines the GETs of a whole request: every request is sent before the first answer is
+    /// read, so the round trips overlap; answers are then checked and copied in order.
+    /// </summary>
+    public unsafe int ReadPrefix(IReadOnlyList<TierRead> reads)
+    {
+        var db = Database();
+        var binding = _binding;
+        if (db is null || binding is null)
+        {
+            Count(misses: reads.Count);
+            return 0;
+        }
+        var pending = new Task<Lease<byte>?>[reads.Count];
+        var deadline = DateTime.UtcNow + _timeout;
+        int succeeded = 0, consumed = 0; // consumed: answers taken (and disposed) by the loop
+        try
+        {
+            for (int i = 0; i < reads.Count; i++) pending[i] = db.StringGetLeaseAsync(KeyOf(reads[i].Key));
+            for (; succeeded < reads.Count; succeeded++)
+            {
+                var task = pending[succeeded];
+                var left = deadline - DateTime.UtcNow;
+                if (left < TimeSpan.Zero || !task.Wait(left) || !task.IsCompletedSuccessfully)
+                {
+                    Count(misses: 1, errors: 1);
+                    break;
+                }
+                consumed = succeeded + 1;
+                using var lease = task.Result;
+                var r = reads[succeeded];
+                var payload = new Span<byte>((void*)r.Payload, checked((int)r.PayloadBytes));
+                if (lease is null)
+                {
+                    Count(misses: 1);
+                    break;
+                }
+                if (!ChunkRecord.TryOpen(lease.Span, r.Key, binding.Fingerprint, r.TokenCount, payload))
+                {
+                    Count(misses: 1, corrupt: 1);
+                    try { db.KeyDelete(KeyOf(r.Key), CommandFlags.FireAndForget); } catch (Exception) { }
+                    break;
+                }
+                lock (_statsLock)
+                {
+                    _stats.Hits++;
+                    _stats.BytesRead += payload.Length;
+                }
+            }
+        }
+        catch (Exception)
+        {
+            Count(errors: 1);
+        }
+        // Leases of answers not used (after a failure) go back to the pool when they arrive.
+        for (int i = consumed; i < pending.Length; i++)
+            pending[i]?.ContinueWith(static t => { if (t.IsCompletedSuccessfully) t.Result?.Dispose(); }, TaskScheduler.Default);
+        return succeeded;
     }
 
     public bool Write(in ChunkKey key, int tokenCount, ReadOnlySpan<byte> payload)

@@ -22,6 +22,9 @@ public sealed class StorageTierStats
     public StorageTierStats Snapshot() => (StorageTierStats)MemberwiseClone();
 }
 
+/// <summary>One record to read into a payload buffer of <see cref="PayloadBytes"/> bytes at <see cref="Payload"/> (a pinned CPU slab).</summary>
+public readonly record struct TierRead(ChunkKey Key, int TokenCount, nint Payload, long PayloadBytes);
+
 /// <summary>What a tier stores records for: the engine's key namespace and chunk geometry.</summary>
 public sealed record TierBinding(KeyNamespace Namespace, ChunkHashAlgorithm Algorithm, int ChunkSize, long BytesPerToken)
 {
@@ -54,6 +57,19 @@ public interface IStorageTier : IDisposable
 
     /// <summary>Reads one record's payload into <paramref name="payload"/> (exactly its length); false on a miss or an unusable record.</summary>
     bool TryRead(in ChunkKey key, int tokenCount, Span<byte> payload);
+
+    /// <summary>
+    /// Reads several records in one go into their payload buffers; returns how many leading reads
+    /// succeeded (the rest may or may not have been filled and must be ignored). The default reads
+    /// one at a time; tiers override it to pipeline (remote) or parallelise (disk).
+    /// </summary>
+    unsafe int ReadPrefix(IReadOnlyList<TierRead> reads)
+    {
+        for (int i = 0; i < reads.Count; i++)
+            if (!TryRead(reads[i].Key, reads[i].TokenCount, new Span<byte>((void*)reads[i].Payload, checked((int)reads[i].PayloadBytes))))
+                return i;
+        return reads.Count;
+    }
 
     /// <summary>Whether the tier already holds the key (cheap enough to ask before a write).</summary>
     bool Contains(in ChunkKey key);

@@ -158,6 +158,47 @@ public sealed class LocalDiskTier : IStorageTier
 
     public bool TryRead(in ChunkKey key, int tokenCount, Span<byte> payload)
     {
+        bool ok = Read(key, tokenCount, payload);
+        if (ok) CountHit(payload.Length);
+        return ok;
+    }
+
+    /// <summary>
+    /// Reads the records in parallel (a cold read waits on the device, a warm one on the copy and
+    /// checksum). Only the leading successes are used, so only they count as hits.
+    /// </summary>
+    public unsafe int ReadPrefix(IReadOnlyList<TierRead> reads)
+    {
+        var ok = new bool[reads.Count];
+        int firstFailure = int.MaxValue;
+        Parallel.For(0, reads.Count, i =>
+        {
+            if (i > Volatile.Read(ref firstFailure)) return; // past a failure: not needed
+            var r = reads[i];
+            ok[i] = Read(r.Key, r.TokenCount, new Span<byte>((void*)r.Payload, checked((int)r.PayloadBytes)));
+            if (!ok[i])
+            {
+                int seen;
+                while (i < (seen = Volatile.Read(ref firstFailure)) && Interlocked.CompareExchange(ref firstFailure, i, seen) != seen) { }
+            }
+        });
+        int leading = 0;
+        while (leading < ok.Length && ok[leading]) CountHit(reads[leading++].PayloadBytes);
+        return leading;
+    }
+
+    private void CountHit(long payloadBytes)
+    {
+        lock (_lock)
+        {
+            _stats.Hits++;
+            _stats.BytesRead += payloadBytes;
+        }
+    }
+
+    /// <summary>Reads and checks one record; counts misses and corrupt records, not hits (the caller decides what was used).</summary>
+    private bool Read(in ChunkKey key, int tokenCount, Span<byte> payload)
+    {
         string path;
         TierBinding binding;
         lock (_lock)
@@ -195,8 +236,9 @@ public sealed class LocalDiskTier : IStorageTier
             }
             return false;
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        catch (Exception)
         {
+            // Any failure to read is a miss; the caller's request goes on without this chunk.
             lock (_lock)
             {
                 _stats.Errors++;
@@ -205,14 +247,9 @@ public sealed class LocalDiskTier : IStorageTier
             return false;
         }
 
+        if (ok) return true;
         lock (_lock)
         {
-            if (ok)
-            {
-                _stats.Hits++;
-                _stats.BytesRead += payload.Length;
-                return true;
-            }
             _stats.CorruptRecords++;
             _stats.Misses++;
             RemoveFromIndex(key);
@@ -248,9 +285,10 @@ public sealed class LocalDiskTier : IStorageTier
             }
             File.Move(temporary, path, overwrite: true);
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        catch (Exception)
         {
-            // Disk full, permissions, a vanished directory: skip this record, keep serving.
+            // Disk full, a file-size limit (.NET reports EFBIG as ArgumentOutOfRangeException),
+            // permissions, a vanished directory: skip this record, leave nothing behind, keep serving.
             TryDelete(temporary);
             Interlocked.Increment(ref _stats.Errors);
             return false;
