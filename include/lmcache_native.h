@@ -157,6 +157,9 @@ typedef int32_t lmc_device_kind;
  *
  * Several layers may describe the very same memory (vLLM's KV sharing between layers); otherwise
  * layers must not overlap.
+ *
+ * Layers in GPU memory (device_kind LMC_DEVICE_CUDA) take the device's pointers (torch's
+ * Tensor.data_ptr()) and its ordinal (Tensor.device.index); see "CUDA" below.
  */
 typedef struct lmc_kv_layer_desc {
   uint32_t struct_size;        /* sizeof(lmc_kv_layer_desc) */
@@ -187,11 +190,21 @@ typedef struct lmc_kv_layer_desc {
  *
  * The memory stays owned by the caller and must stay valid until the engine is destroyed or
  * re-registered. Registering again replaces the previous layers; if the namespace changes the
- * cache is cleared.
+ * cache is cleared. It is cleared too when the pool's memory changes kind: host layers use plain
+ * host memory, CUDA layers pinned host memory (so switching between host and CUDA layers clears it).
+ * Registering waits for asynchronous transfers still running on the previous layers.
+ *
+ * CUDA layers (LMC_DEVICE_CUDA): all layers on one device, device_index in [0, device count). The
+ * engine checks with the driver that both ends of every layer are memory of that device. The CUDA
+ * driver (libcuda.so.1) is loaded on the first such registration, never earlier; the library does
+ * not depend on it otherwise.
  *
  * @param[in] layers      array of num_layers descriptions; each struct_size must be set.
- * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT, LMC_E_UNSUPPORTED (CUDA layers in a
- *         build or machine without the CUDA path), LMC_E_NO_DEVICE.
+ * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT (also: device_index out of range,
+ *         memory not of that CUDA device), LMC_E_UNSUPPORTED (CUDA layers in a build without the
+ *         CUDA path, a cache of 2^31 slots or more, more than 65535 layers), LMC_E_NO_DEVICE (CUDA
+ *         layers on a machine without the CUDA driver or without a usable GPU: the message says
+ *         which), LMC_E_CUDA (the driver failed; the message names the call and the error).
  */
 LMC_API lmc_status lmc_engine_register_layers(lmc_engine *engine, const lmc_kv_layer_desc *layers,
                                               int32_t num_layers);
@@ -211,7 +224,10 @@ LMC_API lmc_status lmc_engine_register_layers(lmc_engine *engine, const lmc_kv_l
  * fails the whole call before anything is copied.
  *
  * These calls need registered layers (else LMC_E_INVALID_ARGUMENT). They are synchronous: the
- * copies are complete when they return.
+ * copies are complete when they return. With CUDA layers they run on the legacy default stream
+ * (which waits for earlier work of the context's blocking streams) and wait for the device; with
+ * CUDA layers they may also return LMC_E_CUDA. lmc_store_async and lmc_retrieve_async (below) are
+ * the stream-ordered variants.
  */
 
 /**
@@ -330,6 +346,79 @@ LMC_API lmc_status lmc_job_wait(int64_t *result_out, lmc_job *job, int64_t timeo
 /** Releases a job handle. A job still running goes on and its result is dropped. NULL and
  *  destroyed handles are a no-op. */
 LMC_API void lmc_job_destroy(lmc_job *job);
+
+/* ---------------------------------------------------------------------------------------------- */
+/* CUDA                                                                                            */
+/* ---------------------------------------------------------------------------------------------- */
+/*
+ * With layers in GPU memory, chunk objects live in pinned, device-mapped host memory (cuMemHostAlloc,
+ * bounded by max_local_cpu_size) and one kernel launch moves a whole request: every layer, K and V,
+ * every token. The library uses each device's primary context (the one the CUDA runtime and torch
+ * use), pushed for the duration of each call, so the caller's current context is left as it was.
+ *
+ * Streams: `void *stream` is a CUstream / cudaStream_t of that device (from Python:
+ * torch.cuda.current_stream().cuda_stream); NULL (0) is the legacy default stream. The library only
+ * ENQUEUES work on it (argument upload, kernel, for large stores the copy out of a staging buffer, and
+ * an event) and returns; it never synchronises the stream or the device. Hence:
+ *  - the copy runs after all work enqueued on `stream` before the call (vLLM's forward pass that
+ *    wrote the KV, when it is the same stream);
+ *  - work enqueued on `stream` after lmc_retrieve_async sees the retrieved KV, without waiting;
+ *  - work on OTHER streams, and host code, must wait for the job (lmc_job_wait) first: a store's
+ *    slots must not be overwritten, and a retrieve's slots not read, until the job has finished.
+ *
+ * Ownership: tokens, slot_mapping and extra_key are HOST memory (copy vLLM's device slot mapping to
+ * the host first) and are copied before the call returns (their buffers may be reused at once). The chunks involved stay pinned in the cache until the device has finished.
+ * The returned job completes when the device has passed the transfer: lmc_job_wait gives its
+ * result (the same number as *_tokens_out) or LMC_E_CUDA when the device failed (a failed store
+ * caches nothing). Destroying the job early is fine: the library still finishes its bookkeeping when
+ * the device gets there. lmc_engine_destroy and lmc_engine_register_layers wait for jobs in flight.
+ *
+ * With host layers these calls copy synchronously, ignore `stream`, and return a finished job.
+ *
+ * Environment (read once per process): LMC_CUDA_LIBRARY names the driver library instead of
+ * libcuda.so.1 (tests set it to a missing path to simulate a machine without a driver);
+ * LMC_CUDA_STAGING_MIN_BYTES / LMC_CUDA_STAGING_MAX_BYTES set from which transfer size a store goes
+ * through a device staging buffer instead of writing pinned memory directly ("off" = never); see
+ * docs/cuda.md.
+ */
+
+/**
+ * Number of CUDA devices the library can use. Loads and initialises the CUDA driver on first use.
+ *
+ * @return LMC_OK; LMC_E_NO_DEVICE when there is no driver (libcuda.so.1 missing), cuInit fails (a
+ *         machine with the driver or toolkit but no GPU) or no device is found; the message says
+ *         which. *count_out is left untouched on failure.
+ */
+LMC_API lmc_status lmc_cuda_device_count(int32_t *count_out);
+
+/**
+ * lmc_store, with the copy enqueued on `stream` (see "CUDA" above). Keys, lookups and reservations
+ * happen before the call returns; the chunks become visible to lookups when the job completes.
+ *
+ * @param[out] job_out            receives the job; destroy it with lmc_job_destroy.
+ * @param[out] stored_tokens_out  what lmc_store would report: tokens in the cache once the job succeeds.
+ * @param[in]  stream             CUstream of the layers' device, or NULL for the legacy default stream.
+ * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT, LMC_E_CUDA (enqueueing failed).
+ */
+LMC_API lmc_status lmc_store_async(lmc_job **job_out, int64_t *stored_tokens_out, lmc_engine *engine,
+                                   const int32_t *tokens, const int64_t *slot_mapping,
+                                   int64_t num_tokens, int64_t skip_leading_tokens,
+                                   const uint8_t *extra_key, int64_t extra_key_len, void *stream);
+
+/**
+ * lmc_retrieve, with the copy into the layers enqueued on `stream` (see "CUDA" above). The lookup and
+ * the promotion of chunks from lower tiers happen before the call returns.
+ *
+ * @param[out] job_out               receives the job; destroy it with lmc_job_destroy.
+ * @param[out] retrieved_tokens_out  length of the cached prefix being retrieved (0 on a miss).
+ * @param[in]  stream                CUstream of the layers' device, or NULL for the legacy default stream.
+ * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT, LMC_E_CUDA (enqueueing failed).
+ */
+LMC_API lmc_status lmc_retrieve_async(lmc_job **job_out, int64_t *retrieved_tokens_out,
+                                      lmc_engine *engine, const int32_t *tokens,
+                                      const int64_t *slot_mapping, int64_t num_tokens,
+                                      int64_t first_token_to_write, const uint8_t *extra_key,
+                                      int64_t extra_key_len, void *stream);
 
 /* ---------------------------------------------------------------------------------------------- */
 /* Statistics and maintenance                                                                      */

@@ -98,6 +98,11 @@ struct lmc_test_prototypes {
                          int64_t, const uint8_t *, int64_t);
   lmc_status (*engine_get_stats)(lmc_engine *, lmc_stats *);
   lmc_status (*engine_clear)(lmc_engine *);
+  lmc_status (*cuda_device_count)(int32_t *);
+  lmc_status (*store_async)(lmc_job **, int64_t *, lmc_engine *, const int32_t *, const int64_t *,
+                            int64_t, int64_t, const uint8_t *, int64_t, void *);
+  lmc_status (*retrieve_async)(lmc_job **, int64_t *, lmc_engine *, const int32_t *,
+                               const int64_t *, int64_t, int64_t, const uint8_t *, int64_t, void *);
 };
 
 /* Not static: referenced from main, so every function must resolve when the test is linked. */
@@ -118,6 +123,9 @@ struct lmc_test_prototypes lmc_test_prototypes_table(void) {
   t.retrieve = lmc_retrieve;
   t.engine_get_stats = lmc_engine_get_stats;
   t.engine_clear = lmc_engine_clear;
+  t.cuda_device_count = lmc_cuda_device_count;
+  t.store_async = lmc_store_async;
+  t.retrieve_async = lmc_retrieve_async;
   return t;
 }
 
@@ -137,5 +145,6 @@ int main(void) {
   PRINT_OFFSET(lmc_stats, lookup_requests);
   PRINT_OFFSET(lmc_stats, pool_capacity_bytes);
   /* Touch the table so the linker must resolve every function. */
-  return t.version_number == NULL || t.engine_clear == NULL;
+  return t.version_number == NULL || t.engine_clear == NULL || t.cuda_device_count == NULL ||
+         t.store_async == NULL || t.retrieve_async == NULL;
 }

@@ -13,7 +13,8 @@
  *
  * `smoke --probe foreign-handle` is run by the main program as a child process: handing the
  * library a pointer it never returned may crash a broken implementation, and a crash must cost one
- * check, not the rest of the run.
+ * check, not the rest of the run. `smoke --probe no-driver` runs with LMC_CUDA_LIBRARY=/nonexistent,
+ * the machine without libcuda.so.1 (the driver is looked up once per process).
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -1665,33 +1666,211 @@ static void test_foreign_handles(void) {
            WEXITSTATUS(status));
 }
 
-/* CUDA layers: on a machine without a GPU the answer is UNSUPPORTED or NO_DEVICE. */
+/* CUDA layers. Without a GPU (no libcuda.so.1, or cuInit failing: what a CI machine with the CUDA
+ * toolkit has) the answer is LMC_E_NO_DEVICE with a message saying which; with a GPU, host pointers
+ * posing as device memory are refused by the driver check as invalid. */
 static void test_cuda_layers(void) {
   lmc_engine *e = create_engine("{\"chunk_size\": 8}", "CUDA layers");
   lmc_kv_layer_desc d[2];
   struct stat sb;
   int have_gpu = stat("/dev/nvidia0", &sb) == 0;
+  int32_t count = -7;
   lmc_status s;
   if (!e) return;
+
+  s = lmc_cuda_device_count(&count);
+  capture_message();
+  if (have_gpu)
+    report(s == LMC_OK && count >= 1 && g_msg[0] == '\0', "lmc_cuda_device_count (GPU present) -> %s, %d device(s)",
+           sname(s), (int)count);
+  else
+    report(s == LMC_E_NO_DEVICE && count == -7 && g_msg[0] != '\0',
+           "lmc_cuda_device_count, no GPU -> %s, count_out untouched (\"%.200s\")", sname(s), g_msg);
+  EXPECT_MSG(lmc_cuda_device_count(NULL), LMC_E_INVALID_ARGUMENT, "count_out",
+             "lmc_cuda_device_count(NULL)");
+
   d[0] = nhd_desc((void *)(uintptr_t)0x7f0000000000ull);
   d[1] = nhd_desc((void *)(uintptr_t)(0x7f0000000000ull + LAYER_BYTES));
   d[0].device_kind = d[1].device_kind = LMC_DEVICE_CUDA;
   s = lmc_engine_register_layers(e, d, 2);
   capture_message();
   if (have_gpu)
-    report(s == LMC_OK || g_msg[0] != '\0',
-           "register_layers with CUDA layers (GPU present) -> %s \"%.200s\"", sname(s), g_msg);
-  else
-    report((s == LMC_E_UNSUPPORTED || s == LMC_E_NO_DEVICE) && g_msg[0] != '\0',
-           "register_layers with CUDA layers, no GPU -> %s (want UNSUPPORTED or NO_DEVICE) "
-           "\"%.200s\"",
+    report(s == LMC_E_INVALID_ARGUMENT && g_msg[0] != '\0',
+           "register_layers with CUDA layers at non-device addresses (GPU present) -> %s \"%.200s\"",
            sname(s), g_msg);
+  else
+    report(s == LMC_E_NO_DEVICE && g_msg[0] != '\0',
+           "register_layers with CUDA layers, no GPU -> %s (want LMC_E_NO_DEVICE) \"%.200s\"", sname(s),
+           g_msg);
   d[0].device_index = d[1].device_index = -1;
   s = lmc_engine_register_layers(e, d, 2);
   capture_message();
-  report(s != LMC_OK && g_msg[0] != '\0', "register_layers with CUDA device_index -1 -> %s \"%.200s\"",
-         sname(s), g_msg);
+  report(s == LMC_E_INVALID_ARGUMENT && contains_ci(g_msg, "device_index"),
+         "register_layers with CUDA device_index -1 -> %s \"%.200s\"", sname(s), g_msg);
   lmc_engine_destroy(e);
+}
+
+/* Child process with LMC_CUDA_LIBRARY=/nonexistent: the machine without libcuda.so.1. */
+static int probe_no_driver(void) {
+  kvbuf src, dst, expect;
+  lmc_engine *e = NULL;
+  lmc_kv_layer_desc d[MAXL];
+  int32_t tokens[NTOK], count = -7;
+  int64_t slots[NTOK], n = -1;
+  int bad = 0, l;
+  lmc_status s;
+  char where[200];
+
+  s = lmc_cuda_device_count(&count);
+  if (s != LMC_E_NO_DEVICE || count != -7 || !contains_ci(lmc_last_error_message(), "/nonexistent")) {
+    fprintf(stderr, "device_count: %d \"%s\"\n", (int)s, lmc_last_error_message());
+    bad++;
+  }
+  if (lmc_engine_create(&e, "{\"chunk_size\": 8}", "no-driver", 1, 0) != LMC_OK) return 3;
+  kv_alloc(&src);
+  kv_alloc(&dst);
+  kv_alloc(&expect);
+  kv_pattern(&src, 11);
+  for (l = 0; l < MAXL; l++) {
+    d[l] = nhd_desc(kv_base(&src, l));
+    d[l].device_kind = LMC_DEVICE_CUDA;
+  }
+  s = lmc_engine_register_layers(e, d, MAXL);
+  if (s != LMC_E_NO_DEVICE || !contains_ci(lmc_last_error_message(), "could not be loaded")) {
+    fprintf(stderr, "register CUDA: %d \"%s\"\n", (int)s, lmc_last_error_message());
+    bad++;
+  }
+  /* The CPU path of the same engine works. */
+  make_tokens(tokens, NTOK, 5);
+  make_slots(slots, NTOK, 5, 3);
+  if (kv_register(e, &src, MAXL) != LMC_OK || lmc_store(&n, e, tokens, slots, NTOK, 0, NULL, 0) != LMC_OK ||
+      n != NTOK) {
+    fprintf(stderr, "host store: \"%s\"\n", lmc_last_error_message());
+    bad++;
+  }
+  kv_fill(&dst, GUARD_VALUE);
+  kv_copy(&expect, &dst);
+  apply_retrieve(&expect, &src, slots, slots, 0, NTOK, MAXL);
+  if (kv_register(e, &dst, MAXL) != LMC_OK || lmc_retrieve(&n, e, tokens, slots, NTOK, 0, NULL, 0) != LMC_OK ||
+      n != NTOK || !kv_equal(&dst, &expect, where, sizeof where)) {
+    fprintf(stderr, "host retrieve: \"%s\"\n", lmc_last_error_message());
+    bad++;
+  }
+  lmc_engine_destroy(e);
+  kv_free(&src);
+  kv_free(&dst);
+  kv_free(&expect);
+  return bad ? 1 : 0;
+}
+
+static void test_no_driver(void) {
+  char *argv[] = {(char *)"smoke", (char *)"--probe", (char *)"no-driver", NULL};
+  char **env;
+  size_t n = 0, i, j = 0;
+  pid_t pid;
+  int status = 0;
+  while (environ[n]) n++;
+  env = (char **)calloc(n + 2, sizeof *env);
+  if (!env) return;
+  for (i = 0; i < n; i++)
+    if (strncmp(environ[i], "LMC_CUDA_LIBRARY=", 17) != 0) env[j++] = environ[i];
+  env[j++] = (char *)"LMC_CUDA_LIBRARY=/nonexistent";
+  env[j] = NULL;
+  fflush(stdout);
+  if (posix_spawn(&pid, "/proc/self/exe", NULL, NULL, argv, env) != 0) {
+    report(0, "no driver: could not start the child process");
+    free(env);
+    return;
+  }
+  free(env);
+  waitpid(pid, &status, 0);
+  report(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+         "LMC_CUDA_LIBRARY=/nonexistent (no libcuda.so.1): device count and CUDA registration -> "
+         "LMC_E_NO_DEVICE naming the library; host layers of the same engine store and retrieve "
+         "(child %s %d)",
+         WIFSIGNALED(status) ? "killed by signal" : "exit",
+         WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status));
+}
+
+/* lmc_store_async / lmc_retrieve_async: argument checks, and with host layers a synchronous copy
+ * returned as a finished job (the stream is ignored). */
+static void test_async_transfers(void) {
+  kvbuf src, dst, expect;
+  lmc_engine *e = create_engine("{\"chunk_size\": 8}", "async transfers");
+  int32_t tokens[NTOK];
+  int64_t slots[NTOK], slots2[NTOK], n = SENTINEL_I64, result = SENTINEL_I64;
+  lmc_job *job = NULL;
+  void *stream = (void *)(uintptr_t)0x1234;
+  lmc_stats st;
+  char where[200];
+  int ok;
+  if (!e) return;
+  kv_alloc(&src);
+  kv_alloc(&dst);
+  kv_alloc(&expect);
+  kv_pattern(&src, 21);
+  make_tokens(tokens, NTOK, 21);
+  make_slots(slots, NTOK, 7, 1);
+  make_slots(slots2, NTOK, 3, 5);
+
+  EXPECT_MSG(lmc_store_async(&job, &n, e, tokens, slots, NTOK, 0, NULL, 0, stream), LMC_E_INVALID_ARGUMENT,
+             "register", "lmc_store_async before register_layers");
+  report(job == NULL && n == SENTINEL_I64, "failed lmc_store_async leaves job_out and stored_tokens_out untouched");
+  EXPECT(kv_register(e, &src, MAXL), LMC_OK, "register host layers for the async calls");
+  EXPECT_MSG(lmc_store_async(NULL, &n, e, tokens, slots, NTOK, 0, NULL, 0, stream), LMC_E_INVALID_ARGUMENT,
+             "job_out", "lmc_store_async(job_out NULL)");
+  EXPECT_MSG(lmc_store_async(&job, NULL, e, tokens, slots, NTOK, 0, NULL, 0, stream), LMC_E_INVALID_ARGUMENT,
+             "stored_tokens_out", "lmc_store_async(stored_tokens_out NULL)");
+  EXPECT(lmc_store_async(&job, &n, SENTINEL_ENGINE, tokens, slots, NTOK, 0, NULL, 0, stream),
+         LMC_E_INVALID_HANDLE, "lmc_store_async(unknown engine)");
+  EXPECT_MSG(lmc_store_async(&job, &n, e, tokens, NULL, NTOK, 0, NULL, 0, stream), LMC_E_INVALID_ARGUMENT,
+             "slot_mapping", "lmc_store_async(slot_mapping NULL)");
+  EXPECT_MSG(lmc_retrieve_async(&job, &n, e, tokens, slots, NTOK, NTOK + 1, NULL, 0, stream),
+             LMC_E_INVALID_ARGUMENT, "first_token_to_write", "lmc_retrieve_async(first_token_to_write > num_tokens)");
+  EXPECT_MSG(lmc_retrieve_async(NULL, &n, e, tokens, slots, NTOK, 0, NULL, 0, stream), LMC_E_INVALID_ARGUMENT,
+             "job_out", "lmc_retrieve_async(job_out NULL)");
+
+  if (EXPECT(lmc_store_async(&job, &n, e, tokens, slots, NTOK, 0, (const uint8_t *)"a", 1, stream), LMC_OK,
+             "lmc_store_async, host layers, stream ignored")) {
+    report(n == NTOK && job != NULL, "lmc_store_async: stored_tokens_out = %lld (want %d), job returned",
+           (long long)n, NTOK);
+    EXPECT(lmc_job_wait(&result, job, 0), LMC_OK, "lmc_job_wait(store job, 0): already finished");
+    EXPECT(lmc_job_wait(&result, job, (int64_t)1 << 40), LMC_OK,
+           "lmc_job_wait(store job, 2^40 ms): a bound beyond Task.Wait's int range is valid");
+    report(result == NTOK, "store job result = %lld (want %d)", (long long)result, NTOK);
+    lmc_job_destroy(job);
+  }
+  expect_lookup(e, tokens, NTOK, "a", NTOK, "lookup after lmc_store_async");
+
+  kv_fill(&dst, GUARD_VALUE);
+  kv_copy(&expect, &dst);
+  apply_retrieve(&expect, &src, slots, slots2, 3, NTOK, MAXL);
+  EXPECT(kv_register(e, &dst, MAXL), LMC_OK, "register the destination layers");
+  job = NULL;
+  n = SENTINEL_I64;
+  if (EXPECT(lmc_retrieve_async(&job, &n, e, tokens, slots2, NTOK, 3, (const uint8_t *)"a", 1, NULL), LMC_OK,
+             "lmc_retrieve_async, host layers, default stream")) {
+    report(n == NTOK, "lmc_retrieve_async: retrieved_tokens_out = %lld (want %d)", (long long)n, NTOK);
+    result = SENTINEL_I64;
+    EXPECT(lmc_job_wait(&result, job, -1), LMC_OK, "lmc_job_wait(retrieve job, -1)");
+    report(result == NTOK, "retrieve job result = %lld (want %d)", (long long)result, NTOK);
+    where[0] = '\0';
+    ok = kv_equal(&dst, &expect, where, sizeof where);
+    report(ok, "lmc_retrieve_async wrote exactly tokens [3, %d) into their slots, guards intact%s%s", NTOK,
+           ok ? "" : ": ", where);
+    lmc_job_destroy(job);
+    lmc_job_destroy(job); /* destroyed twice: a no-op */
+    report(1, "lmc_job_destroy twice is a no-op");
+  }
+  if (get_stats(e, &st))
+    report(st.store_requests == 1 && st.retrieve_requests == 1 && st.stored_tokens == NTOK,
+           "async calls are counted like the synchronous ones (stores %llu, retrieves %llu, stored tokens %llu)",
+           (unsigned long long)st.store_requests, (unsigned long long)st.retrieve_requests,
+           (unsigned long long)st.stored_tokens);
+  lmc_engine_destroy(e);
+  kv_free(&src);
+  kv_free(&dst);
+  kv_free(&expect);
 }
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -1882,6 +2061,7 @@ static void test_lookup_channel(void) {
 int main(int argc, char **argv) {
   if (argc >= 3 && strcmp(argv[1], "--probe") == 0) {
     if (strcmp(argv[2], "foreign-handle") == 0) return probe_foreign_handles();
+    if (strcmp(argv[2], "no-driver") == 0) return probe_no_driver();
     if (argc == 4 && strcmp(argv[2], "remote-lookup") == 0) return probe_remote_lookup(argv[3]);
     fprintf(stderr, "unknown probe %s\n", argv[2]);
     return 2;
@@ -1902,6 +2082,8 @@ int main(int argc, char **argv) {
   test_destroyed_handle();
   test_foreign_handles();
   test_cuda_layers();
+  test_no_driver();
+  test_async_transfers();
   test_tiers_and_jobs();
   test_lookup_channel();
 

@@ -34,7 +34,7 @@ def header_define(name: str) -> int:
 
 def test_every_header_function_is_bound_with_its_prototype():
     prototypes = header_prototypes()
-    assert len(prototypes) == 23
+    assert len(prototypes) == 26
     assert set(prototypes) == set(b.ALL_FUNCTION_NAMES)
     expected_restype = {"lmc_status": ctypes.c_int32, "int32_t": ctypes.c_int32, "const char *": ctypes.c_char_p,
                         "void": None}
@@ -99,7 +99,7 @@ def test_struct_layouts_match_the_c_compiler(tmp_path):
 
 
 def test_missing_library_gives_an_actionable_import_error(tmp_path):
-    result = run_child("import lmcache_native", env={"LMC_LIB_PATH": str(tmp_path / "nope.so")})
+    result = run_child("from lmcache_native import Engine", env={"LMC_LIB_PATH": str(tmp_path / "nope.so")})
     assert result.returncode != 0
     assert "ImportError" in result.stderr and "build.sh" in result.stderr and "nope.so" in result.stderr
 
@@ -131,7 +131,7 @@ lmc_status lmc_engine_clear(lmc_engine *e) { (void)e; return -2; }
 """)
     library = tmp_path / "libstub.so"
     subprocess.run(["cc", "-shared", "-fPIC", f"-I{HEADER.parent}", str(stub), "-o", str(library)], check=True)
-    result = run_child("import lmcache_native", env={"LMC_LIB_PATH": str(library)})
+    result = run_child("from lmcache_native import Engine", env={"LMC_LIB_PATH": str(library)})
     assert result.returncode != 0
     assert "ImportError" in result.stderr and "ABI version 2" in result.stderr
 
@@ -141,3 +141,13 @@ def test_library_is_loaded_from_a_documented_location():
 
     assert _lib.LIB_PATH in _lib.candidate_paths()
     assert _lib.LIB_PATH.name == "liblmcache_native.so" or "LMC_LIB_PATH" in __import__("os").environ
+
+
+def test_importing_the_package_loads_nothing(tmp_path):
+    # vLLM imports the package (for its connector) in processes that never use it: no library, no threads.
+    code = ("import lmcache_native, threading;"
+            "maps = open('/proc/self/maps').read();"
+            "print('liblmcache_native' in maps, threading.active_count())")
+    result = run_child(code, env={"LMC_LIB_PATH": str(tmp_path / "not-needed.so")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "1"]

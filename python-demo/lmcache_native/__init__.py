@@ -7,65 +7,46 @@
         hit_tokens = engine.lookup(tokens)
         engine.retrieve(tokens, slot_mapping)
 
-Importing the package loads the library and refuses to continue (ImportError) when its ABI version
-differs from the one these bindings were written for: a silent ABI mismatch would corrupt memory.
+``import lmcache_native`` (and ``import lmcache_native.vllm_connector``, vLLM's
+``kv_connector_module_path``) loads nothing: vLLM imports its connector in processes that never use
+it, and loading the library there (the .NET runtime starts threads) must not be a side effect of an
+import. The library is loaded when a name of this package is first used, e.g.
+``from lmcache_native import Engine``; that first use refuses to continue (ImportError) when the
+library's ABI version differs from the one these bindings were written for, since a silent ABI
+mismatch would corrupt memory.
 """
 
-# _bindings checks the library's ABI version before it binds anything else (ImportError on a
-# mismatch), so a library of another ABI, possibly lacking functions, fails with the clear message.
-from . import _bindings
-from ._bindings import ABI_VERSION, LmcKvLayerDesc, LmcStats, LmcTierStats
+from importlib import import_module as _import_module
 
-from ._errors import (  # noqa: E402  (after the ABI gate on purpose)
-    LmcBufferTooSmall,
-    LmcCudaError,
-    LmcError,
-    LmcInternalError,
-    LmcInvalidArgument,
-    LmcInvalidHandle,
-    LmcIOError,
-    LmcNoDevice,
-    LmcNotFound,
-    LmcOutOfMemory,
-    LmcTimeout,
-    LmcUnsupported,
-    check,
-)
-from .engine import (  # noqa: E402
-    Engine,
-    Job,
-    SlotBuffer,
-    TokenBuffer,
-    as_int32_buffer,
-    as_int64_buffer,
-    remote_lookup,
-)
+# Public name -> the private module that defines it. Importing _bindings loads the library and
+# checks its ABI version before anything else is bound.
+_DEFINED_IN = {
+    "ABI_VERSION": "_bindings",
+    "LmcKvLayerDesc": "_bindings",
+    "LmcStats": "_bindings",
+    "LmcTierStats": "_bindings",
+    **{name: "_errors" for name in (
+        "LmcBufferTooSmall", "LmcCudaError", "LmcError", "LmcInternalError", "LmcInvalidArgument",
+        "LmcInvalidHandle", "LmcIOError", "LmcNoDevice", "LmcNotFound", "LmcOutOfMemory", "LmcTimeout",
+        "LmcUnsupported", "check")},
+    **{name: "engine" for name in (
+        "Engine", "Job", "SlotBuffer", "TokenBuffer", "as_int32_buffer", "as_int64_buffer", "remote_lookup")},
+}
 
-__version__ = _bindings.lmc_version_string().decode("ascii")
+__all__ = sorted(_DEFINED_IN)
 
-__all__ = [
-    "ABI_VERSION",
-    "Engine",
-    "Job",
-    "LmcKvLayerDesc",
-    "LmcStats",
-    "LmcTierStats",
-    "TokenBuffer",
-    "SlotBuffer",
-    "as_int32_buffer",
-    "as_int64_buffer",
-    "remote_lookup",
-    "check",
-    "LmcError",
-    "LmcInvalidArgument",
-    "LmcInvalidHandle",
-    "LmcUnsupported",
-    "LmcOutOfMemory",
-    "LmcNotFound",
-    "LmcIOError",
-    "LmcCudaError",
-    "LmcNoDevice",
-    "LmcBufferTooSmall",
-    "LmcInternalError",
-    "LmcTimeout",
-]
+
+def __getattr__(name: str):
+    """Loads the library on the first use of one of its names (PEP 562), then caches the name."""
+    if name == "__version__":
+        value = _import_module("._bindings", __name__).lmc_version_string().decode("ascii")
+    elif name in _DEFINED_IN:
+        value = getattr(_import_module("." + _DEFINED_IN[name], __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_DEFINED_IN) | {"__version__"})

@@ -298,6 +298,33 @@ lmc_job_wait = _bind("lmc_job_wait", [POINTER(c_int64), c_void_p, c_int64], c_in
 lmc_job_destroy = _bind("lmc_job_destroy", [c_void_p], None)
 
 # ------------------------------------------------------------------------------------------------
+# CUDA (stream = torch.cuda.current_stream().cuda_stream, or None for the legacy default stream)
+# ------------------------------------------------------------------------------------------------
+# LMC_API lmc_status lmc_cuda_device_count(int32_t *count_out);
+lmc_cuda_device_count = _bind("lmc_cuda_device_count", [POINTER(c_int32)], c_int32)
+
+# LMC_API lmc_status lmc_store_async(lmc_job **job_out, int64_t *stored_tokens_out, lmc_engine *engine,
+#                                    const int32_t *tokens, const int64_t *slot_mapping,
+#                                    int64_t num_tokens, int64_t skip_leading_tokens,
+#                                    const uint8_t *extra_key, int64_t extra_key_len, void *stream);
+lmc_store_async = _bind(
+    "lmc_store_async",
+    [POINTER(c_void_p), POINTER(c_int64), c_void_p, c_void_p, c_void_p, c_int64, c_int64, c_char_p, c_int64, c_void_p],
+    c_int32,
+)
+
+# LMC_API lmc_status lmc_retrieve_async(lmc_job **job_out, int64_t *retrieved_tokens_out,
+#                                       lmc_engine *engine, const int32_t *tokens,
+#                                       const int64_t *slot_mapping, int64_t num_tokens,
+#                                       int64_t first_token_to_write, const uint8_t *extra_key,
+#                                       int64_t extra_key_len, void *stream);
+lmc_retrieve_async = _bind(
+    "lmc_retrieve_async",
+    [POINTER(c_void_p), POINTER(c_int64), c_void_p, c_void_p, c_void_p, c_int64, c_int64, c_char_p, c_int64, c_void_p],
+    c_int32,
+)
+
+# ------------------------------------------------------------------------------------------------
 # Statistics and maintenance
 # ------------------------------------------------------------------------------------------------
 # LMC_API lmc_status lmc_engine_get_stats(lmc_engine *engine, lmc_stats *stats);
@@ -338,6 +365,9 @@ ALL_FUNCTION_NAMES = (
     "lmc_prefetch_start",
     "lmc_job_wait",
     "lmc_job_destroy",
+    "lmc_cuda_device_count",
+    "lmc_store_async",
+    "lmc_retrieve_async",
     "lmc_engine_get_stats",
     "lmc_engine_tier_count",
     "lmc_engine_get_tier_stats",

@@ -70,7 +70,7 @@ internal static unsafe class Exports
             if (modelName == null) throw LmcException.InvalidArgument("model_name is NULL (pass \"\" for none)");
             var config = EngineConfig.Parse(Utf8(configJson, "config_json"));
             var engine = new CacheEngine(config, Utf8(modelName, "model_name")!, worldSize, workerId,
-                remoteTierFactory: LMCacheNative.Redis.RedisTier.TryCreate);
+                remoteTierFactory: LMCacheNative.Redis.RedisTier.TryCreate, deviceBackend: DeviceExports.Cuda);
             *engineOut = HandleTable.Add(engine);
             return ErrorState.Ok();
         }
@@ -426,7 +426,8 @@ internal static unsafe class Exports
             if (timeoutMs < -1) throw LmcException.InvalidArgument($"timeout_ms must be >= -1, got {timeoutMs}");
             try
             {
-                if (!task.Wait(timeoutMs == -1 ? Timeout.InfiniteTimeSpan : TimeSpan.FromMilliseconds(timeoutMs)))
+                // Task.Wait takes at most int.MaxValue ms (24.8 days): longer bounds wait forever.
+                if (!task.Wait(timeoutMs == -1 || timeoutMs > int.MaxValue ? Timeout.InfiniteTimeSpan : TimeSpan.FromMilliseconds(timeoutMs)))
                     return ErrorState.Fail(Status.Timeout, $"the job is still running after {timeoutMs} ms");
             }
             catch (AggregateException failed) when (failed.InnerException is { } inner)
@@ -458,12 +459,12 @@ internal static unsafe class Exports
 
     // ---- argument translation ----
 
-    private static void RequireOut(void* pointer, string name)
+    internal static void RequireOut(void* pointer, string name)
     {
         if (pointer == null) throw LmcException.InvalidArgument($"{name} is NULL");
     }
 
-    private static ReadOnlySpan<T> Input<T>(T* pointer, long length, string name, string lengthName) where T : unmanaged
+    internal static ReadOnlySpan<T> Input<T>(T* pointer, long length, string name, string lengthName) where T : unmanaged
     {
         if (length < 0) throw LmcException.InvalidArgument($"{lengthName} must be >= 0, got {length}");
         if (length > Array.MaxLength) throw LmcException.InvalidArgument($"{lengthName} {length} is too large");

@@ -1,4 +1,5 @@
 using System.Buffers;
+using System.Runtime.ExceptionServices;
 using LMCacheNative.Core.Config;
 using LMCacheNative.Core.Keys;
 using LMCacheNative.Core.Layout;
@@ -41,6 +42,12 @@ public sealed class CacheEngine : IDisposable
     // what the readers use.
     private readonly ReaderWriterLockSlim _lifecycle = new(LockRecursionPolicy.NoRecursion);
     private readonly IHostMemoryAllocator _allocator;
+    // The GPU path (LMCacheNative.Cuda), when the composition root supplies one.
+    private readonly IDeviceBackend? _deviceBackend;
+    // Asynchronous device transfers still in flight: re-registration and disposal wait for them,
+    // because the device is still reading or writing the pool and the layers.
+    private readonly object _deviceOperationsLock = new();
+    private int _deviceOperations;
     // Lower tiers in LMCache's order (local disk, then remote), each with its write-behind worker.
     private readonly TierWriter[] _writers;
     private Registration? _registration;
@@ -51,18 +58,22 @@ public sealed class CacheEngine : IDisposable
     private long _retrieveRequests, _retrieveRequestedTokens, _retrievedTokens, _retrievedBytes;
     private long _evictedBeforeCurrentTier;
 
-    private sealed class Registration(KvLayerLayout[] layers, ChunkHasher hasher, LocalCpuTier tier, IKvTransfer transfer, long bytesPerToken)
+    private sealed class Registration(KvLayerLayout[] layers, ChunkHasher hasher, LocalCpuTier tier, IKvTransfer transfer, long bytesPerToken,
+        IHostMemoryAllocator allocator)
     {
         public KvLayerLayout[] Layers { get; } = layers;
         public ChunkHasher Hasher { get; } = hasher;
         public LocalCpuTier Tier { get; } = tier;
         public IKvTransfer Transfer { get; } = transfer;
         public long BytesPerToken { get; } = bytesPerToken;
+        /// <summary>Where the tier's pool comes from: plain host memory, or the device path's pinned memory.</summary>
+        public IHostMemoryAllocator Allocator { get; } = allocator;
         public long NumSlots => Layers[0].NumSlots;
     }
 
+    /// <param name="deviceBackend">the GPU path for LMC_DEVICE_CUDA layers; without it they are refused as unsupported</param>
     public CacheEngine(EngineConfig config, string modelName, int worldSize, int workerId,
-        IHostMemoryAllocator? allocator = null, RemoteTierFactory? remoteTierFactory = null)
+        IHostMemoryAllocator? allocator = null, RemoteTierFactory? remoteTierFactory = null, IDeviceBackend? deviceBackend = null)
     {
         ArgumentNullException.ThrowIfNull(config);
         ArgumentNullException.ThrowIfNull(modelName);
@@ -74,6 +85,7 @@ public sealed class CacheEngine : IDisposable
         WorldSize = worldSize;
         WorkerId = workerId;
         _allocator = allocator ?? AlignedHostAllocator.Instance;
+        _deviceBackend = deviceBackend;
         _writers = CreateLowerTiers(config, remoteTierFactory);
     }
 
@@ -134,21 +146,44 @@ public sealed class CacheEngine : IDisposable
     {
         LayoutValidator.Validate(layers);
         var first = layers[0];
-        if (first.Device != DeviceKind.Host)
+        if (first.Device != DeviceKind.Host && _deviceBackend is null)
             throw new LmcException(LmcErrorKind.Unsupported,
                 "layer 0: device_kind LMC_DEVICE_CUDA needs the CUDA path, which this build does not have yet; register host memory");
 
         var keyNamespace = new KeyNamespace(ModelName, first.ElemSize, first.NumKvHeads, first.HeadSize, layers.Count, first.KvCount, WorldSize, WorkerId);
-        var transfer = new HostKvTransfer(layers);
-        long bytesPerToken = transfer.BytesPerToken;
+        IKvTransfer transfer;
+        IDeviceKvTransfer? device = null;
+        IHostMemoryAllocator allocator;
+        long bytesPerToken;
+        if (first.Device == DeviceKind.Host)
+        {
+            var host = new HostKvTransfer(layers);
+            transfer = host;
+            bytesPerToken = host.BytesPerToken;
+            allocator = _allocator;
+        }
+        else
+        {
+            // Driver, context, kernels and the layer table: once per registration, outside the lock.
+            device = _deviceBackend!.Attach(layers);
+            transfer = device;
+            bytesPerToken = first.TokenRowBytes * layers.Count * first.KvCount;
+            allocator = device.HostAllocator;
+        }
 
+        bool installed = false;
         _lifecycle.EnterWriteLock();
         try
         {
             ThrowIfDisposed();
+            // Transfers still running on a device read or write the old layers and pool.
+            WaitForDeviceOperations();
             var previous = _registration;
             LocalCpuTier tier;
-            if (previous is not null && previous.Hasher.Namespace == keyNamespace && previous.Hasher.Algorithm == Config.HashAlgorithm)
+            // Chunks are layout-free, so the cache survives a re-registration of the same namespace,
+            // unless the pool's memory must change kind (pageable for host layers, pinned for a GPU).
+            if (previous is not null && previous.Hasher.Namespace == keyNamespace && previous.Hasher.Algorithm == Config.HashAlgorithm
+                && previous.Allocator == allocator)
             {
                 tier = previous.Tier;
             }
@@ -158,7 +193,7 @@ public sealed class CacheEngine : IDisposable
                 // Without local_cpu the pool is only a staging area for the lower tiers: chunks
                 // leave it once written down (LMCache sizes that buffer with max_local_cpu_size too).
                 long poolBytes = Config.LocalCpu || _writers.Length > 0 ? (long)(Config.MaxLocalCpuSize * EngineConfig.BytesPerGb) : 0;
-                tier = new LocalCpuTier(new SlabPool(slabBytes, poolBytes, _allocator));
+                tier = new LocalCpuTier(new SlabPool(slabBytes, poolBytes, allocator));
                 if (previous is not null)
                 {
                     // Queued writes read slabs of the old pool: let them finish before it goes.
@@ -175,11 +210,14 @@ public sealed class CacheEngine : IDisposable
                 }
             }
             lock (_indexLock)
-                _registration = new Registration(layers.ToArray(), new ChunkHasher(Config.HashAlgorithm, keyNamespace), tier, transfer, bytesPerToken);
+                _registration = new Registration(layers.ToArray(), new ChunkHasher(Config.HashAlgorithm, keyNamespace), tier, transfer, bytesPerToken, allocator);
+            installed = true;
+            (previous?.Transfer as IDisposable)?.Dispose();
         }
         finally
         {
             _lifecycle.ExitWriteLock();
+            if (!installed) device?.Dispose();
         }
     }
 
@@ -234,6 +272,97 @@ public sealed class CacheEngine : IDisposable
     public StoreResult Store(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long skipLeadingTokens, ReadOnlySpan<byte> extraKey)
     {
         using var scope = EnterCall();
+        var op = BeginStore(tokens, slotMapping, skipLeadingTokens, extraKey);
+        long bytesCopied = 0;
+        try
+        {
+            if (op.Transfers.Length > 0)
+                bytesCopied = op.Reg.Transfer.Transfer(TransferDirection.Gather, op.Transfers, slotMapping);
+        }
+        catch
+        {
+            AbortStore(op);
+            throw;
+        }
+        return CompleteStore(op, bytesCopied);
+    }
+
+    /// <summary>
+    /// <see cref="Store"/> whose copy is only enqueued on the device stream <paramref name="stream"/>
+    /// (0 = the default stream). Keys, reservations and pins are done before this returns; the chunks
+    /// are published when the device has finished, which the returned task reports. Host layers copy
+    /// synchronously and return a completed task. <paramref name="tokensInCache"/> is what the store
+    /// will have cached once the task succeeds.
+    /// </summary>
+    public Task<StoreResult> StoreAsync(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long skipLeadingTokens, ReadOnlySpan<byte> extraKey,
+        nint stream, out long tokensInCache)
+    {
+        using var scope = EnterCall();
+        var op = BeginStore(tokens, slotMapping, skipLeadingTokens, extraKey);
+        tokensInCache = op.TokensInCache;
+        if (op.Transfers.Length == 0 || op.Reg.Transfer is not IDeviceKvTransfer device)
+        {
+            long bytesCopied = 0;
+            try
+            {
+                if (op.Transfers.Length > 0)
+                    bytesCopied = op.Reg.Transfer.Transfer(TransferDirection.Gather, op.Transfers, slotMapping);
+            }
+            catch
+            {
+                AbortStore(op);
+                throw;
+            }
+            return Task.FromResult(CompleteStore(op, bytesCopied));
+        }
+
+        Task<long> copy;
+        BeginDeviceOperation();
+        try
+        {
+            copy = device.TransferAsync(TransferDirection.Gather, op.Transfers, slotMapping, stream);
+        }
+        catch
+        {
+            AbortStore(op);
+            EndDeviceOperation();
+            throw;
+        }
+        return copy.ContinueWith(done =>
+        {
+            try
+            {
+                if (!done.IsCompletedSuccessfully)
+                {
+                    AbortStore(op);
+                    ExceptionDispatchInfo.Throw(done.Exception?.InnerException ?? new OperationCanceledException());
+                }
+                return CompleteStore(op, done.Result);
+            }
+            finally
+            {
+                EndDeviceOperation();
+            }
+        }, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+    }
+
+    /// <summary>A store between its planning (keys, reservations, pins) and its completion.</summary>
+    private sealed class PendingStore(Registration reg)
+    {
+        public Registration Reg { get; } = reg;
+        /// <summary>Nothing to store at all: completing only counts the request.</summary>
+        public bool Trivial { get; init; }
+        /// <summary>(chunk index, chunk) of every chunk this store holds a pin on.</summary>
+        public List<(int Index, CachedChunk Chunk)> Held { get; } = [];
+        /// <summary>Chunks reserved for this store, to be filled by the copy and then published.</summary>
+        public List<(int Index, CachedChunk Chunk)> Fresh { get; } = [];
+        public ChunkTransfer[] Transfers { get; set; } = [];
+        public int SkippedForSpace { get; set; }
+        public long TokensInCache { get; set; }
+    }
+
+    private PendingStore BeginStore(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long skipLeadingTokens, ReadOnlySpan<byte> extraKey)
+    {
         var reg = RequireRegistration();
         CheckTokensAndSlots(tokens, slotMapping, reg, "store");
         if (skipLeadingTokens < 0 || skipLeadingTokens > tokens.Length)
@@ -245,10 +374,7 @@ public sealed class CacheEngine : IDisposable
         int firstChunk = (int)(skipLeadingTokens / ChunkSize);
         long alignedSkip = (long)firstChunk * ChunkSize;
         if ((!Config.LocalCpu && _writers.Length == 0) || firstChunk >= chunkCount)
-        {
-            lock (_indexLock) _storeRequests++;
-            return new StoreResult(0, 0, 0, 0);
-        }
+            return new PendingStore(reg) { Trivial = true };
 
         // A chunk with a token that has no slot has no KV to store, and nothing after it is useful.
         int storableChunks = chunkCount;
@@ -259,14 +385,11 @@ public sealed class CacheEngine : IDisposable
         }
 
         ChunkKey[] keys = ArrayPool<ChunkKey>.Shared.Rent(Math.Max(storableChunks, 1));
-        // (chunk index, chunk) of every chunk this store holds a pin on.
-        var held = new List<(int Index, CachedChunk Chunk)>(Math.Max(storableChunks - firstChunk, 0));
-        var fresh = new List<(int Index, CachedChunk Chunk)>();
+        var op = new PendingStore(reg);
         try
         {
             reg.Hasher.ComputeKeys(tokens, extraKey, ChunkSize, keys.AsSpan(0, storableChunks));
             int reachedChunk = firstChunk;
-            int skippedForSpace = 0;
             lock (_indexLock)
             {
                 // Pin everything this store touches, so that making room for a later chunk can never
@@ -276,7 +399,7 @@ public sealed class CacheEngine : IDisposable
                     if (reg.Tier.Find(keys[c]) is { } existing)
                     {
                         reg.Tier.Pin(existing);
-                        held.Add((c, existing));
+                        op.Held.Add((c, existing));
                     }
                     else if (reg.Tier.IsPending(keys[c]))
                     {
@@ -289,71 +412,81 @@ public sealed class CacheEngine : IDisposable
                         var reserved = reg.Tier.TryReserve(keys[c], count, count * reg.BytesPerToken);
                         if (reserved is null)
                         {
-                            skippedForSpace = storableChunks - c;
+                            op.SkippedForSpace = storableChunks - c;
                             break;
                         }
-                        fresh.Add((c, reserved));
+                        op.Fresh.Add((c, reserved));
                     }
                     reachedChunk = c + 1;
                 }
             }
 
-            long bytesCopied = 0;
-            try
+            if (op.Fresh.Count > 0)
             {
-                if (fresh.Count > 0)
+                var transfers = new ChunkTransfer[op.Fresh.Count];
+                for (int i = 0; i < op.Fresh.Count; i++)
                 {
-                    var transfers = new ChunkTransfer[fresh.Count];
-                    for (int i = 0; i < fresh.Count; i++)
-                    {
-                        int start = fresh[i].Index * ChunkSize;
-                        transfers[i] = new ChunkTransfer(fresh[i].Chunk.Data, start, fresh[i].Chunk.TokenCount, start);
-                    }
-                    bytesCopied = reg.Transfer.Transfer(TransferDirection.Gather, transfers, slotMapping);
+                    int start = op.Fresh[i].Index * ChunkSize;
+                    transfers[i] = new ChunkTransfer(op.Fresh[i].Chunk.Data, start, op.Fresh[i].Chunk.TokenCount, start);
                 }
-            }
-            catch
-            {
-                lock (_indexLock)
-                {
-                    foreach (var (_, chunk) in fresh) reg.Tier.Abandon(chunk);
-                    foreach (var (_, chunk) in held) reg.Tier.Unpin(chunk);
-                }
-                throw;
-            }
-
-            long tokensCopied = fresh.Sum(c => (long)c.Chunk.TokenCount);
-            lock (_indexLock)
-            {
-                foreach (var (index, chunk) in fresh)
-                {
-                    var winner = reg.Tier.PublishPinned(chunk);
-                    held.Add((index, winner));
-                    if (winner != chunk) continue; // another store got there first and queued it
-                    foreach (var writer in _writers)
-                    {
-                        reg.Tier.Pin(winner);
-                        if (!writer.TryEnqueue(winner)) reg.Tier.Unpin(winner);
-                    }
-                }
-                // Unpin from the last chunk to the first, so the prefix ends up most recent.
-                foreach (var (_, chunk) in held.OrderByDescending(h => h.Index))
-                {
-                    reg.Tier.Unpin(chunk);
-                    if (!Config.LocalCpu) reg.Tier.RemoveIfUnpinned(chunk);
-                }
-                _storeRequests++;
-                _storedTokens += tokensCopied;
-                _storedBytes += bytesCopied;
-                _storeSkippedChunks += skippedForSpace;
+                op.Transfers = transfers;
             }
             long tokensInCache = Math.Min((long)reachedChunk * ChunkSize, tokens.Length) - alignedSkip;
-            return new StoreResult(Math.Max(tokensInCache, 0), tokensCopied, bytesCopied, skippedForSpace);
+            op.TokensInCache = Math.Max(tokensInCache, 0);
+            return op;
         }
         finally
         {
             ArrayPool<ChunkKey>.Shared.Return(keys);
         }
+    }
+
+    /// <summary>The copy failed: the reserved chunks are dropped, the pins released.</summary>
+    private void AbortStore(PendingStore op)
+    {
+        lock (_indexLock)
+        {
+            foreach (var (_, chunk) in op.Fresh) op.Reg.Tier.Abandon(chunk);
+            foreach (var (_, chunk) in op.Held) op.Reg.Tier.Unpin(chunk);
+        }
+    }
+
+    /// <summary>The copy is done: publishes the fresh chunks, queues them for the lower tiers, unpins, counts.</summary>
+    private StoreResult CompleteStore(PendingStore op, long bytesCopied)
+    {
+        if (op.Trivial)
+        {
+            lock (_indexLock) _storeRequests++;
+            return new StoreResult(0, 0, 0, 0);
+        }
+        var reg = op.Reg;
+        var held = op.Held;
+        long tokensCopied = op.Fresh.Sum(c => (long)c.Chunk.TokenCount);
+        lock (_indexLock)
+        {
+            foreach (var (index, chunk) in op.Fresh)
+            {
+                var winner = reg.Tier.PublishPinned(chunk);
+                held.Add((index, winner));
+                if (winner != chunk) continue; // another store got there first and queued it
+                foreach (var writer in _writers)
+                {
+                    reg.Tier.Pin(winner);
+                    if (!writer.TryEnqueue(winner)) reg.Tier.Unpin(winner);
+                }
+            }
+            // Unpin from the last chunk to the first, so the prefix ends up most recent.
+            foreach (var (_, chunk) in held.OrderByDescending(h => h.Index))
+            {
+                reg.Tier.Unpin(chunk);
+                if (!Config.LocalCpu) reg.Tier.RemoveIfUnpinned(chunk);
+            }
+            _storeRequests++;
+            _storedTokens += tokensCopied;
+            _storedBytes += bytesCopied;
+            _storeSkippedChunks += op.SkippedForSpace;
+        }
+        return new StoreResult(op.TokensInCache, tokensCopied, bytesCopied, op.SkippedForSpace);
     }
 
     /// <summary>
@@ -364,6 +497,92 @@ public sealed class CacheEngine : IDisposable
     public RetrieveResult Retrieve(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long firstTokenToWrite, ReadOnlySpan<byte> extraKey)
     {
         using var scope = EnterCall();
+        var op = BeginRetrieve(tokens, slotMapping, firstTokenToWrite, extraKey);
+        long bytesWritten = 0;
+        try
+        {
+            if (op.Transfers.Length > 0)
+                bytesWritten = op.Reg.Transfer.Transfer(TransferDirection.Scatter, op.Transfers, slotMapping);
+        }
+        catch
+        {
+            UnpinAll(op.Reg, op.Held);
+            throw;
+        }
+        return CompleteRetrieve(op, bytesWritten);
+    }
+
+    /// <summary>
+    /// <see cref="Retrieve"/> whose copy is only enqueued on the device stream <paramref name="stream"/>
+    /// (0 = the default stream): work the caller enqueues on that stream afterwards sees the KV.
+    /// Lookup, promotion from lower tiers and pinning are done before this returns; the chunks stay
+    /// pinned until the device has finished, which the returned task reports. Host layers copy
+    /// synchronously and return a completed task.
+    /// </summary>
+    public Task<RetrieveResult> RetrieveAsync(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long firstTokenToWrite, ReadOnlySpan<byte> extraKey,
+        nint stream, out long retrievedTokens)
+    {
+        using var scope = EnterCall();
+        var op = BeginRetrieve(tokens, slotMapping, firstTokenToWrite, extraKey);
+        retrievedTokens = op.Retrieved;
+        if (op.Transfers.Length == 0 || op.Reg.Transfer is not IDeviceKvTransfer device)
+        {
+            long bytesWritten = 0;
+            try
+            {
+                if (op.Transfers.Length > 0)
+                    bytesWritten = op.Reg.Transfer.Transfer(TransferDirection.Scatter, op.Transfers, slotMapping);
+            }
+            catch
+            {
+                UnpinAll(op.Reg, op.Held);
+                throw;
+            }
+            return Task.FromResult(CompleteRetrieve(op, bytesWritten));
+        }
+
+        Task<long> copy;
+        BeginDeviceOperation();
+        try
+        {
+            copy = device.TransferAsync(TransferDirection.Scatter, op.Transfers, slotMapping, stream);
+        }
+        catch
+        {
+            UnpinAll(op.Reg, op.Held);
+            EndDeviceOperation();
+            throw;
+        }
+        return copy.ContinueWith(done =>
+        {
+            try
+            {
+                if (!done.IsCompletedSuccessfully)
+                {
+                    UnpinAll(op.Reg, op.Held);
+                    ExceptionDispatchInfo.Throw(done.Exception?.InnerException ?? new OperationCanceledException());
+                }
+                return CompleteRetrieve(op, done.Result);
+            }
+            finally
+            {
+                EndDeviceOperation();
+            }
+        }, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+    }
+
+    /// <summary>A retrieve between pinning its prefix and its completion.</summary>
+    private sealed class PendingRetrieve(Registration reg, List<CachedChunk> held, long retrieved, int numTokens, ChunkTransfer[] transfers)
+    {
+        public Registration Reg { get; } = reg;
+        public List<CachedChunk> Held { get; } = held;
+        public long Retrieved { get; } = retrieved;
+        public int NumTokens { get; } = numTokens;
+        public ChunkTransfer[] Transfers { get; } = transfers;
+    }
+
+    private PendingRetrieve BeginRetrieve(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long firstTokenToWrite, ReadOnlySpan<byte> extraKey)
+    {
         var reg = RequireRegistration();
         CheckTokensAndSlots(tokens, slotMapping, reg, "retrieve");
         if (firstTokenToWrite < 0 || firstTokenToWrite > tokens.Length)
@@ -371,36 +590,67 @@ public sealed class CacheEngine : IDisposable
 
         int chunkCount = ChunkHasher.ChunkCount(tokens.Length, ChunkSize);
         ChunkKey[] keys = ArrayPool<ChunkKey>.Shared.Rent(Math.Max(chunkCount, 1));
-        List<CachedChunk> held = [];
         try
         {
             reg.Hasher.ComputeKeys(tokens, extraKey, ChunkSize, keys.AsSpan(0, chunkCount));
-            held = PinPrefix(reg, keys.AsSpan(0, chunkCount), tokens.Length);
+            var held = PinPrefix(reg, keys.AsSpan(0, chunkCount), tokens.Length);
             long retrieved = Math.Min((long)held.Count * ChunkSize, tokens.Length);
 
-            long bytesWritten = 0;
+            ChunkTransfer[] transfers = [];
             int firstToCopy = (int)(firstTokenToWrite / ChunkSize);
             if (held.Count > firstToCopy)
             {
-                var transfers = new ChunkTransfer[held.Count - firstToCopy];
+                transfers = new ChunkTransfer[held.Count - firstToCopy];
                 for (int i = firstToCopy; i < held.Count; i++)
                     transfers[i - firstToCopy] = new ChunkTransfer(held[i].Data, i * ChunkSize, held[i].TokenCount, (int)firstTokenToWrite);
-                bytesWritten = reg.Transfer.Transfer(TransferDirection.Scatter, transfers, slotMapping);
             }
-
-            lock (_indexLock)
-            {
-                _retrieveRequests++;
-                _retrieveRequestedTokens += tokens.Length;
-                _retrievedTokens += retrieved;
-                _retrievedBytes += bytesWritten;
-            }
-            return new RetrieveResult(retrieved, bytesWritten);
+            return new PendingRetrieve(reg, held, retrieved, tokens.Length, transfers);
         }
         finally
         {
-            UnpinAll(reg, held);
             ArrayPool<ChunkKey>.Shared.Return(keys);
+        }
+    }
+
+    /// <summary>The copy is done: counts the retrieve and releases the pins.</summary>
+    private RetrieveResult CompleteRetrieve(PendingRetrieve op, long bytesWritten)
+    {
+        try
+        {
+            lock (_indexLock)
+            {
+                _retrieveRequests++;
+                _retrieveRequestedTokens += op.NumTokens;
+                _retrievedTokens += op.Retrieved;
+                _retrievedBytes += bytesWritten;
+            }
+            return new RetrieveResult(op.Retrieved, bytesWritten);
+        }
+        finally
+        {
+            UnpinAll(op.Reg, op.Held);
+        }
+    }
+
+    private void BeginDeviceOperation()
+    {
+        lock (_deviceOperationsLock) _deviceOperations++;
+    }
+
+    private void EndDeviceOperation()
+    {
+        lock (_deviceOperationsLock)
+        {
+            if (--_deviceOperations == 0) Monitor.PulseAll(_deviceOperationsLock);
+        }
+    }
+
+    /// <summary>Blocks until no asynchronous device transfer is in flight.</summary>
+    private void WaitForDeviceOperations()
+    {
+        lock (_deviceOperationsLock)
+        {
+            while (_deviceOperations > 0) Monitor.Wait(_deviceOperationsLock);
         }
     }
 
@@ -446,48 +696,89 @@ public sealed class CacheEngine : IDisposable
         }
         if (held.Count == keys.Length || _writers.Length == 0) return held;
 
-        // Which lower tier holds each further chunk: each tier continues where the previous stopped.
-        int planned = held.Count;
-        var sources = new List<IStorageTier>();
-        foreach (var writer in _writers)
+        // Chunks pinned or reserved below; on an exception they are all released before it leaves.
+        List<(CachedChunk Chunk, bool Reserved)> targets = [];
+        int filled;
+        try
         {
-            int n = writer.Tier.CountPrefix(keys[planned..]);
-            for (int i = 0; i < n; i++) sources.Add(writer.Tier);
-            planned += n;
-            if (planned == keys.Length) break;
+            // Which lower tier holds each further chunk: each tier continues where the previous stopped.
+            int planned = held.Count;
+            var sources = new List<IStorageTier>();
+            foreach (var writer in _writers)
+            {
+                int n = writer.Tier.CountPrefix(keys[planned..]);
+                for (int i = 0; i < n; i++) sources.Add(writer.Tier);
+                planned += n;
+                if (planned == keys.Length) break;
+            }
+
+            // Reserve CPU slabs for every planned chunk first, so that each tier can read its whole
+            // run of chunks in one batch (pipelined for Redis, in parallel for disk).
+            int start = held.Count;
+            targets = new List<(CachedChunk Chunk, bool Reserved)>(sources.Count);
+            lock (_indexLock)
+            {
+                for (int i = 0; i < sources.Count; i++)
+                {
+                    int index = start + i;
+                    if (reg.Tier.Find(keys[index]) is { } promotedMeanwhile)
+                    {
+                        reg.Tier.Pin(promotedMeanwhile);
+                        targets.Add((promotedMeanwhile, false));
+                        continue;
+                    }
+                    int tokenCount = Math.Min(ChunkSize, numTokens - index * ChunkSize);
+                    var reserved = reg.Tier.TryReserve(keys[index], tokenCount, tokenCount * reg.BytesPerToken);
+                    if (reserved is null) break; // no room in the CPU tier: the prefix ends here
+                    targets.Add((reserved, true));
+                }
+            }
+
+            // Read run by run (consecutive chunks from one tier); the prefix ends at the first chunk
+            // that could not be read (vanished, failed its checksum, timed out).
+            filled = targets.Count;
+            for (int runStart = 0; runStart < filled;)
+            {
+                var tier = sources[runStart];
+                int runEnd = runStart;
+                while (runEnd < filled && sources[runEnd] == tier) runEnd++;
+                var reads = new List<TierRead>(runEnd - runStart);
+                var readTargets = new List<int>(runEnd - runStart);
+                for (int i = runStart; i < runEnd; i++)
+                {
+                    if (!targets[i].Reserved) continue;
+                    var chunk = targets[i].Chunk;
+                    reads.Add(new TierRead(chunk.Key, chunk.TokenCount, chunk.Data, chunk.PayloadBytes));
+                    readTargets.Add(i);
+                }
+                int ok = reads.Count == 0 ? 0 : tier.ReadPrefix(reads);
+                if (ok < reads.Count)
+                {
+                    filled = readTargets[ok];
+                    break;
+                }
+                runStart = runEnd;
+            }
+        }
+        catch
+        {
+            lock (_indexLock)
+            {
+                foreach (var (chunk, reserved) in targets)
+                    if (reserved) reg.Tier.Abandon(chunk); else reg.Tier.Unpin(chunk);
+                foreach (var chunk in held) reg.Tier.Unpin(chunk);
+            }
+            throw;
         }
 
-        int start = held.Count;
-        for (int i = 0; i < sources.Count; i++)
+        lock (_indexLock)
         {
-            int index = start + i;
-            int tokenCount = Math.Min(ChunkSize, numTokens - index * ChunkSize);
-            CachedChunk? reserved;
-            lock (_indexLock)
+            for (int i = 0; i < targets.Count; i++)
             {
-                if (reg.Tier.Find(keys[index]) is { } promotedMeanwhile)
-                {
-                    reg.Tier.Pin(promotedMeanwhile);
-                    held.Add(promotedMeanwhile);
-                    continue;
-                }
-                reserved = reg.Tier.TryReserve(keys[index], tokenCount, tokenCount * reg.BytesPerToken);
-            }
-            if (reserved is null) break; // no room in the CPU tier: the prefix ends here
-
-            bool read;
-            unsafe
-            {
-                read = sources[i].TryRead(keys[index], tokenCount, new Span<byte>((void*)reserved.Data, checked((int)reserved.PayloadBytes)));
-            }
-            lock (_indexLock)
-            {
-                if (!read)
-                {
-                    reg.Tier.Abandon(reserved);
-                    break; // a record that vanished or failed its checksum ends the prefix
-                }
-                held.Add(reg.Tier.PublishPinned(reserved));
+                var (chunk, reserved) = targets[i];
+                if (i < filled) held.Add(reserved ? reg.Tier.PublishPinned(chunk) : chunk);
+                else if (reserved) reg.Tier.Abandon(chunk);
+                else reg.Tier.Unpin(chunk);
             }
         }
         return held;
@@ -596,15 +887,19 @@ public sealed class CacheEngine : IDisposable
         {
             if (_disposed) return;
             _disposed = true;
+            // Device transfers in flight still use the pool and queue chunks for the writers.
+            WaitForDeviceOperations();
             // Writers first: they finish the queued writes (what other processes expect to find)
             // and release their pins through the CPU tier, which must still exist.
             foreach (var writer in _writers) writer.Dispose();
             foreach (var writer in _writers) writer.Tier.Dispose();
+            var registration = _registration;
             lock (_indexLock)
             {
                 _registration?.Tier.Dispose();
                 _registration = null;
             }
+            (registration?.Transfer as IDisposable)?.Dispose();
         }
         finally
         {

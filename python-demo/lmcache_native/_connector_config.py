@@ -1,0 +1,309 @@
+"""Configuration of the vLLM connector, resolved the way LMCache does it.
+
+Sources, lowest precedence first (a later source overrides an earlier one key by key):
+
+  1. the YAML file named by ``LMCACHE_CONFIG_FILE``;
+  2. environment variables ``LMCACHE_<UPPER_KEY>`` (``LMCACHE_CHUNK_SIZE=8``);
+  3. vLLM's ``kv_connector_extra_config`` keys prefixed ``lmcache.`` (``"lmcache.chunk_size": 8``).
+
+Keys are LMCache's. A key the library's engine knows is passed to it; a key LMCache has but this build
+ignores, or a key nobody knows, is a warning that names it and is dropped (the library itself refuses
+unknown keys, so they must not reach it). A value of the wrong type or out of range is a ``ValueError``
+at start-up. Environment values are text and are parsed by the key's type; YAML and extra-config values
+must already have the right type (numbers may be given for floats, and text that parses is accepted).
+
+This module is pure Python: no library load, no torch. The connector and the tests use it alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+logger = logging.getLogger("lmcache_native.vllm_connector")
+
+CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
+ENV_PREFIX = "LMCACHE_"
+EXTRA_CONFIG_PREFIX = "lmcache."
+
+# LMCACHE_* environment variables that are not configuration keys (LMCache reads them elsewhere).
+NON_KEY_ENV_VARS = frozenset({
+    "LMCACHE_CONFIG_FILE", "LMCACHE_LOG_LEVEL", "LMCACHE_FORCE_SKIP_SAVE", "LMCACHE_USE_EXPERIMENTAL",
+    "LMCACHE_TRACK_USAGE",
+})
+
+# kv_connector_extra_config keys without the "lmcache." prefix that LMCache's vLLM adapter reads.
+PLAIN_EXTRA_KEYS = frozenset({"discard_partial_chunks", "skip_last_n_tokens", "lmcache_rpc_port"})
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the key and the source."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Value parsers: (value, from_text) -> parsed value, or ConfigError. from_text is True for
+# environment variables, whose values are always strings.
+# ------------------------------------------------------------------------------------------------
+def _bool(value, from_text):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+    raise ValueError("must be true or false")
+
+
+def _int(minimum=None, maximum=None):
+    def parse(value, from_text):
+        if isinstance(value, bool):
+            raise ValueError("must be an integer")
+        if isinstance(value, str):
+            try:
+                value = int(value.strip(), 10)
+            except ValueError:
+                raise ValueError("must be an integer") from None
+        elif isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):
+            raise ValueError("must be an integer")
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise ValueError(f"must be in [{minimum}, {maximum}]")
+        return value
+
+    return parse
+
+
+def _float(minimum=None, maximum=None, exclusive_minimum=False):
+    def parse(value, from_text):
+        if isinstance(value, bool):
+            raise ValueError("must be a number")
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ValueError("must be a number") from None
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        value = float(value)
+        if minimum is not None and (value < minimum or (exclusive_minimum and value == minimum)):
+            raise ValueError(f"must be {'>' if exclusive_minimum else '>='} {minimum}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must be <= {maximum}")
+        return value
+
+    return parse
+
+
+def _text(choices=None):
+    def parse(value, from_text):
+        if not isinstance(value, str):
+            raise ValueError("must be a string")
+        if choices is not None and value not in choices:
+            raise ValueError(f"must be one of {sorted(choices)}")
+        return value
+
+    return parse
+
+
+def _optional(inner):
+    def parse(value, from_text):
+        if value is None or (from_text and value.strip().lower() in ("", "none", "null")):
+            return None
+        return inner(value, from_text)
+
+    return parse
+
+
+def _json_object(value, from_text):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as error:
+            raise ValueError(f"must be a JSON object: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError("must be a mapping (JSON object)")
+    return value
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    parse: Callable[[Any, bool], Any]
+    default: Any
+    doc: str
+
+
+# Keys the library's engine accepts (src/LMCacheNative.Core/Config/EngineConfig.cs). Defaults are the
+# engine's; the connector also reads several of them itself.
+ENGINE_KEYS: dict[str, KeySpec] = {
+    "chunk_size": KeySpec(_int(1, 1 << 20), 256, "tokens per chunk, the unit of keys and storage"),
+    "local_cpu": KeySpec(_bool, True, "keep chunks in host memory (the CPU tier)"),
+    "max_local_cpu_size": KeySpec(_float(0, 1 << 20), 5.0, "CPU tier size in GB (2^30 bytes) per worker"),
+    "save_unfull_chunk": KeySpec(_bool, False, "also store a prompt's trailing partial chunk"),
+    "save_decode_cache": KeySpec(_bool, False, "keep storing chunks completed during decode"),
+    "pre_caching_hash_algorithm": KeySpec(
+        _text({"builtin", "sha256", "sha256_cbor", "sha256_cbor_64bit", "xxh3_128", "xxhash"}), "sha256",
+        "chunk hash chain; builtin/sha256* mean SHA-256 here (seed-free), xxh3_128 is faster"),
+    "cache_policy": KeySpec(_text(), "LRU", "eviction policy of the CPU tier (only LRU)"),
+    "min_retrieve_tokens": KeySpec(_int(0, 2**31 - 1), 0, "below this many tokens to load, do not load"),
+    "enable_async_loading": KeySpec(_bool, None, "load asynchronously (vLLM load_kv_async); default: on"),
+    "lookup_timeout_ms": KeySpec(_float(0, 3_600_000, exclusive_minimum=True), 3000.0,
+                                 "bound of a cross-process lookup; a timeout is a miss"),
+    "blocking_timeout_secs": KeySpec(_float(0, 3600, exclusive_minimum=True), 10.0,
+                                     "bound of remote-tier operations and of the flush at shutdown"),
+    "local_disk": KeySpec(_optional(_text()), None, "directory of the local disk tier (file:// allowed)"),
+    "max_local_disk_size": KeySpec(_float(0, 1 << 30), 0.0, "disk tier size in GB"),
+    "remote_url": KeySpec(_optional(_text()), None, "remote tier, redis://host:port/db or rediss://"),
+    "remote_serde": KeySpec(_text(), "naive", "serialisation of remote records (only naive)"),
+    "priority_limit": KeySpec(_optional(_int(-(2**31), 2**31 - 1)), None,
+                              "requests with a priority above this are not stored"),
+    "extra_config": KeySpec(_json_object, None, "free-form LMCache extra_config object"),
+    "gds_path": KeySpec(_optional(_text()), None, "GPU-direct storage (not in this build: null only)"),
+    "use_layerwise": KeySpec(_bool, False, "layer-wise pipelining (not in this build: false only)"),
+    "enable_blending": KeySpec(_bool, False, "CacheBlend (not in this build: false only)"),
+    "enable_pd": KeySpec(_bool, False, "disaggregated prefill (not in this build: false only)"),
+    "enable_p2p": KeySpec(_bool, False, "P2P sharing (not in this build: false only)"),
+    "enable_controller": KeySpec(_bool, False, "LMCache controller (not in this build: false only)"),
+    "local_cpu_use_hugepages": KeySpec(_bool, False, "huge pages for the CPU tier (false only)"),
+    "enable_lazy_memory_allocator": KeySpec(_bool, False, "LMCache's lazy allocator (false only; the "
+                                                          "pool here always grows on demand)"),
+    "use_gpu_connector_v3": KeySpec(_bool, False, "LMCache GPU connector v3 (false only)"),
+}
+
+# Keys of LMCache's configuration (lmcache/v1/config.py) that this build does not implement: they are
+# accepted with a warning naming them and otherwise ignored, so LMCache configuration files load.
+IGNORED_LMCACHE_KEYS = frozenset({
+    "py_enable_gc", "enable_kv_events", "reserve_local_cpu_size", "numa_mode",
+    "cost_aware_half_life_seconds", "cost_aware_ewma_alpha", "lazy_memory_initial_ratio",
+    "lazy_memory_expand_trigger_ratio", "lazy_memory_step_ratio", "lazy_memory_safe_size",
+    "pin_timeout_sec", "pin_check_interval_sec", "local_disk_path_sharding", "gds_buffer_size",
+    "gds_path_sharding", "use_gds", "gds_backend", "maru_path", "maru_pool_size",
+    "remote_storage_plugins", "storage_plugins", "runtime_plugin_locations", "store_location",
+    "retrieve_locations", "blend_recompute_ratios", "blend_thresholds", "blend_check_layers",
+    "blend_min_tokens", "blend_special_str", "p2p_host", "p2p_init_ports", "p2p_lookup_ports",
+    "transfer_channel", "nixl_backends", "nixl_buffer_size", "nixl_buffer_device", "mp_host", "mp_port",
+    "pd_role", "pd_buffer_size", "pd_buffer_device", "pd_peer_host", "pd_peer_init_port",
+    "pd_peer_alloc_port", "pd_peer_query_port", "pd_proxy_host", "pd_proxy_port",
+    "pd_allocation_timeout_sec", "pd_shutdown_timeout_sec", "pd_condition_poll_interval_sec",
+    "pd_max_prefill_len", "pd_backend_mode", "pd_skip_proxy_notification", "pd_bidirectional",
+    "lmcache_instance_id", "controller_pull_url", "controller_reply_url", "lmcache_worker_ports",
+    "lmcache_worker_ids", "lmcache_worker_heartbeat_delay_time", "lmcache_worker_heartbeat_time",
+    "lookup_server_worker_ids", "enable_scheduler_bypass_lookup", "external_lookup_client",
+    "hit_miss_ratio", "internal_api_server_enabled", "internal_api_server_host",
+    "internal_api_server_port_start", "internal_api_server_include_index_list",
+    "internal_api_server_socket_path_prefix", "script_allowed_imports", "enable_chunk_statistics",
+    "chunk_statistics_strategy", "remote_config_url", "app_id", "enable_hidden_state_cache",
+    "max_hidden_state_cpu_size", "hidden_state_layers", "hidden_states_retrieve_mode",
+    "enable_xpyd", "nixl_peer_host", "nixl_peer_init_port", "nixl_peer_alloc_port", "nixl_proxy_host",
+    "nixl_proxy_port", "nixl_role", "controller_url", "lmcache_worker_port", "plugin_locations",
+    "external_backends", "enable_nixl", "nixl_receiver_host", "nixl_receiver_port", "lookup_url",
+    "distributed_url", "error_handling", "weka_path",
+})
+
+# kv_connector_extra_config keys of LMCache's vLLM adapter (no prefix), read by the connector.
+PLAIN_EXTRA_SPECS: dict[str, KeySpec] = {
+    "discard_partial_chunks": KeySpec(_bool, False, "never store a partial chunk (overrides save_unfull_chunk)"),
+    "skip_last_n_tokens": KeySpec(_int(0, 2**31 - 1), 0, "leave the last n tokens of a prompt out of lookups"),
+    "lmcache_rpc_port": KeySpec(_int(0, 2**31 - 1), 0, "names the lookup sockets (several vLLM instances "
+                                                       "on one machine need different values)"),
+}
+
+
+@dataclass
+class ResolvedConfig:
+    """The outcome of :func:`resolve`."""
+
+    engine: dict = field(default_factory=dict)  # keys to pass to the engine (explicitly set ones)
+    values: dict = field(default_factory=dict)  # every engine key with its effective value
+    plain: dict = field(default_factory=dict)  # PLAIN_EXTRA_SPECS values
+    sources: dict = field(default_factory=dict)  # key -> "file" | "env" | "extra_config"
+    warnings: list = field(default_factory=list)  # the warnings logged, for tests
+
+    def get(self, key, default=None):
+        return self.values.get(key, default)
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        import yaml  # python3-yaml; only needed when a file is named
+    except ImportError as error:  # pragma: no cover - yaml is present on the project machines
+        raise ConfigError(f"{CONFIG_FILE_ENV}={path}: reading YAML needs PyYAML ({error})") from None
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except OSError as error:
+        raise ConfigError(f"{CONFIG_FILE_ENV}={path}: cannot read the file: {error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{CONFIG_FILE_ENV}={path}: not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{CONFIG_FILE_ENV}={path}: expected a mapping of LMCache keys, got {type(data).__name__}")
+    return data
+
+
+def resolve(extra_config: Mapping | None, environ: Mapping | None = None, *,
+            warn: Callable[[str], None] | None = None) -> ResolvedConfig:
+    """Resolves the configuration from the three sources; raises ``ConfigError`` on a bad value."""
+    environ = os.environ if environ is None else environ
+    extra_config = dict(extra_config or {})
+    result = ResolvedConfig()
+
+    def warning(message: str) -> None:
+        result.warnings.append(message)
+        (warn or logger.warning)(message)
+
+    raw: dict[str, tuple[Any, bool, str]] = {}  # key -> (value, from_text, source description)
+
+    def offer(key: str, value, from_text: bool, source: str) -> None:
+        if key in ENGINE_KEYS:
+            raw[key] = (value, from_text, source)
+        elif key in IGNORED_LMCACHE_KEYS:
+            warning(f"LMCache config key '{key}' (from {source}) is not supported by LMCacheNative and is ignored")
+        else:
+            warning(f"unknown LMCache config key '{key}' (from {source}) is ignored")
+
+    path = environ.get(CONFIG_FILE_ENV)
+    if path:
+        for key, value in _read_yaml(path).items():
+            offer(str(key), value, False, f"{CONFIG_FILE_ENV} {path}")
+
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in NON_KEY_ENV_VARS:
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key.startswith("ec_"):  # LMCache's encoder-cache clone reads these; not ours
+            continue
+        offer(key, environ[name], True, f"environment variable {name}")
+
+    for name, value in extra_config.items():
+        if isinstance(name, str) and name.startswith(EXTRA_CONFIG_PREFIX):
+            offer(name[len(EXTRA_CONFIG_PREFIX):], value, False, f"kv_connector_extra_config '{name}'")
+
+    for key, (value, from_text, source) in raw.items():
+        try:
+            parsed = ENGINE_KEYS[key].parse(value, from_text)
+        except ValueError as error:
+            raise ConfigError(f"LMCache config key '{key}' (from {source}): {error}, got {value!r}") from None
+        result.engine[key] = parsed
+        result.sources[key] = source
+    for key, spec in ENGINE_KEYS.items():
+        result.values[key] = result.engine.get(key, spec.default)
+
+    for key, spec in PLAIN_EXTRA_SPECS.items():
+        value = extra_config.get(key, spec.default)
+        try:
+            result.plain[key] = spec.parse(value, False)
+        except ValueError as error:
+            raise ConfigError(f"kv_connector_extra_config '{key}': {error}, got {value!r}") from None
+    # extra_config keys that are neither lmcache.* nor known plain keys belong to vLLM or other
+    # connectors (MultiConnector shares one dict): not ours to warn about.
+    return result
