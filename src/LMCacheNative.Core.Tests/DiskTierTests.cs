@@ -50,21 +50,8 @@ public class DiskTierTests
 
     private static StorageTierStats Disk(CacheEngine engine) => engine.GetTierStats().Single(t => t.Name == "LocalDiskBackend").Counters;
 
-    /// <summary>Retrieves into a guard-filled copy of the source layout and checks every written byte.</summary>
-    private long RetrieveAndCheck(CacheEngine engine, int[] tokens, long expectedTokens)
-    {
-        using var destination = new TestModelCache(TestLayout.FlashNhd, 2, 32, 4, 2, 8, 2);
-        destination.Fill(0xA5);
-        engine.RegisterLayers(destination.Describe());
-        var expected = destination.Snapshot();
-        for (int t = 0; t < expectedTokens; t++) destination.ExpectCopied(expected, _source, _slots[t], _slots[t]);
-        long retrieved = engine.Retrieve(tokens, _slots.AsSpan(0, tokens.Length), 0, default).RetrievedTokens;
-        engine.RegisterLayers(_source.Describe());
-        Assert.That(retrieved, Is.EqualTo(expectedTokens));
-        var actual = destination.Snapshot();
-        for (int l = 0; l < 2; l++) Assert.That(actual[l].AsSpan().SequenceEqual(expected[l]), Is.True, $"layer {l}");
-        return retrieved;
-    }
+    private long RetrieveAndCheck(CacheEngine engine, int[] tokens, long expectedTokens) =>
+        _source.RetrieveAndCheck(engine, TestLayout.FlashNhd, tokens, _slots, expectedTokens);
 
     private string[] RecordFiles() => Directory.GetFiles(_directory, "*" + LocalDiskTier.RecordExtension).Order().ToArray();
 

@@ -147,6 +147,30 @@ public sealed class TestModelCache : IDisposable
         }
     }
 
+    /// <summary>
+    /// Retrieves <paramref name="tokens"/> with <paramref name="engine"/> into a guard-filled cache of
+    /// <paramref name="destinationLayout"/> (same shape as this one, which the engine stored from,
+    /// using the same <paramref name="slots"/>), checks that exactly the first
+    /// <paramref name="expectedTokens"/> tokens arrived bit-exact and nothing else changed, and
+    /// registers this cache again. Returns the retrieved token count.
+    /// </summary>
+    public long RetrieveAndCheck(LMCacheNative.Core.Engine.CacheEngine engine, TestLayout destinationLayout, int[] tokens, long[] slots, long expectedTokens)
+    {
+        var first = Layers[0];
+        using var destination = new TestModelCache(destinationLayout, Layers.Length, first.NumBlocks, first.BlockSize, first.Heads, first.HeadSize, first.ElemSize);
+        destination.Fill(0xA5);
+        engine.RegisterLayers(destination.Describe());
+        var expected = destination.Snapshot();
+        for (int t = 0; t < expectedTokens; t++) destination.ExpectCopied(expected, this, slots[t], slots[t]);
+        long retrieved = engine.Retrieve(tokens, slots.AsSpan(0, tokens.Length), 0, default).RetrievedTokens;
+        engine.RegisterLayers(Describe());
+        NUnit.Framework.Assert.That(retrieved, NUnit.Framework.Is.EqualTo(expectedTokens));
+        var actual = destination.Snapshot();
+        for (int l = 0; l < actual.Length; l++)
+            NUnit.Framework.Assert.That(actual[l].AsSpan().SequenceEqual(expected[l]), NUnit.Framework.Is.True, $"layer {l}");
+        return retrieved;
+    }
+
     private static unsafe nint Unsafe(Span<byte> span)
     {
         fixed (byte* p = span) return (nint)p;

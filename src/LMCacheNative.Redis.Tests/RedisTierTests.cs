@@ -58,19 +58,8 @@ public class RedisTierTests
         }
     }
 
-    private void RetrieveAndCheck(CacheEngine engine, int[] tokens, long expectedTokens)
-    {
-        using var destination = new TestModelCache(TestLayout.BlocksFirstNhd, 2, 32, 4, 2, 8, 2);
-        destination.Fill(0x5A);
-        engine.RegisterLayers(destination.Describe());
-        var expected = destination.Snapshot();
-        for (int t = 0; t < expectedTokens; t++) destination.ExpectCopied(expected, _source, _slots[t], _slots[t]);
-        long retrieved = engine.Retrieve(tokens, _slots.AsSpan(0, tokens.Length), 0, default).RetrievedTokens;
-        engine.RegisterLayers(_source.Describe());
-        Assert.That(retrieved, Is.EqualTo(expectedTokens));
-        var actual = destination.Snapshot();
-        for (int l = 0; l < 2; l++) Assert.That(actual[l].AsSpan().SequenceEqual(expected[l]), Is.True, $"layer {l}");
-    }
+    private void RetrieveAndCheck(CacheEngine engine, int[] tokens, long expectedTokens) =>
+        _source.RetrieveAndCheck(engine, TestLayout.BlocksFirstNhd, tokens, _slots, expectedTokens);
 
     /// <summary>Stores through one engine and waits until the remote tier has the records.</summary>
     private void StoreAndFlush(CacheEngine engine, int[] tokens)
