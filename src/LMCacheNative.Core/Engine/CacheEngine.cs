@@ -272,7 +272,12 @@ public sealed class CacheEngine : IDisposable
     public StoreResult Store(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long skipLeadingTokens, ReadOnlySpan<byte> extraKey)
     {
         using var scope = EnterCall();
-        var op = BeginStore(tokens, slotMapping, skipLeadingTokens, extraKey);
+        return StoreNow(BeginStore(tokens, slotMapping, skipLeadingTokens, extraKey), slotMapping);
+    }
+
+    /// <summary>Runs a planned store's copy on the calling thread and completes it.</summary>
+    private StoreResult StoreNow(PendingStore op, ReadOnlySpan<long> slotMapping)
+    {
         long bytesCopied = 0;
         try
         {
@@ -301,20 +306,7 @@ public sealed class CacheEngine : IDisposable
         var op = BeginStore(tokens, slotMapping, skipLeadingTokens, extraKey);
         tokensInCache = op.TokensInCache;
         if (op.Transfers.Length == 0 || op.Reg.Transfer is not IDeviceKvTransfer device)
-        {
-            long bytesCopied = 0;
-            try
-            {
-                if (op.Transfers.Length > 0)
-                    bytesCopied = op.Reg.Transfer.Transfer(TransferDirection.Gather, op.Transfers, slotMapping);
-            }
-            catch
-            {
-                AbortStore(op);
-                throw;
-            }
-            return Task.FromResult(CompleteStore(op, bytesCopied));
-        }
+            return Task.FromResult(StoreNow(op, slotMapping));
 
         Task<long> copy;
         BeginDeviceOperation();
@@ -497,7 +489,12 @@ public sealed class CacheEngine : IDisposable
     public RetrieveResult Retrieve(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long firstTokenToWrite, ReadOnlySpan<byte> extraKey)
     {
         using var scope = EnterCall();
-        var op = BeginRetrieve(tokens, slotMapping, firstTokenToWrite, extraKey);
+        return RetrieveNow(BeginRetrieve(tokens, slotMapping, firstTokenToWrite, extraKey), slotMapping);
+    }
+
+    /// <summary>Runs a planned retrieve's copy on the calling thread and completes it.</summary>
+    private RetrieveResult RetrieveNow(PendingRetrieve op, ReadOnlySpan<long> slotMapping)
+    {
         long bytesWritten = 0;
         try
         {
@@ -526,20 +523,7 @@ public sealed class CacheEngine : IDisposable
         var op = BeginRetrieve(tokens, slotMapping, firstTokenToWrite, extraKey);
         retrievedTokens = op.Retrieved;
         if (op.Transfers.Length == 0 || op.Reg.Transfer is not IDeviceKvTransfer device)
-        {
-            long bytesWritten = 0;
-            try
-            {
-                if (op.Transfers.Length > 0)
-                    bytesWritten = op.Reg.Transfer.Transfer(TransferDirection.Scatter, op.Transfers, slotMapping);
-            }
-            catch
-            {
-                UnpinAll(op.Reg, op.Held);
-                throw;
-            }
-            return Task.FromResult(CompleteRetrieve(op, bytesWritten));
-        }
+            return Task.FromResult(RetrieveNow(op, slotMapping));
 
         Task<long> copy;
         BeginDeviceOperation();
