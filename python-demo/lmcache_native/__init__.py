@@ -30,7 +30,8 @@ _DEFINED_IN = {
         "LmcInvalidHandle", "LmcIOError", "LmcNoDevice", "LmcNotFound", "LmcOutOfMemory", "LmcTimeout",
         "LmcUnsupported", "check")},
     **{name: "engine" for name in (
-        "Engine", "Job", "SlotBuffer", "TokenBuffer", "as_int32_buffer", "as_int64_buffer", "remote_lookup")},
+        "Engine", "Job", "SlotBuffer", "TokenBuffer", "as_int32_buffer", "as_int64_buffer", "cuda_device_count",
+        "remote_lookup")},
 }
 
 __all__ = sorted(_DEFINED_IN)

@@ -308,6 +308,38 @@ class Engine:
                               tokens.length, first_token_to_write, extra_key, len(extra_key)))
         return retrieved_tokens.value
 
+    def store_async(self, tokens, slot_mapping, skip_leading_tokens: int = 0, extra_key=b"",
+                    stream: int = 0) -> tuple["Job", int]:
+        """``store`` with the copy enqueued on the CUDA ``stream`` of the registered device layers
+        (``torch.cuda.current_stream().cuda_stream``; 0 = the legacy default stream). Returns the job
+        (its ``wait()`` gives the stored tokens once the device is done) and the tokens that will be
+        cached when it succeeds. With host layers the copy is done when this returns."""
+        handle = self.handle
+        tokens = TokenBuffer.from_values(tokens)
+        slots = SlotBuffer.from_values(slot_mapping)
+        _check_lengths(tokens, slots)
+        extra_key = _as_key_bytes(extra_key)
+        job, stored_tokens = c_void_p(), c_int64()
+        check(_b.lmc_store_async(byref(job), byref(stored_tokens), handle, tokens.address, slots.address,
+                                 tokens.length, skip_leading_tokens, extra_key, len(extra_key), stream))
+        return Job(job.value), stored_tokens.value
+
+    def retrieve_async(self, tokens, slot_mapping, first_token_to_write: int = 0, extra_key=b"",
+                       stream: int = 0) -> tuple["Job", int]:
+        """``retrieve`` with the copy into the layers enqueued on the CUDA ``stream``: work enqueued on
+        that stream afterwards sees the KV; other streams and the host must ``wait()`` for the job.
+        Returns the job and the length of the prefix being retrieved."""
+        handle = self.handle
+        tokens = TokenBuffer.from_values(tokens)
+        slots = SlotBuffer.from_values(slot_mapping)
+        _check_lengths(tokens, slots)
+        extra_key = _as_key_bytes(extra_key)
+        job, retrieved_tokens = c_void_p(), c_int64()
+        check(_b.lmc_retrieve_async(byref(job), byref(retrieved_tokens), handle, tokens.address,
+                                    slots.address, tokens.length, first_token_to_write, extra_key,
+                                    len(extra_key), stream))
+        return Job(job.value), retrieved_tokens.value
+
     # -- statistics and maintenance ---------------------------------------------------------------
     def stats(self) -> dict:
         """Counters since creation and pool gauges, keyed by the lmc_stats field names."""
@@ -356,6 +388,13 @@ class Engine:
         """Drops every chunk of the CPU tier that is not being read; lower tiers keep their records
         and counters are kept."""
         check(_b.lmc_engine_clear(self.handle))
+
+
+def cuda_device_count() -> int:
+    """CUDA devices the library can use; raises ``LmcNoDevice`` without a driver or a GPU."""
+    count = c_int32()
+    check(_b.lmc_cuda_device_count(byref(count)))
+    return count.value
 
 
 def remote_lookup(socket_path: str, tokens, extra_key=b"", timeout_s: float | None = 3.0) -> int:
