@@ -34,16 +34,19 @@ public class AbiTests
         Assert.That(Marshal.OffsetOf<NativeKvLayerDesc>(nameof(NativeKvLayerDesc.BaseAddress)), Is.EqualTo((nint)40));
         Assert.That(Marshal.OffsetOf<NativeKvLayerDesc>(nameof(NativeKvLayerDesc.HeadStride)), Is.EqualTo((nint)80));
         Assert.That(Marshal.SizeOf<NativeStats>(), Is.EqualTo(NativeStats.SizeV1).And.EqualTo(128));
+        Assert.That(Marshal.SizeOf<NativeTierStats>(), Is.EqualTo(NativeTierStats.SizeV1).And.EqualTo(136));
+        Assert.That(Marshal.OffsetOf<NativeTierStats>(nameof(NativeTierStats.Hits)), Is.EqualTo((nint)40));
+        Assert.That(Marshal.OffsetOf<NativeTierStats>(nameof(NativeTierStats.CapacityBytes)), Is.EqualTo((nint)128));
         Assert.That(Marshal.OffsetOf<NativeStats>(nameof(NativeStats.PoolCapacityBytes)), Is.EqualTo((nint)120));
     }
 
     [Test]
     public void StructFields_FollowTheHeadersFieldOrder()
     {
-        foreach (var (cName, type) in new[] { ("lmc_kv_layer_desc", typeof(NativeKvLayerDesc)), ("lmc_stats", typeof(NativeStats)) })
+        foreach (var (cName, type) in new[] { ("lmc_kv_layer_desc", typeof(NativeKvLayerDesc)), ("lmc_stats", typeof(NativeStats)), ("lmc_tier_stats", typeof(NativeTierStats)) })
         {
             var body = Regex.Match(Header, @"typedef struct " + cName + @" \{(.*?)\} " + cName + ";", RegexOptions.Singleline).Groups[1].Value;
-            var headerFields = Regex.Matches(body, @"^\s*\w+\s+(\w+);", RegexOptions.Multiline).Select(m => m.Groups[1].Value.Replace("_", "")).ToList();
+            var headerFields = Regex.Matches(body, @"^\s*\w+\s+(\w+)(\[\d+\])?;", RegexOptions.Multiline).Select(m => m.Groups[1].Value.Replace("_", "")).ToList();
             var csFields = type.GetFields(BindingFlags.Public | BindingFlags.Instance).Select(f => f.Name.ToLowerInvariant()).ToList();
             Assert.That(csFields, Is.EqualTo(headerFields), cName);
         }
