@@ -16,8 +16,10 @@ Design (vllm-connector.md §10 is the checklist this follows):
 * Scheduler side: ``get_num_new_matched_tokens`` asks the worker engines how many leading tokens they
   hold -- directly when the worker lives in this process (TP=1, vLLM's in-process executor), else over
   the library's Unix-socket lookup channel, every rank, taking the minimum; a timeout or absent server
-  is a miss. It computes LMCache's "need to load" and keeps per-request trackers from which
-  ``build_connector_meta`` emits each step's loads and saves as plain, picklable data.
+  is a miss. On vLLM >= 0.11, a lookup that may block (a remote tier, or ranks in other processes)
+  runs on a small lookup thread pool created on first use, and the hook answers ``None`` ("ask again
+  next step") until it has finished. It computes LMCache's "need to load" and keeps per-request
+  trackers from which ``build_connector_meta`` emits each step's loads and saves as plain, picklable data.
 * Worker side: synchronous loads run in ``start_load_kv`` (or, whichever comes first,
   ``wait_for_layer_load``/``wait_for_save``), before attention reads the layers; asynchronous loads
   start a prefetch job (disk/remote -> CPU) and finish in ``get_finished``, which reports them in
@@ -260,6 +262,28 @@ class _Lookup:
 
 
 @dataclass
+class _BackgroundLookup:
+    """A lookup running (or finished) on the lookup pool for a request not yet admitted."""
+
+    future: Any
+    tokens: list
+    extra_key: bytes
+
+
+def _vllm_allows_none_lookup() -> bool:
+    """vLLM >= 0.11 accepts ``None`` from get_num_new_matched_tokens ("ask again next step")."""
+    try:
+        from vllm.version import __version__ as version
+        parts = str(version).split(".")
+        return (int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)) >= (0, 11)
+    except Exception:  # unknown version: the synchronous path is valid in every era
+        return False
+
+
+_LOOKUP_POOL_THREADS = 4
+
+
+@dataclass
 class _Tracker:
     """A live request on the scheduler side."""
 
@@ -385,6 +409,9 @@ class LMCacheNativeConnector(KVConnectorBase_V1):
 
         # Scheduler side.
         self._pending_lookups: dict[str, _Lookup] = {}
+        self._background_lookups: dict[str, _BackgroundLookup] = {}
+        self._lookup_pool = None  # ThreadPoolExecutor, created by the first lookup that may block
+        self._may_defer_lookups = _vllm_allows_none_lookup()
         self._trackers: dict[str, _Tracker] = {}
         self._pending_loads: dict[str, LoadSpec] = {}
 
@@ -732,7 +759,9 @@ class LMCacheNativeConnector(KVConnectorBase_V1):
     # ============================================================================================
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple:
         """(tokens vLLM may treat as computed beyond num_computed_tokens, load asynchronously?).
-        Idempotent: the lookup result is only remembered until update_state_after_alloc."""
+        Idempotent: the lookup result is only remembered until update_state_after_alloc. On vLLM
+        >= 0.11 a lookup that may block runs in the background and the answer is (None, False)
+        until it has finished."""
         req_id = getattr(request, "request_id", "?")
         try:
             if str(req_id).startswith("mock_req"):  # data-parallel dummy requests
@@ -746,7 +775,12 @@ class LMCacheNativeConnector(KVConnectorBase_V1):
                 # token ids that could key its KV
                 self._pending_lookups[req_id] = _Lookup(0, num_computed_tokens, 0, False, [], extra_key)
                 return 0, False
-            hit = self._lookup(lookup_tokens, extra_key)
+            if self._may_defer_lookups and not self._closed and self._lookup_may_block():
+                hit = self._background_hit(req_id, lookup_tokens, extra_key)
+                if hit is None:
+                    return None, False  # still looking: vLLM keeps the request waiting, asks again
+            else:
+                hit = self._lookup(lookup_tokens, extra_key)
             full = hit == num_tokens
             need = max(hit - num_computed_tokens - (1 if full else 0), 0)
             self._stats["num_lookups"] += 1
@@ -772,6 +806,45 @@ class LMCacheNativeConnector(KVConnectorBase_V1):
         except Exception as error:
             logger.warning("LMCacheNative: lookup for request %s failed, treated as a miss: %s", req_id, error)
             return 0, False
+
+    def _lookup_may_block(self) -> bool:
+        """True when a lookup does I/O that can take up to a timeout: a remote tier, or a rank whose
+        engine lives in another process (the socket lookup channel)."""
+        if self._engine_config.get("remote_url"):
+            return True
+        with _module_lock:
+            local = _LOCAL_ENGINES.get(self._lookup_namespace, {})
+            return any(rank not in local for rank in range(self._world_size))
+
+    def _background_hit(self, req_id, tokens: list, extra_key: bytes) -> Optional[int]:
+        """The hit of the request's background lookup, None while it runs (starting it if there is
+        none for these tokens). The finished result is kept until update_state_after_alloc, so asking
+        again (a failed allocation) starts nothing new."""
+        entry = self._background_lookups.get(req_id)
+        if entry is not None and (entry.tokens != tokens or entry.extra_key != extra_key):
+            entry.future.cancel()  # the request changed (e.g. preempted with outputs): look up anew
+            entry = None
+        if entry is None:
+            if self._lookup_pool is None:
+                import concurrent.futures
+                self._lookup_pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=_LOOKUP_POOL_THREADS, thread_name_prefix="lmcn-lookup")
+            tokens = list(tokens)
+            future = self._lookup_pool.submit(self._lookup, tokens, extra_key)
+            self._background_lookups[req_id] = _BackgroundLookup(future, tokens, extra_key)
+            return None
+        if not entry.future.done():
+            return None
+        try:
+            return int(entry.future.result())
+        except Exception as error:  # cancelled, or a failure _lookup did not absorb: a miss
+            logger.debug("LMCacheNative: background lookup for request %s failed: %s", req_id, error)
+            return 0
+
+    def _drop_background_lookup(self, req_id) -> None:
+        entry = self._background_lookups.pop(req_id, None)
+        if entry is not None:
+            entry.future.cancel()  # a lookup already running finishes on its own; its result is dropped
 
     def _lookup(self, tokens: list, extra_key: bytes) -> int:
         """Leading tokens held by every rank (the minimum); any failure counts as 0 for that rank."""
@@ -799,6 +872,7 @@ class LMCacheNativeConnector(KVConnectorBase_V1):
         return min(hits) if hits else 0
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        self._drop_background_lookup(getattr(request, "request_id", None))
         try:
             self._update_state_after_alloc(request, blocks, num_external_tokens)
         except Exception as error:  # never out of a hook; tokens vLLM now counts as loaded must not be trusted
@@ -943,6 +1017,7 @@ class LMCacheNativeConnector(KVConnectorBase_V1):
     def _forget(self, req_id: str) -> None:
         self._trackers.pop(req_id, None)
         self._pending_lookups.pop(req_id, None)
+        self._drop_background_lookup(req_id)
 
     def request_finished(self, request, block_ids) -> tuple:
         """Saves complete inside wait_for_save, so the blocks are never held: (False, None)."""
@@ -1021,6 +1096,11 @@ class LMCacheNativeConnector(KVConnectorBase_V1):
         for spec, job in self._async_loads.values():
             self._close_job(job)
         self._async_loads.clear()
+        for req_id in list(self._background_lookups):
+            self._drop_background_lookup(req_id)
+        pool, self._lookup_pool = self._lookup_pool, None
+        if pool is not None:  # a lookup still running ends within lookup_timeout_ms; not waited for
+            pool.shutdown(wait=False, cancel_futures=True)
         try:
             self._close_engine()
         except Exception as error:
@@ -1037,6 +1117,7 @@ class LMCacheNativeConnector(KVConnectorBase_V1):
         return {
             "trackers": len(self._trackers),
             "pending_lookups": len(self._pending_lookups),
+            "background_lookups": len(self._background_lookups),
             "pending_loads": len(self._pending_loads),
             "async_loads": len(self._async_loads),
             "sync_loads_pending": len(self._sync_loads_pending),

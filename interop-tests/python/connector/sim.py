@@ -305,6 +305,7 @@ class MiniScheduler:
         self.async_allowed: dict = {}
         self.delayed: set = set()
         self.answers: dict = collections.defaultdict(list)  # rid -> [(local, ext, is_async)]
+        self.deferred: collections.Counter = collections.Counter()  # rid -> answers of None
         self.finished: dict = {}  # rid -> status
         self.step_no = 0
         self.last_failed: set = set()
@@ -420,10 +421,11 @@ class MiniScheduler:
                     answer = self.conn.get_num_new_matched_tokens(request, local)
                     assert isinstance(answer, tuple) and len(answer) == 2, answer
                     ext, is_async = answer
-                    self.answers[rid].append((local, ext, is_async))
-                    if ext is None:
+                    if ext is None:  # "still looking": the request stays waiting, asked again next step
                         assert self.era >= (0, 11), "None is only allowed from vLLM 0.11 on"
+                        self.deferred[rid] += 1
                         continue
+                    self.answers[rid].append((local, ext, is_async))
                     assert isinstance(ext, int) and ext >= 0 and isinstance(is_async, bool), answer
                     assert not (ext == 0 and is_async), "(0, True) is illegal"
                     if is_async:

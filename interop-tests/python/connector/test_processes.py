@@ -22,7 +22,9 @@ def test_tp2_workers_in_their_own_processes(logs):
         cluster.run()
         cluster.add(Req("b", PROMPT, max_tokens=1))
         cluster.run()
-        # the scheduler process has no engine: both ranks answered over their sockets
+        # the scheduler process has no engine: both ranks answered over their sockets, in the
+        # background (vLLM >= 0.11), so the scheduler was told "ask again" at least once
+        assert cluster.scheduler.deferred["b"] >= 1 and cluster.scheduler.answers["b"] == [(0, 32, True)]
         assert logs.matching("Reqid: b, Total tokens 45, Inference Engine computed tokens: 0, LMCache hit tokens: 32")
         for rank in (0, 1):
             for layer in (0, 1):
@@ -167,16 +169,29 @@ def test_every_rank_is_asked_and_a_silent_one_is_a_miss_after_the_timeout(logs):
     hung = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     hung.bind(paths[1])
     hung.listen(4)
+    def ask_until_answered(request):
+        """vLLM >= 0.11: a cross-process lookup runs in the background; the hook answers None (at
+        once, never blocking the scheduler) until it has finished. Asked again like vLLM does."""
+        asked = time.monotonic()
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (None, False)
+        assert time.monotonic() - asked < 0.2  # the scheduler thread does not wait for the sockets
+        while True:
+            answer = scheduler.get_num_new_matched_tokens(request, 0)
+            if answer[0] is not None:
+                return answer
+            assert time.monotonic() - asked < 5.0, "the background lookup never finished"
+            time.sleep(0.01)
+
     try:
         start = time.monotonic()
-        assert scheduler.get_num_new_matched_tokens(Req("x", PROMPT), 0) == (0, False)
+        assert ask_until_answered(Req("x", PROMPT)) == (0, False)
         elapsed = time.monotonic() - start
         assert 0.25 <= elapsed < 2.0, elapsed
         assert logs.matching("Reqid: x, Total tokens 45, Inference Engine computed tokens: 0, LMCache hit tokens: 0,")
         hung.close()
         os.unlink(paths[1])
         engines[1].start_lookup_server(paths[1])
-        assert scheduler.get_num_new_matched_tokens(Req("y", PROMPT), 0) == (32, True)
+        assert ask_until_answered(Req("y", PROMPT)) == (32, True)
         assert logs.matching("Reqid: y, Total tokens 45, Inference Engine computed tokens: 0, LMCache hit tokens: 32,")
         scheduler.request_finished(Req("x", PROMPT), [])
         scheduler.request_finished(Req("y", PROMPT), [])
