@@ -35,6 +35,7 @@ APT_PACKAGES=(
   gcc g++ clang-14 binutils                  # C interop tests (nm comes with binutils)
   python3-torch python3-numpy python3-pytest # Python package, demo and pytest
   redis-server                               # Redis tier tests start their own server from it
+  python3-yaml                               # the connector reads LMCACHE_CONFIG_FILE (YAML)
 )
 
 export DOTNET_CLI_TELEMETRY_OPTOUT=1 DOTNET_NOLOGO=1

@@ -160,6 +160,14 @@ def _check_lengths(tokens: TokenBuffer, slots: SlotBuffer) -> None:
         )
 
 
+def _transfer_args(tokens, slot_mapping, extra_key) -> tuple[TokenBuffer, SlotBuffer, bytes]:
+    """The converted arguments of a store or retrieve, their lengths checked against each other."""
+    tokens = TokenBuffer.from_values(tokens)
+    slots = SlotBuffer.from_values(slot_mapping)
+    _check_lengths(tokens, slots)
+    return tokens, slots, _as_key_bytes(extra_key)
+
+
 class Engine:
     """One LMCacheNative engine: a CPU KV cache keyed by token prefixes.
 
@@ -286,10 +294,7 @@ class Engine:
         """Stores the KV of ``tokens`` found at ``slot_mapping``; returns the tokens from the
         rounded-down skip point whose chunks are cached after the call."""
         handle = self.handle
-        tokens = TokenBuffer.from_values(tokens)
-        slots = SlotBuffer.from_values(slot_mapping)
-        _check_lengths(tokens, slots)
-        extra_key = _as_key_bytes(extra_key)
+        tokens, slots, extra_key = _transfer_args(tokens, slot_mapping, extra_key)
         stored_tokens = c_int64()
         check(_b.lmc_store(byref(stored_tokens), handle, tokens.address, slots.address,
                            tokens.length, skip_leading_tokens, extra_key, len(extra_key)))
@@ -299,10 +304,7 @@ class Engine:
         """Writes the longest cached prefix into the registered layers at ``slot_mapping`` (only
         tokens from ``first_token_to_write`` on, and not slots -1); returns the prefix length."""
         handle = self.handle
-        tokens = TokenBuffer.from_values(tokens)
-        slots = SlotBuffer.from_values(slot_mapping)
-        _check_lengths(tokens, slots)
-        extra_key = _as_key_bytes(extra_key)
+        tokens, slots, extra_key = _transfer_args(tokens, slot_mapping, extra_key)
         retrieved_tokens = c_int64()
         check(_b.lmc_retrieve(byref(retrieved_tokens), handle, tokens.address, slots.address,
                               tokens.length, first_token_to_write, extra_key, len(extra_key)))
@@ -315,10 +317,7 @@ class Engine:
         (its ``wait()`` gives the stored tokens once the device is done) and the tokens that will be
         cached when it succeeds. With host layers the copy is done when this returns."""
         handle = self.handle
-        tokens = TokenBuffer.from_values(tokens)
-        slots = SlotBuffer.from_values(slot_mapping)
-        _check_lengths(tokens, slots)
-        extra_key = _as_key_bytes(extra_key)
+        tokens, slots, extra_key = _transfer_args(tokens, slot_mapping, extra_key)
         job, stored_tokens = c_void_p(), c_int64()
         check(_b.lmc_store_async(byref(job), byref(stored_tokens), handle, tokens.address, slots.address,
                                  tokens.length, skip_leading_tokens, extra_key, len(extra_key), stream))
@@ -330,10 +329,7 @@ class Engine:
         that stream afterwards sees the KV; other streams and the host must ``wait()`` for the job.
         Returns the job and the length of the prefix being retrieved."""
         handle = self.handle
-        tokens = TokenBuffer.from_values(tokens)
-        slots = SlotBuffer.from_values(slot_mapping)
-        _check_lengths(tokens, slots)
-        extra_key = _as_key_bytes(extra_key)
+        tokens, slots, extra_key = _transfer_args(tokens, slot_mapping, extra_key)
         job, retrieved_tokens = c_void_p(), c_int64()
         check(_b.lmc_retrieve_async(byref(job), byref(retrieved_tokens), handle, tokens.address,
                                     slots.address, tokens.length, first_token_to_write, extra_key,

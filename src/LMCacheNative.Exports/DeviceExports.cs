@@ -39,10 +39,8 @@ internal static unsafe class DeviceExports
             Exports.RequireOut(jobOut, "job_out");
             Exports.RequireOut(storedTokensOut, "stored_tokens_out");
             var cacheEngine = HandleTable.Get(engine);
-            var tokenSpan = Exports.Input(tokens, numTokens, "tokens", "num_tokens");
-            var slots = Exports.Input(slotMapping, numTokens, "slot_mapping", "num_tokens");
-            var extra = Exports.Input(extraKey, extraKeyLength, "extra_key", "extra_key_len");
-            var store = cacheEngine.StoreAsync(tokenSpan, slots, skipLeadingTokens, extra, stream, out long tokensInCache);
+            var input = Exports.Transfer(tokens, slotMapping, numTokens, extraKey, extraKeyLength);
+            var store = cacheEngine.StoreAsync(input.Tokens, input.Slots, skipLeadingTokens, input.ExtraKey, stream, out long tokensInCache);
             // GetResult rethrows the original exception, so a failed job reports its own status.
             var job = store.ContinueWith(static t => t.GetAwaiter().GetResult().TokensInCache,
                 CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
@@ -65,10 +63,8 @@ internal static unsafe class DeviceExports
             Exports.RequireOut(jobOut, "job_out");
             Exports.RequireOut(retrievedTokensOut, "retrieved_tokens_out");
             var cacheEngine = HandleTable.Get(engine);
-            var tokenSpan = Exports.Input(tokens, numTokens, "tokens", "num_tokens");
-            var slots = Exports.Input(slotMapping, numTokens, "slot_mapping", "num_tokens");
-            var extra = Exports.Input(extraKey, extraKeyLength, "extra_key", "extra_key_len");
-            var retrieve = cacheEngine.RetrieveAsync(tokenSpan, slots, firstTokenToWrite, extra, stream, out long retrieved);
+            var input = Exports.Transfer(tokens, slotMapping, numTokens, extraKey, extraKeyLength);
+            var retrieve = cacheEngine.RetrieveAsync(input.Tokens, input.Slots, firstTokenToWrite, input.ExtraKey, stream, out long retrieved);
             var job = retrieve.ContinueWith(static t => t.GetAwaiter().GetResult().RetrievedTokens,
                 CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
             *jobOut = JobTable.Add(job);

@@ -182,10 +182,8 @@ internal static unsafe class Exports
         {
             RequireOut(storedTokensOut, "stored_tokens_out");
             var cacheEngine = HandleTable.Get(engine);
-            var tokenSpan = Input(tokens, numTokens, "tokens", "num_tokens");
-            var slots = Input(slotMapping, numTokens, "slot_mapping", "num_tokens");
-            var extra = Input(extraKey, extraKeyLength, "extra_key", "extra_key_len");
-            *storedTokensOut = cacheEngine.Store(tokenSpan, slots, skipLeadingTokens, extra).TokensInCache;
+            var input = Transfer(tokens, slotMapping, numTokens, extraKey, extraKeyLength);
+            *storedTokensOut = cacheEngine.Store(input.Tokens, input.Slots, skipLeadingTokens, input.ExtraKey).TokensInCache;
             return ErrorState.Ok();
         }
         catch (Exception e)
@@ -202,10 +200,8 @@ internal static unsafe class Exports
         {
             RequireOut(retrievedTokensOut, "retrieved_tokens_out");
             var cacheEngine = HandleTable.Get(engine);
-            var tokenSpan = Input(tokens, numTokens, "tokens", "num_tokens");
-            var slots = Input(slotMapping, numTokens, "slot_mapping", "num_tokens");
-            var extra = Input(extraKey, extraKeyLength, "extra_key", "extra_key_len");
-            *retrievedTokensOut = cacheEngine.Retrieve(tokenSpan, slots, firstTokenToWrite, extra).RetrievedTokens;
+            var input = Transfer(tokens, slotMapping, numTokens, extraKey, extraKeyLength);
+            *retrievedTokensOut = cacheEngine.Retrieve(input.Tokens, input.Slots, firstTokenToWrite, input.ExtraKey).RetrievedTokens;
             return ErrorState.Ok();
         }
         catch (Exception e)
@@ -463,6 +459,19 @@ internal static unsafe class Exports
     {
         if (pointer == null) throw LmcException.InvalidArgument($"{name} is NULL");
     }
+
+    /// <summary>The tokens, slot mapping and extra key of a store or retrieve, checked for NULLs and lengths.</summary>
+    internal readonly ref struct TransferInput(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slots, ReadOnlySpan<byte> extraKey)
+    {
+        public ReadOnlySpan<int> Tokens { get; } = tokens;
+        public ReadOnlySpan<long> Slots { get; } = slots;
+        public ReadOnlySpan<byte> ExtraKey { get; } = extraKey;
+    }
+
+    internal static TransferInput Transfer(int* tokens, long* slotMapping, long numTokens, byte* extraKey, long extraKeyLength) => new(
+        Input(tokens, numTokens, "tokens", "num_tokens"),
+        Input(slotMapping, numTokens, "slot_mapping", "num_tokens"),
+        Input(extraKey, extraKeyLength, "extra_key", "extra_key_len"));
 
     internal static ReadOnlySpan<T> Input<T>(T* pointer, long length, string name, string lengthName) where T : unmanaged
     {

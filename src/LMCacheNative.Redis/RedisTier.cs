@@ -188,46 +188,11 @@ public sealed class RedisTier : IStorageTier
         }
     }
 
-    public bool TryRead(in ChunkKey key, int tokenCount, Span<byte> payload)
+    /// <summary>One GET: the batched path with a single read (the payload is a pinned CPU slab).</summary>
+    public unsafe bool TryRead(in ChunkKey key, int tokenCount, Span<byte> payload)
     {
-        var db = Database();
-        var binding = _binding;
-        if (db is null || binding is null)
-        {
-            Count(misses: 1);
-            return false;
-        }
-        Lease<byte>? lease;
-        try
-        {
-            lease = db.StringGetLease(KeyOf(key));
-        }
-        catch (Exception)
-        {
-            Count(misses: 1, errors: 1);
-            return false;
-        }
-        using (lease)
-        {
-            if (lease is null)
-            {
-                Count(misses: 1);
-                return false;
-            }
-            if (!ChunkRecord.TryOpen(lease.Span, key, binding.Fingerprint, tokenCount, payload))
-            {
-                // Never load a record that fails its checks; remove it so it stops costing reads.
-                Count(misses: 1, corrupt: 1);
-                try { db.KeyDelete(KeyOf(key), CommandFlags.FireAndForget); } catch (Exception) { }
-                return false;
-            }
-        }
-        lock (_statsLock)
-        {
-            _stats.Hits++;
-            _stats.BytesRead += payload.Length;
-        }
-        return true;
+        fixed (byte* destination = payload)
+            return ReadPrefix([new TierRead(key, tokenCount, (nint)destination, payload.Length)]) == 1;
     }
 
     /// <summary>

@@ -232,16 +232,17 @@ public sealed class CacheEngine : IDisposable
         var reg = RequireRegistration();
         int chunkCount = ChunkHasher.ChunkCount(tokens.Length, ChunkSize);
         ChunkKey[] keys = ArrayPool<ChunkKey>.Shared.Rent(Math.Max(chunkCount, 1));
+        CachedChunk[] hits = ArrayPool<CachedChunk>.Shared.Rent(Math.Max(chunkCount, 1));
         try
         {
             reg.Hasher.ComputeKeys(tokens, extraKey, ChunkSize, keys.AsSpan(0, chunkCount));
             int hitChunks = 0;
             lock (_indexLock)
             {
-                while (hitChunks < chunkCount && reg.Tier.Contains(keys[hitChunks])) hitChunks++;
+                while (hitChunks < chunkCount && reg.Tier.Find(keys[hitChunks]) is { } chunk) hits[hitChunks++] = chunk;
                 // Most recent last for the prefix: touching in reverse keeps the first chunks, which
                 // every extension of the prompt needs, away from eviction the longest.
-                for (int i = hitChunks - 1; i >= 0; i--) reg.Tier.Touch(reg.Tier.Find(keys[i])!);
+                for (int i = hitChunks - 1; i >= 0; i--) reg.Tier.Touch(hits[i]);
             }
             foreach (var writer in _writers)
             {
@@ -260,6 +261,7 @@ public sealed class CacheEngine : IDisposable
         finally
         {
             ArrayPool<ChunkKey>.Shared.Return(keys);
+            ArrayPool<CachedChunk>.Shared.Return(hits, clearArray: true);
         }
     }
 
@@ -276,21 +278,8 @@ public sealed class CacheEngine : IDisposable
     }
 
     /// <summary>Runs a planned store's copy on the calling thread and completes it.</summary>
-    private StoreResult StoreNow(PendingStore op, ReadOnlySpan<long> slotMapping)
-    {
-        long bytesCopied = 0;
-        try
-        {
-            if (op.Transfers.Length > 0)
-                bytesCopied = op.Reg.Transfer.Transfer(TransferDirection.Gather, op.Transfers, slotMapping);
-        }
-        catch
-        {
-            AbortStore(op);
-            throw;
-        }
-        return CompleteStore(op, bytesCopied);
-    }
+    private StoreResult StoreNow(PendingStore op, ReadOnlySpan<long> slotMapping) =>
+        CopyNow(op.Reg, TransferDirection.Gather, op.Transfers, slotMapping, bytes => CompleteStore(op, bytes), () => AbortStore(op));
 
     /// <summary>
     /// <see cref="Store"/> whose copy is only enqueued on the device stream <paramref name="stream"/>
@@ -307,35 +296,7 @@ public sealed class CacheEngine : IDisposable
         tokensInCache = op.TokensInCache;
         if (op.Transfers.Length == 0 || op.Reg.Transfer is not IDeviceKvTransfer device)
             return Task.FromResult(StoreNow(op, slotMapping));
-
-        Task<long> copy;
-        BeginDeviceOperation();
-        try
-        {
-            copy = device.TransferAsync(TransferDirection.Gather, op.Transfers, slotMapping, stream);
-        }
-        catch
-        {
-            AbortStore(op);
-            EndDeviceOperation();
-            throw;
-        }
-        return copy.ContinueWith(done =>
-        {
-            try
-            {
-                if (!done.IsCompletedSuccessfully)
-                {
-                    AbortStore(op);
-                    ExceptionDispatchInfo.Throw(done.Exception?.InnerException ?? new OperationCanceledException());
-                }
-                return CompleteStore(op, done.Result);
-            }
-            finally
-            {
-                EndDeviceOperation();
-            }
-        }, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+        return CopyOnDevice(device, TransferDirection.Gather, op.Transfers, slotMapping, stream, bytes => CompleteStore(op, bytes), () => AbortStore(op));
     }
 
     /// <summary>A store between its planning (keys, reservations, pins) and its completion.</summary>
@@ -493,20 +454,61 @@ public sealed class CacheEngine : IDisposable
     }
 
     /// <summary>Runs a planned retrieve's copy on the calling thread and completes it.</summary>
-    private RetrieveResult RetrieveNow(PendingRetrieve op, ReadOnlySpan<long> slotMapping)
+    private RetrieveResult RetrieveNow(PendingRetrieve op, ReadOnlySpan<long> slotMapping) =>
+        CopyNow(op.Reg, TransferDirection.Scatter, op.Transfers, slotMapping, bytes => CompleteRetrieve(op, bytes), () => UnpinAll(op.Reg, op.Held));
+
+    /// <summary>Copies a planned transfer on the calling thread; <paramref name="complete"/> gets the bytes moved, <paramref name="abort"/> runs if the copy throws.</summary>
+    private static TResult CopyNow<TResult>(Registration reg, TransferDirection direction, ChunkTransfer[] transfers, ReadOnlySpan<long> slotMapping,
+        Func<long, TResult> complete, Action abort)
     {
-        long bytesWritten = 0;
+        long bytes = 0;
         try
         {
-            if (op.Transfers.Length > 0)
-                bytesWritten = op.Reg.Transfer.Transfer(TransferDirection.Scatter, op.Transfers, slotMapping);
+            if (transfers.Length > 0) bytes = reg.Transfer.Transfer(direction, transfers, slotMapping);
         }
         catch
         {
-            UnpinAll(op.Reg, op.Held);
+            abort();
             throw;
         }
-        return CompleteRetrieve(op, bytesWritten);
+        return complete(bytes);
+    }
+
+    /// <summary>
+    /// Enqueues a planned transfer on the device stream and completes it (or aborts it) when the
+    /// device is done; re-registration and destruction wait for it meanwhile.
+    /// </summary>
+    private Task<TResult> CopyOnDevice<TResult>(IDeviceKvTransfer device, TransferDirection direction, ChunkTransfer[] transfers,
+        ReadOnlySpan<long> slotMapping, nint stream, Func<long, TResult> complete, Action abort)
+    {
+        Task<long> copy;
+        BeginDeviceOperation();
+        try
+        {
+            copy = device.TransferAsync(direction, transfers, slotMapping, stream);
+        }
+        catch
+        {
+            abort();
+            EndDeviceOperation();
+            throw;
+        }
+        return copy.ContinueWith(done =>
+        {
+            try
+            {
+                if (!done.IsCompletedSuccessfully)
+                {
+                    abort();
+                    ExceptionDispatchInfo.Throw(done.Exception?.InnerException ?? new OperationCanceledException());
+                }
+                return complete(done.Result);
+            }
+            finally
+            {
+                EndDeviceOperation();
+            }
+        }, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
     }
 
     /// <summary>
@@ -524,35 +526,7 @@ public sealed class CacheEngine : IDisposable
         retrievedTokens = op.Retrieved;
         if (op.Transfers.Length == 0 || op.Reg.Transfer is not IDeviceKvTransfer device)
             return Task.FromResult(RetrieveNow(op, slotMapping));
-
-        Task<long> copy;
-        BeginDeviceOperation();
-        try
-        {
-            copy = device.TransferAsync(TransferDirection.Scatter, op.Transfers, slotMapping, stream);
-        }
-        catch
-        {
-            UnpinAll(op.Reg, op.Held);
-            EndDeviceOperation();
-            throw;
-        }
-        return copy.ContinueWith(done =>
-        {
-            try
-            {
-                if (!done.IsCompletedSuccessfully)
-                {
-                    UnpinAll(op.Reg, op.Held);
-                    ExceptionDispatchInfo.Throw(done.Exception?.InnerException ?? new OperationCanceledException());
-                }
-                return CompleteRetrieve(op, done.Result);
-            }
-            finally
-            {
-                EndDeviceOperation();
-            }
-        }, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+        return CopyOnDevice(device, TransferDirection.Scatter, op.Transfers, slotMapping, stream, bytes => CompleteRetrieve(op, bytes), () => UnpinAll(op.Reg, op.Held));
     }
 
     /// <summary>A retrieve between pinning its prefix and its completion.</summary>

@@ -176,10 +176,5 @@ public static class LayoutValidator
         && (a.BlockSize == 1 || a.TokenStride == b.TokenStride)
         && (a.NumKvHeads == 1 || a.HeadStride == b.HeadStride);
 
-    private static bool SameElements(KvLayerLayout a, KvLayerLayout b) =>
-        a.BaseAddress == b.BaseAddress && a.ModelShape == b.ModelShape
-        && (a.KvCount == 1 || a.KvStride == b.KvStride)
-        && (a.NumBlocks == 1 || a.BlockStride == b.BlockStride)
-        && (a.BlockSize == 1 || a.TokenStride == b.TokenStride)
-        && (a.NumKvHeads == 1 || a.HeadStride == b.HeadStride);
+    private static bool SameElements(KvLayerLayout a, KvLayerLayout b) => a.BaseAddress == b.BaseAddress && SameStrides(a, b);
 }
