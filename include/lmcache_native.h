@@ -65,7 +65,7 @@ LMC_API const char *lmc_version_string(void);
 typedef int32_t lmc_status;
 #define LMC_OK 0
 #define LMC_E_INVALID_ARGUMENT (-1) /* NULL where not allowed, bad lengths, bad config or layout */
-#define LMC_E_INVALID_HANDLE (-2)   /* NULL, unknown or destroyed engine handle */
+#define LMC_E_INVALID_HANDLE (-2)   /* NULL, unknown, destroyed or other-kind (job/engine) handle */
 #define LMC_E_UNSUPPORTED (-3)      /* valid but not supported by this build (key, device, size) */
 #define LMC_E_OUT_OF_MEMORY (-4)    /* host memory for the pool could not be allocated */
 #define LMC_E_NOT_FOUND (-5)        /* the requested item does not exist */
@@ -92,7 +92,9 @@ LMC_API const char *lmc_last_error_message(void);
 /* ---------------------------------------------------------------------------------------------- */
 
 /** Opaque engine handle. A destroyed handle is never reused, so using it again returns
- *  LMC_E_INVALID_HANDLE instead of touching freed memory. */
+ *  LMC_E_INVALID_HANDLE instead of touching freed memory. Handles are unique across kinds: an
+ *  lmc_job passed where an lmc_engine is expected (or the reverse) is LMC_E_INVALID_HANDLE and
+ *  leaves both objects untouched. */
 typedef struct lmc_engine lmc_engine;
 
 /**
@@ -116,12 +118,15 @@ typedef struct lmc_engine lmc_engine;
 LMC_API lmc_status lmc_engine_create(lmc_engine **engine_out, const char *config_json,
                                      const char *model_name, int32_t world_size, int32_t worker_id);
 
-/** Destroys an engine and frees its cache. NULL and already destroyed handles are a no-op. Waits
+/** Destroys an engine and frees its cache. NULL, already destroyed handles and handles that are
+ *  not engines (a job) are a no-op; for the last two lmc_last_error_message() says why. Waits
  *  for calls in flight on other threads to finish. The registered KV memory is not touched. */
 LMC_API void lmc_engine_destroy(lmc_engine *engine);
 
 /**
- * Writes the engine's resolved configuration as a NUL-terminated UTF-8 JSON object.
+ * Writes the engine's resolved configuration as a NUL-terminated UTF-8 JSON object. Credentials
+ * are redacted: a URL's password and the value of any key named like a secret (password, token,
+ * auth, …) read "***".
  *
  * @param[out] needed_out  receives the size in bytes including the NUL, also on BUFFER_TOO_SMALL.
  * @param[out] buffer      destination; may be NULL when capacity is 0 (to ask for the size).
@@ -235,7 +240,8 @@ LMC_API lmc_status lmc_engine_register_layers(lmc_engine *engine, const lmc_kv_l
  * save_unfull_chunk stored the trailing partial chunk). Does not copy anything.
  *
  * @param[in] tokens        num_tokens token ids; may be NULL only when num_tokens == 0.
- * @param[in] extra_key     extra_key_len bytes; may be NULL when extra_key_len == 0.
+ * @param[in] extra_key     extra_key_len bytes (at most 1 MiB, the same bound everywhere an extra
+ *                          key is taken); may be NULL when extra_key_len == 0.
  * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT.
  */
 LMC_API lmc_status lmc_lookup(int64_t *hit_tokens_out, lmc_engine *engine, const int32_t *tokens,
@@ -285,13 +291,21 @@ LMC_API lmc_status lmc_retrieve(int64_t *retrieved_tokens_out, lmc_engine *engin
  * in the worker processes. A worker's engine serves lookups on a Unix-domain socket; the scheduler
  * asks each worker (tensor parallel: every rank) and takes the minimum. Both sides must use the same
  * tokens and extra key bytes as the later retrieve.
+ *
+ * Trust: both ends check the other's credentials (SO_PEERCRED) and talk only to a process of the
+ * same user or root; the server's socket file is mode 0600. Put sockets in a directory only you can
+ * write (mode 0700, e.g. $XDG_RUNTIME_DIR). A request holds at most 1 Mi tokens and a 1 MiB extra
+ * key, and must arrive whole within 2 s of connecting; the server keeps at most 64 connections
+ * (a new one displaces the longest-idle), runs on its own threads and never delays the engine's
+ * jobs.
  */
 
-/** Serves lmc_lookup for this engine on a Unix-domain socket at socket_path (UTF-8, at most 107
- *  bytes). A socket file nobody listens on (left by a dead process) is replaced. Stopped by
- *  lmc_lookup_server_stop or lmc_engine_destroy.
- *  @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT (bad path, path in use, already
- *          serving), LMC_E_IO (cannot listen). */
+/** Serves lmc_lookup for this engine on a Unix-domain socket at socket_path (UTF-8, 1 to 107
+ *  bytes). A socket nobody listens on (left by a dead process) is replaced; anything else at the
+ *  path (a regular file, a directory, a link, a live socket) is refused and left in place. Stopped
+ *  by lmc_lookup_server_stop or lmc_engine_destroy.
+ *  @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT (bad path, path in use or not a
+ *          socket, already serving), LMC_E_IO (cannot listen). */
 LMC_API lmc_status lmc_lookup_server_start(lmc_engine *engine, const char *socket_path);
 
 /** Stops the engine's lookup server and removes its socket file; no-op when none runs.
@@ -302,10 +316,13 @@ LMC_API lmc_status lmc_lookup_server_stop(lmc_engine *engine);
  * Asks the engine serving on socket_path how many leading tokens it holds (lmc_lookup's answer).
  * Needs no engine in the calling process.
  *
- * @param[in] timeout_ms  bound on the whole exchange (> 0; -1 = no bound).
- * @return LMC_OK; LMC_E_TIMEOUT (no answer in time) or LMC_E_IO (no server, broken connection):
- *         callers treat both as a miss; LMC_E_INVALID_ARGUMENT; or the status the remote lookup
- *         failed with.
+ * @param[out] hit_tokens_out  always in [0, num_tokens] on LMC_OK.
+ * @param[in] timeout_ms  bound on the whole exchange, connect to answer (1 to INT32_MAX ms; -1 =
+ *                        no bound).
+ * @return LMC_OK; LMC_E_TIMEOUT (no answer in time) or LMC_E_IO (no server, broken connection, a
+ *         server of another user, an answer outside the protocol such as a hit outside
+ *         [0, num_tokens]): callers treat both as a miss; LMC_E_INVALID_ARGUMENT; or the status the
+ *         remote lookup failed with.
  */
 LMC_API lmc_status lmc_remote_lookup(int64_t *hit_tokens_out, const char *socket_path,
                                      const int32_t *tokens, int64_t num_tokens,
@@ -343,8 +360,9 @@ LMC_API lmc_status lmc_prefetch_start(lmc_job **job_out, lmc_engine *engine, con
  */
 LMC_API lmc_status lmc_job_wait(int64_t *result_out, lmc_job *job, int64_t timeout_ms);
 
-/** Releases a job handle. A job still running goes on and its result is dropped. NULL and
- *  destroyed handles are a no-op. */
+/** Releases a job handle. A job still running goes on and its result is dropped. NULL, destroyed
+ *  handles and handles that are not jobs (an engine) are a no-op; for the last two
+ *  lmc_last_error_message() says why. */
 LMC_API void lmc_job_destroy(lmc_job *job);
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -478,8 +496,9 @@ LMC_API lmc_status lmc_engine_tier_count(int32_t *count_out, lmc_engine *engine)
 LMC_API lmc_status lmc_engine_get_tier_stats(lmc_engine *engine, int32_t tier_index,
                                              lmc_tier_stats *stats);
 
-/** Waits up to timeout_ms (-1 = forever) until the lower tiers have written everything stored so
- *  far (stores write them in the background). @return LMC_OK, LMC_E_TIMEOUT, LMC_E_INVALID_HANDLE. */
+/** Waits up to timeout_ms (0 to INT32_MAX ms; -1 = forever) until the lower tiers have written
+ *  everything stored so far (stores write them in the background).
+ *  @return LMC_OK, LMC_E_TIMEOUT, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT. */
 LMC_API lmc_status lmc_engine_flush(lmc_engine *engine, int64_t timeout_ms);
 
 /** Removes every chunk of the CPU tier that is not being read right now and returns their memory to

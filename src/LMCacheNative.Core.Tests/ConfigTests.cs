@@ -97,4 +97,34 @@ public class ConfigTests
     [Test]
     public void LocalCpuFalse_GivesNoPool() =>
         Assert.That(EngineConfig.Parse("{\"local_cpu\": false}").MaxLocalCpuBytes, Is.EqualTo(0));
+
+    [TestCase("redis://default:pw1@h:6379/0", "redis://default:***@h:6379/0")]
+    [TestCase("redis://:pw1@h:6379", "redis://:***@h:6379")]
+    [TestCase("rediss://pw1@h", "rediss://***@h")]
+    [TestCase("redis-sentinel://u:pw1@h1:26379,h2:26379/mymaster", "redis-sentinel://u:***@h1:26379,h2:26379/mymaster")]
+    [TestCase("redis://h:6379/0", "redis://h:6379/0")]
+    [TestCase("see redis://a:pw1@h and valkey://b:pw1@k", "see redis://a:***@h and valkey://b:***@k")]
+    public void Urls_LoseTheirPasswords_AndNothingElse(string text, string expected) =>
+        Assert.That(Secrets.RedactUrls(text), Is.EqualTo(expected));
+
+    [Test]
+    public void ResolvedJson_RedactsTheUrlAndSecretNamedKeys_AtAnyDepth()
+    {
+        var c = EngineConfig.Parse("{\"remote_url\": \"redis://u:pw1@h:1/0\", \"extra_config\": {\"password\": \"pw1\", \"x\": [{\"api_key\": \"pw1\", \"n\": 3}], \"Auth\": 7}}");
+        string json = c.ToJson();
+        Assert.That(json, Does.Not.Contain("pw1"));
+        Assert.That(c.RemoteUrl, Is.EqualTo("redis://u:pw1@h:1/0"), "the engine keeps the real value");
+        using var parsed = System.Text.Json.JsonDocument.Parse(json);
+        var extra = parsed.RootElement.GetProperty("extra_config");
+        Assert.That(extra.GetProperty("x")[0].GetProperty("n").GetInt32(), Is.EqualTo(3));
+        Assert.That(extra.GetProperty("Auth").GetString(), Is.EqualTo(Secrets.Mask));
+    }
+
+    [TestCase("{\"extra_config\": {\"k\": \"\\ud800\"}}")]
+    [TestCase("{\"extra_config\": {\"\\udc00\": 1}}")]
+    [TestCase("{\"\\ud800\": 1}")]
+    [TestCase("{\"cache_policy\": \"\\ud800x\"}")]
+    [TestCase("{\"extra_config\": {\"a\": [[[\"\\ud800\"]]]}}")]
+    public void LoneSurrogates_AreInvalidArguments(string json) =>
+        Assert.That(Assert.Throws<LmcException>(() => EngineConfig.Parse(json))!.Kind, Is.EqualTo(LmcErrorKind.InvalidArgument));
 }

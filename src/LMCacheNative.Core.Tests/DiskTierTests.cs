@@ -148,8 +148,8 @@ public class DiskTierTests
         // What a process killed between create and rename leaves behind: a temporary file, here a
         // complete-looking copy of a record under the temporary name, and half of another.
         string record = RecordFiles()[0];
-        File.Copy(record, Path.Combine(_directory, "." + Path.GetFileName(record) + ".tmp-0123"));
-        File.WriteAllBytes(Path.Combine(_directory, ".deadbeef.lmcc.tmp-4567"), new byte[100]);
+        File.Copy(record, Path.Combine(_directory, "." + Path.GetFileName(record) + ".tmp-" + Guid.NewGuid().ToString("N")));
+        File.WriteAllBytes(Path.Combine(_directory, "." + Path.GetFileName(RecordFiles()[1]) + ".tmp-" + Guid.NewGuid().ToString("N")), new byte[100]);
 
         using var reader = DiskEngine();
         Assert.That(Directory.GetFiles(_directory, "*.tmp-*"), Is.Empty);
@@ -243,5 +243,121 @@ public class DiskTierTests
         other.RegisterLayers(_source.Describe());
         Assert.That(other.Lookup(tokens, default), Is.EqualTo(0));
         Assert.That(RecordFiles(), Has.Length.EqualTo(2), "not deleted either");
+    }
+
+    // ---- files the tier does not own, and objects that are not files ----
+
+    private static void MakeFifo(string path)
+    {
+        var mkfifo = System.Diagnostics.Process.Start("mkfifo", path)!;
+        mkfifo.WaitForExit();
+        Assert.That(mkfifo.ExitCode, Is.EqualTo(0), "mkfifo " + path);
+    }
+
+    /// <summary>Runs <paramref name="action"/> on another thread and fails (instead of hanging) if it takes more than 10 s.</summary>
+    private static T WithinSeconds<T>(Func<T> action, string what)
+    {
+        var task = Task.Factory.StartNew(action, TaskCreationOptions.LongRunning);
+        Assert.That(task.Wait(TimeSpan.FromSeconds(10)), Is.True, what + " hung");
+        return task.Result;
+    }
+
+    [Test]
+    public void AFifoInTheDirectory_NeitherHangsStartUp_NorIsDeleted()
+    {
+        int[] tokens = Tokens(16, 11);
+        using (var writer = DiskEngine())
+            writer.Store(tokens, _slots.AsSpan(0, 16), 0, default);
+        // One FIFO under a record's exact name pattern, one under a temporary name, one under any name.
+        string records0 = RecordFiles()[0];
+        string fifoRecord = Path.Combine(_directory, Path.GetFileName(records0)[..17] + new string('a', 64) + LocalDiskTier.RecordExtension);
+        string fifoTemporary = Path.Combine(_directory, "." + Path.GetFileName(records0) + ".tmp-" + new string('b', 32));
+        string fifoOther = Path.Combine(_directory, "pipe");
+        foreach (var fifo in new[] { fifoRecord, fifoTemporary, fifoOther }) MakeFifo(fifo);
+
+        using var engine = WithinSeconds(() => DiskEngine(), "registering layers over a directory holding FIFOs");
+        Assert.That(Disk(engine).CorruptRecords, Is.EqualTo(1), "the FIFO under a record name is skipped and counted");
+        Assert.That(File.Exists(fifoRecord) && File.Exists(fifoTemporary) && File.Exists(fifoOther), Is.True, "FIFOs are not the tier's to delete");
+        engine.Clear();
+        RetrieveAndCheck(engine, tokens, 16);
+    }
+
+    [Test]
+    public void AFifoOrLinkPutInPlaceOfAnIndexedRecord_IsAMiss_NotAHang()
+    {
+        int[] tokens = Tokens(24, 12);
+        using (var writer = DiskEngine())
+            writer.Store(tokens, _slots.AsSpan(0, 24), 0, default);
+        using var engine = DiskEngine(); // indexes the three records
+        engine.Clear();
+        var records = RecordFiles();
+        Assert.That(records, Has.Length.EqualTo(3));
+        // The record of the second chunk becomes a FIFO; the third a link to a copy of itself.
+        File.Delete(records[1]);
+        MakeFifo(records[1]);
+        string target = Path.Combine(_directory, "target-of-link");
+        File.Move(records[2], target);
+        File.CreateSymbolicLink(records[2], target);
+
+        // The engine still indexes all three (no rescan): reading them must not block on the FIFO.
+        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(24));
+        long inMemory = WithinSeconds(() => engine.Prefetch(tokens, default), "reading a record that became a FIFO");
+        Assert.That(inMemory, Is.EqualTo(8), "only the first chunk is a regular file");
+        Assert.That(Disk(engine).CorruptRecords, Is.InRange(1, 2), "the FIFO is counted (and the link, if the parallel read reached it)");
+        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(8), "the FIFO's chunk left the index");
+        Assert.That(File.Exists(target) && File.Exists(records[1]), Is.True, "neither the FIFO nor the link's target is deleted");
+        WithinSeconds(() => { engine.Dispose(); return true; }, "destroying the engine");
+        using var restarted = DiskEngine();
+        RetrieveAndCheck(restarted, tokens, 8);
+    }
+
+    [Test]
+    public void FilesThatOnlyLookLikeTemporaries_AreNotDeleted()
+    {
+        Directory.CreateDirectory(_directory);
+        string[] usersFiles = ["notes.tmp-1", "report.tmp-final.docx", ".x.lmcc.tmp-0123", "." + new string('a', 16) + "-" + new string('b', 64) + ".lmcc.tmp-short"];
+        foreach (var name in usersFiles) File.WriteAllText(Path.Combine(_directory, name), "the user's");
+        using (var engine = DiskEngine())
+            engine.Store(Tokens(16, 13), _slots.AsSpan(0, 16), 0, default);
+        using var again = DiskEngine();
+        foreach (var name in usersFiles)
+            Assert.That(File.ReadAllText(Path.Combine(_directory, name)), Is.EqualTo("the user's"), name);
+    }
+
+    [Test]
+    public void TheCapacity_BoundsTheWholeDirectory_AcrossModels()
+    {
+        // Three models, one after another, each storing five records into a directory of four.
+        double fourRecordsGb = 4.0 * RecordBytes / (1L << 30);
+        string json = $"{{\"chunk_size\": {ChunkSize}, \"max_local_cpu_size\": 0.01, \"local_disk\": \"{_directory}\", \"max_local_disk_size\": {fourRecordsGb:R}}}";
+        var lastTokens = new List<int[]>();
+        foreach (var model in new[] { "model-a", "model-b", "model-c" })
+        {
+            using var engine = new CacheEngine(EngineConfig.Parse(json), model, 1, 0);
+            engine.RegisterLayers(_source.Describe());
+            for (int request = 0; request < 5; request++)
+            {
+                int[] tokens = Tokens(8, 100 + request);
+                engine.Store(tokens, _slots.AsSpan(0, 8), 0, default);
+                engine.Flush(TimeSpan.FromSeconds(10));
+                if (request == 4) lastTokens.Add(tokens);
+            }
+            long onDisk = RecordFiles().Sum(f => new FileInfo(f).Length);
+            Assert.That(onDisk, Is.LessThanOrEqualTo(4 * RecordBytes), $"after {model}: the directory holds {onDisk} bytes");
+            Assert.That(Disk(engine).UsedBytes, Is.EqualTo(onDisk), "the owner accounts for every model's records");
+        }
+        Assert.That(RecordFiles(), Has.Length.EqualTo(4));
+        // The newest records survive, whatever their model: model-c's last chunk is there.
+        using var reader = new CacheEngine(EngineConfig.Parse(json), "model-c", 1, 0);
+        reader.RegisterLayers(_source.Describe());
+        reader.Clear();
+        Assert.That(reader.Lookup(lastTokens[2], default), Is.EqualTo(8));
+    }
+
+    [Test]
+    public void ANewDirectory_IsPrivateToItsUser()
+    {
+        using var engine = DiskEngine();
+        Assert.That(File.GetUnixFileMode(_directory), Is.EqualTo(UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute));
     }
 }

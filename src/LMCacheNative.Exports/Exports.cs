@@ -85,8 +85,13 @@ internal static unsafe class Exports
     {
         try
         {
-            HandleTable.Remove(engine)?.Dispose();
-            ErrorState.Ok();
+            if (engine == 0) ErrorState.Ok();
+            else if (HandleTable.Remove(engine) is { } removed)
+            {
+                removed.Dispose();
+                ErrorState.Ok();
+            }
+            else HandleTable.Get(engine); // not a live engine: throws with the reason, recorded below
         }
         catch (Exception e)
         {
@@ -271,8 +276,7 @@ internal static unsafe class Exports
         try
         {
             var cacheEngine = HandleTable.Get(engine);
-            if (timeoutMs < -1) throw LmcException.InvalidArgument($"timeout_ms must be >= -1, got {timeoutMs}");
-            var timeout = timeoutMs == -1 ? Timeout.InfiniteTimeSpan : TimeSpan.FromMilliseconds(timeoutMs);
+            var timeout = TimeoutArgument(timeoutMs, allowZero: true);
             return cacheEngine.Flush(timeout)
                 ? ErrorState.Ok()
                 : ErrorState.Fail(Status.Timeout, $"the lower tiers are still writing after {timeoutMs} ms");
@@ -377,10 +381,9 @@ internal static unsafe class Exports
         {
             RequireOut(hitTokensOut, "hit_tokens_out");
             string path = Utf8(socketPath, "socket_path") ?? throw LmcException.InvalidArgument("socket_path is NULL");
-            if (timeoutMs == 0 || timeoutMs < -1) throw LmcException.InvalidArgument($"timeout_ms must be > 0 or -1, got {timeoutMs}");
+            var timeout = TimeoutArgument(timeoutMs, allowZero: false);
             var tokenSpan = Input(tokens, numTokens, "tokens", "num_tokens");
             var extra = Input(extraKey, extraKeyLength, "extra_key", "extra_key_len");
-            var timeout = timeoutMs == -1 ? Timeout.InfiniteTimeSpan : TimeSpan.FromMilliseconds(timeoutMs);
             *hitTokensOut = LMCacheNative.Core.Lookup.LookupClient.Lookup(path, tokenSpan, extra, timeout);
             return ErrorState.Ok();
         }
@@ -444,8 +447,8 @@ internal static unsafe class Exports
     {
         try
         {
-            JobTable.Remove(job);
-            ErrorState.Ok();
+            if (job == 0 || JobTable.Remove(job)) ErrorState.Ok();
+            else JobTable.Get(job); // not a live job: throws with the reason, recorded below
         }
         catch (Exception e)
         {
@@ -454,6 +457,19 @@ internal static unsafe class Exports
     }
 
     // ---- argument translation ----
+
+    /// <summary>
+    /// A timeout_ms argument: -1 waits without bound; otherwise at most int.MaxValue ms (24.8 days),
+    /// the longest wait the runtime's timers take. Anything else is the caller's mistake.
+    /// </summary>
+    internal static TimeSpan TimeoutArgument(long timeoutMs, bool allowZero)
+    {
+        if (timeoutMs == -1) return Timeout.InfiniteTimeSpan;
+        long minimum = allowZero ? 0 : 1;
+        if (timeoutMs < minimum || timeoutMs > int.MaxValue)
+            throw LmcException.InvalidArgument($"timeout_ms must be -1 (no bound) or in [{minimum}, {int.MaxValue}], got {timeoutMs}");
+        return TimeSpan.FromMilliseconds(timeoutMs);
+    }
 
     internal static void RequireOut(void* pointer, string name)
     {

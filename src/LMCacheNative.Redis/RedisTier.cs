@@ -66,7 +66,7 @@ public sealed class RedisTier : IStorageTier
     internal static (ConfigurationOptions Options, int Database) ParseUrl(string url, TimeSpan timeout)
     {
         if (!Uri.TryCreate(url, UriKind.Absolute, out var uri) || string.IsNullOrEmpty(uri.Host))
-            throw LmcException.InvalidArgument($"config: \"remote_url\" \"{url}\" is not a URL of the form redis://host:port/db");
+            throw LmcException.InvalidArgument($"config: \"remote_url\" \"{Secrets.RedactUrls(url)}\" is not a URL of the form redis://host:port/db");
         int database = 0;
         string path = uri.AbsolutePath.Trim('/');
         if (path.Length > 0 && (!int.TryParse(path, out database) || database < 0))
@@ -108,8 +108,10 @@ public sealed class RedisTier : IStorageTier
     {
         using var doc = JsonDocument.Parse(extraConfigJson);
         if (!doc.RootElement.TryGetProperty("remote_ttl_secs", out var ttl) || ttl.ValueKind == JsonValueKind.Null) return null;
-        if (ttl.ValueKind != JsonValueKind.Number || !ttl.TryGetDouble(out double seconds) || !(seconds > 0))
-            throw LmcException.InvalidArgument("config: \"extra_config.remote_ttl_secs\" must be a number of seconds > 0");
+        // Redis keeps expiries in milliseconds as a signed 64-bit number; a century is far below that.
+        const double MaxTtlSeconds = 100 * 365.25 * 86400;
+        if (ttl.ValueKind != JsonValueKind.Number || !ttl.TryGetDouble(out double seconds) || !(seconds > 0) || seconds > MaxTtlSeconds)
+            throw LmcException.InvalidArgument($"config: \"extra_config.remote_ttl_secs\" must be a number of seconds > 0 and <= {MaxTtlSeconds:0} (a century)");
         return TimeSpan.FromSeconds(seconds);
     }
 

@@ -66,11 +66,20 @@ public sealed record EngineConfig
                 throw LmcException.InvalidArgument("config: expected a JSON object of LMCache configuration keys");
             var config = new EngineConfig();
             var seen = new HashSet<string>(StringComparer.Ordinal);
-            foreach (var property in document.RootElement.EnumerateObject())
+            try
             {
-                if (!seen.Add(property.Name))
-                    throw LmcException.InvalidArgument($"config: key \"{property.Name}\" appears more than once");
-                config = Apply(config, property.Name, property.Value);
+                foreach (var property in document.RootElement.EnumerateObject())
+                {
+                    if (!seen.Add(property.Name))
+                        throw LmcException.InvalidArgument($"config: key \"{ForMessage(property.Name)}\" appears more than once");
+                    RequireValidStrings(property.Name, property.Value);
+                    config = Apply(config, property.Name, property.Value);
+                }
+            }
+            catch (InvalidOperationException e)
+            {
+                // System.Text.Json refuses to decode a key that holds an escaped lone surrogate ("\ud800").
+                throw LmcException.InvalidArgument($"config: a key is not valid Unicode text: {e.Message}");
             }
             return config;
         }
@@ -100,8 +109,44 @@ public sealed record EngineConfig
         "gds_path" => NullOnly(c, key, v),
         "use_layerwise" or "enable_blending" or "enable_pd" or "enable_p2p" or "enable_controller"
             or "local_cpu_use_hugepages" or "enable_lazy_memory_allocator" or "use_gpu_connector_v3" => FalseOnly(c, key, v),
-        _ => throw LmcException.InvalidArgument($"config: unknown key \"{key}\""),
+        _ => throw LmcException.InvalidArgument($"config: unknown key \"{ForMessage(key)}\""),
     };
+
+    /// <summary>
+    /// Refuses strings, at any depth, that are not valid Unicode (an escaped lone surrogate such as
+    /// "\ud800" is valid JSON but no text): they could not be printed, compared or passed on.
+    /// </summary>
+    private static void RequireValidStrings(string key, JsonElement v)
+    {
+        try
+        {
+            Walk(v);
+        }
+        catch (InvalidOperationException)
+        {
+            throw LmcException.InvalidArgument($"config: \"{key}\" holds a string that is not valid Unicode text (a lone surrogate escape such as \\ud800)");
+        }
+
+        static void Walk(JsonElement e)
+        {
+            switch (e.ValueKind)
+            {
+                case JsonValueKind.String:
+                    _ = e.GetString();
+                    break;
+                case JsonValueKind.Array:
+                    foreach (var item in e.EnumerateArray()) Walk(item);
+                    break;
+                case JsonValueKind.Object:
+                    foreach (var member in e.EnumerateObject())
+                    {
+                        _ = member.Name;
+                        Walk(member.Value);
+                    }
+                    break;
+            }
+        }
+    }
 
     private static int Int(string key, JsonElement v, long min, long max)
     {
@@ -145,7 +190,7 @@ public sealed record EngineConfig
         // chain replaces it, as do the SHA-256 variants LMCache borrows from vLLM.
         "sha256" or "builtin" or "sha256_cbor" or "sha256_cbor_64bit" => ChunkHashAlgorithm.Sha256,
         "xxh3_128" or "xxhash" => ChunkHashAlgorithm.Xxh3_128,
-        var other => throw LmcException.InvalidArgument($"config: \"{key}\" must be \"sha256\" or \"xxh3_128\", got \"{other}\""),
+        var other => throw LmcException.InvalidArgument($"config: \"{key}\" must be \"sha256\" or \"xxh3_128\", got \"{ForMessage(other)}\""),
     };
 
     private static string Policy(string key, JsonElement v)
@@ -154,7 +199,7 @@ public sealed record EngineConfig
         if (policy.Equals("LRU", StringComparison.OrdinalIgnoreCase)) return "LRU";
         if (policy is "LFU" or "FIFO" or "MRU" or "S3FIFO")
             throw LmcException.Unsupported($"config: \"{key}\" \"{policy}\" is not supported yet; only \"LRU\" is");
-        throw LmcException.InvalidArgument($"config: \"{key}\" must be one of LRU, LFU, FIFO, MRU, S3FIFO, got \"{policy}\"");
+        throw LmcException.InvalidArgument($"config: \"{key}\" must be one of LRU, LFU, FIFO, MRU, S3FIFO, got \"{ForMessage(policy)}\"");
     }
 
     private static string Serde(string key, JsonElement v)
@@ -163,7 +208,7 @@ public sealed record EngineConfig
         if (serde == "naive") return serde;
         if (serde is "cachegen" or "kivi")
             throw LmcException.Unsupported($"config: \"{key}\" \"{serde}\" is not supported; only \"naive\" is");
-        throw LmcException.InvalidArgument($"config: \"{key}\" must be \"naive\", got \"{serde}\"");
+        throw LmcException.InvalidArgument($"config: \"{key}\" must be \"naive\", got \"{ForMessage(serde)}\"");
     }
 
     private static string ExtraConfig(string key, JsonElement v) => v.ValueKind switch
@@ -189,13 +234,23 @@ public sealed record EngineConfig
 
     private static string Describe(JsonElement v) => v.ValueKind switch
     {
-        JsonValueKind.String => $"\"{v.GetString()}\"",
+        JsonValueKind.String => $"\"{ForMessage(v.GetString()!)}\"",
         JsonValueKind.Object => "an object",
         JsonValueKind.Array => "an array",
-        _ => v.GetRawText(),
+        _ => ForMessage(v.GetRawText()),
     };
 
-    /// <summary>The resolved configuration as a JSON object with LMCache's key names.</summary>
+    /// <summary>A value as quoted in a message: credentials redacted, cut to 80 characters (a message is not a dump).</summary>
+    private static string ForMessage(string text)
+    {
+        text = Secrets.RedactUrls(text);
+        return text.Length <= 80 ? text : text[..77] + "...";
+    }
+
+    /// <summary>
+    /// The resolved configuration as a JSON object with LMCache's key names, credentials redacted
+    /// (<see cref="Secrets"/>): this text is shown to users and written to logs.
+    /// </summary>
     public string ToJson()
     {
         using var stream = new MemoryStream();
@@ -215,11 +270,11 @@ public sealed record EngineConfig
             w.WriteNumber("blocking_timeout_secs", BlockingTimeoutSecs);
             if (LocalDisk is null) w.WriteNull("local_disk"); else w.WriteString("local_disk", LocalDisk);
             w.WriteNumber("max_local_disk_size", MaxLocalDiskSize);
-            if (RemoteUrl is null) w.WriteNull("remote_url"); else w.WriteString("remote_url", RemoteUrl);
+            if (RemoteUrl is null) w.WriteNull("remote_url"); else w.WriteString("remote_url", Secrets.RedactUrls(RemoteUrl));
             w.WriteString("remote_serde", RemoteSerde);
             if (PriorityLimit is int limit) w.WriteNumber("priority_limit", limit); else w.WriteNull("priority_limit");
             w.WritePropertyName("extra_config");
-            w.WriteRawValue(ExtraConfigJson);
+            w.WriteRawValue(Secrets.RedactJson(ExtraConfigJson));
             w.WriteEndObject();
         }
         return Encoding.UTF8.GetString(stream.ToArray());

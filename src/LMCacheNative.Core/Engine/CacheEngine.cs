@@ -99,7 +99,7 @@ public sealed class CacheEngine : IDisposable
             if (config.RemoteUrl is { } url)
             {
                 var remote = remoteTierFactory?.Invoke(url, config)
-                             ?? throw LmcException.Unsupported($"config: \"remote_url\" \"{url}\": no remote backend for this URL scheme in this build");
+                             ?? throw LmcException.Unsupported($"config: \"remote_url\" \"{Secrets.RedactUrls(url)}\": no remote backend for this URL scheme in this build");
                 tiers.Add(remote);
             }
         }

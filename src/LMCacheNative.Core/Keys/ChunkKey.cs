@@ -102,6 +102,12 @@ public sealed class ChunkHasher
     public KeyNamespace Namespace { get; }
     public ChunkHashAlgorithm Algorithm => _algorithm;
 
+    /// <summary>
+    /// Bound on a request's extra key (cache salt, LoRA id, multimodal hashes, tags): 1 MiB holds tens
+    /// of thousands of digests, and the bound keeps the key seed's length far from int overflow.
+    /// </summary>
+    public const int MaxExtraKeyBytes = 1 << 20;
+
     /// <summary>Number of chunks that <paramref name="numTokens"/> tokens form (a trailing partial one included).</summary>
     public static int ChunkCount(long numTokens, int chunkSize) => (int)((numTokens + chunkSize - 1) / chunkSize);
 
@@ -111,6 +117,8 @@ public sealed class ChunkHasher
     /// </summary>
     public void ComputeKeys(ReadOnlySpan<int> tokens, ReadOnlySpan<byte> extraKey, int chunkSize, Span<ChunkKey> keys)
     {
+        if (extraKey.Length > MaxExtraKeyBytes)
+            throw LmcException.InvalidArgument($"extra_key_len {extraKey.Length} exceeds the limit of {MaxExtraKeyBytes} bytes");
         if (keys.Length == 0) return;
         if ((long)(keys.Length - 1) * chunkSize >= tokens.Length)
             throw new ArgumentException("more keys requested than the tokens have chunks");

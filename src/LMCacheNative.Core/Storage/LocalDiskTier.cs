@@ -1,3 +1,4 @@
+using System.Text.RegularExpressions;
 using LMCacheNative.Core.Keys;
 
 namespace LMCacheNative.Core.Storage;
@@ -9,8 +10,12 @@ namespace LMCacheNative.Core.Storage;
 ///
 /// Durability: a record is written to a temporary name and renamed into place, so a reader never
 /// sees a half-written file under a record name; a process killed mid-write leaves only a
-/// temporary file, deleted at the next start. Checksums catch anything else (a flipped bit, a
-/// truncated file): such a record is a miss, deleted and counted, never loaded.
+/// temporary file, deleted at the next start. Only names of the tier's exact record and temporary
+/// patterns are ever deleted: other files in the directory are the user's and are left alone.
+/// Checksums catch anything else (a flipped bit, a truncated file): such a record is a miss,
+/// deleted and counted, never loaded. Files are opened only when they are regular files, without
+/// following links and without blocking (<see cref="Posix"/>): a FIFO, device or link under a
+/// record's name is skipped and counted as a corrupt record, never waited on.
 ///
 /// Warm restart: the index is rebuilt at <see cref="Bind"/> by reading every record's 128-byte
 /// header (no payload is read), least recently written first, so LRU order survives a restart
@@ -19,13 +24,21 @@ namespace LMCacheNative.Core.Storage;
 /// Sharing a directory: the first engine to open it takes an exclusive lock file and owns it
 /// (writes, evicts, deletes corrupt records). Any further engine on the same directory, in this or
 /// another process, opens it read-only: it serves hits from what it found at start and never
-/// writes or deletes. Capacity is the owner's to enforce.
+/// writes or deletes.
+///
+/// Capacity: <c>max_local_disk_size</c> bounds the whole directory, every model's records together,
+/// and the owner enforces it. Records of other namespaces (other models, ranks or hash algorithms)
+/// count toward it and are evicted in the same least-recently-written order as the owner's own.
 /// </summary>
 public sealed class LocalDiskTier : IStorageTier
 {
     public const string RecordExtension = ".lmcc";
     private const string LockFileName = ".lmcache-native.lock";
     private const string TempMarker = ".tmp-";
+    /// <summary><c>&lt;16 hex namespace&gt;-&lt;64 hex key&gt;.lmcc</c>: the only names this tier writes records under.</summary>
+    private static readonly Regex RecordName = new(@"^[0-9a-f]{16}-[0-9a-f]{64}\.lmcc$", RegexOptions.CultureInvariant);
+    /// <summary><c>.&lt;record name&gt;.tmp-&lt;32 hex&gt;</c>: the only temporary names it writes.</summary>
+    private static readonly Regex TemporaryName = new(@"^\.[0-9a-f]{16}-[0-9a-f]{64}\.lmcc\.tmp-[0-9a-f]{32}$", RegexOptions.CultureInvariant);
 
     private readonly object _lock = new();
     private readonly string _directory;
@@ -37,7 +50,9 @@ public sealed class LocalDiskTier : IStorageTier
     private TierBinding? _binding;
     private string _filePrefix = "";
 
-    private sealed record Entry(ChunkKey Key, string Path, long Bytes);
+    /// <summary>A record in the directory. <see cref="Foreign"/> records belong to another namespace:
+    /// never read here, only counted toward the capacity and evicted.</summary>
+    private sealed record Entry(ChunkKey Key, string Path, long Bytes, bool Foreign = false);
 
     public LocalDiskTier(string directory, long capacityBytes)
     {
@@ -47,6 +62,9 @@ public sealed class LocalDiskTier : IStorageTier
         _capacityBytes = capacityBytes;
         try
         {
+            // Records hold KV of users' prompts: a directory this tier creates is private to its user.
+            if (!Directory.Exists(_directory) && !OperatingSystem.IsWindows())
+                Directory.CreateDirectory(_directory, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
             Directory.CreateDirectory(_directory);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
@@ -91,7 +109,7 @@ public sealed class LocalDiskTier : IStorageTier
     {
         var found = new List<(Entry Entry, DateTime WrittenAt)>();
         Span<byte> header = stackalloc byte[ChunkRecord.HeaderSize];
-        IEnumerable<string> files;
+        List<string> files;
         try
         {
             files = Directory.EnumerateFiles(_directory).ToList();
@@ -104,16 +122,24 @@ public sealed class LocalDiskTier : IStorageTier
         foreach (string path in files)
         {
             string name = Path.GetFileName(path);
-            if (name.Contains(TempMarker))
+            if (TemporaryName.IsMatch(name))
             {
                 // Left by a process killed mid-write; never a record.
-                if (IsOwner) TryDelete(path);
+                if (IsOwner && Posix.Inspect(path).Kind == Posix.FileKind.Regular) TryDelete(path);
                 continue;
             }
-            if (!name.StartsWith(_filePrefix, StringComparison.Ordinal) || !name.EndsWith(RecordExtension, StringComparison.Ordinal)) continue;
+            if (!RecordName.IsMatch(name)) continue; // not this tier's: left alone
+            if (!name.StartsWith(_filePrefix, StringComparison.Ordinal))
+            {
+                // Another namespace's record: it shares this directory's capacity.
+                var (kind, length, writtenAt) = Posix.Inspect(path);
+                if (kind == Posix.FileKind.Regular) found.Add((new Entry(default, path, length, Foreign: true), writtenAt));
+                continue;
+            }
             try
             {
-                using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete, 1, FileOptions.None);
+                using var file = Posix.OpenRegularFileForRead(path);
+                if (file is null) continue; // removed since the directory was listed
                 long length = file.Length;
                 if (file.ReadAtLeast(header, ChunkRecord.HeaderSize, throwOnEndOfStream: false) < ChunkRecord.HeaderSize
                     || ChunkRecord.ReadHeader(header, _binding!.Fingerprint) is not { SameNamespace: true } h
@@ -124,7 +150,13 @@ public sealed class LocalDiskTier : IStorageTier
                     if (IsOwner) TryDelete(path);
                     continue;
                 }
-                found.Add((new Entry(h.Key, path, length), File.GetLastWriteTimeUtc(path)));
+                found.Add((new Entry(h.Key, path, length), Posix.Inspect(path).LastWriteUtc));
+            }
+            catch (IOException) when (Posix.HoldsNonRegularFile(path))
+            {
+                // A FIFO, device, socket or link under a record's name: not a record, and not the
+                // tier's to delete.
+                _stats.CorruptRecords++;
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
@@ -133,7 +165,8 @@ public sealed class LocalDiskTier : IStorageTier
         }
         foreach (var (entry, _) in found.OrderBy(f => f.WrittenAt))
         {
-            _index[entry.Key] = _lru.AddLast(entry);
+            var node = _lru.AddLast(entry);
+            if (!entry.Foreign) _index[entry.Key] = node;
             _stats.UsedBytes += entry.Bytes;
         }
         if (IsOwner) EvictUntilFits(0);
@@ -217,7 +250,7 @@ public sealed class LocalDiskTier : IStorageTier
         bool ok;
         try
         {
-            using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete, 1, FileOptions.SequentialScan);
+            using var file = Posix.OpenRegularFileForRead(path) ?? throw new FileNotFoundException(path);
             Span<byte> header = stackalloc byte[ChunkRecord.HeaderSize];
             ok = file.Length == ChunkRecord.HeaderSize + payload.Length
                  && file.ReadAtLeast(header, ChunkRecord.HeaderSize, throwOnEndOfStream: false) == ChunkRecord.HeaderSize
@@ -233,6 +266,18 @@ public sealed class LocalDiskTier : IStorageTier
             {
                 RemoveFromIndex(key);
                 _stats.Misses++;
+            }
+            return false;
+        }
+        catch (IOException) when (Posix.HoldsNonRegularFile(path))
+        {
+            // Something other than a regular file was put under the record's name: never read,
+            // never waited on, not the tier's to delete; the record is gone from the index.
+            lock (_lock)
+            {
+                _stats.CorruptRecords++;
+                _stats.Misses++;
+                RemoveFromIndex(key);
             }
             return false;
         }
@@ -311,10 +356,14 @@ public sealed class LocalDiskTier : IStorageTier
         lock (_lock)
         {
             if (!IsOwner) return;
-            foreach (var entry in _lru) TryDelete(entry.Path);
+            // Only this namespace's records: other models' records stay (and keep counting).
+            foreach (var node in _index.Values)
+            {
+                TryDelete(node.Value.Path);
+                _lru.Remove(node);
+                _stats.UsedBytes -= node.Value.Bytes;
+            }
             _index.Clear();
-            _lru.Clear();
-            _stats.UsedBytes = 0;
         }
     }
 
@@ -329,7 +378,12 @@ public sealed class LocalDiskTier : IStorageTier
         while (_stats.UsedBytes + incomingBytes > _capacityBytes && _lru.First is { } oldest)
         {
             TryDelete(oldest.Value.Path);
-            RemoveFromIndex(oldest.Value.Key);
+            if (oldest.Value.Foreign)
+            {
+                _lru.RemoveFirst();
+                _stats.UsedBytes -= oldest.Value.Bytes;
+            }
+            else RemoveFromIndex(oldest.Value.Key);
             _stats.Evictions++;
         }
     }

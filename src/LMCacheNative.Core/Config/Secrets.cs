@@ -1,0 +1,79 @@
+using System.Text;
+using System.Text.Json;
+using System.Text.RegularExpressions;
+
+namespace LMCacheNative.Core.Config;
+
+/// <summary>
+/// Hides credentials wherever configuration is printed or handed back: a URL's password (user info
+/// after the colon) and the value of any key whose name says it is a secret. The engine keeps the
+/// real values; only what leaves it as text is redacted.
+/// </summary>
+public static class Secrets
+{
+    public const string Mask = "***";
+
+    // scheme://[user[:password]@]host... with comma-separated host lists allowed after the '@'.
+    private static readonly Regex UrlUserInfo = new(@"(?<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?<user>[^:@/\s]*):(?<password>[^@/\s]*)@",
+        RegexOptions.CultureInvariant);
+    private static readonly Regex UrlPasswordOnly = new(@"(?<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?<password>[^:@/\s]+)@",
+        RegexOptions.CultureInvariant);
+
+    /// <summary><c>redis://user:pass@h:6379/0</c> becomes <c>redis://user:***@h:6379/0</c>; <c>redis://pass@h</c> becomes <c>redis://***@h</c>.</summary>
+    public static string RedactUrls(string text)
+    {
+        string redacted = UrlUserInfo.Replace(text, m => $"{m.Groups["scheme"].Value}{m.Groups["user"].Value}:{Mask}@");
+        return UrlPasswordOnly.Replace(redacted, m => m.Groups["password"].Value == Mask ? m.Value : $"{m.Groups["scheme"].Value}{Mask}@");
+    }
+
+    /// <summary>Whether a configuration key names a secret (password, token, API key, …).</summary>
+    public static bool IsSecretKey(string key)
+    {
+        string k = key.ToLowerInvariant();
+        return k.Contains("password") || k.Contains("passwd") || k.Contains("secret") || k.Contains("token")
+               || k.Contains("credential") || k.Contains("api_key") || k.Contains("apikey") || k.Contains("auth");
+    }
+
+    /// <summary>
+    /// A JSON value with every secret-named member's value replaced by <see cref="Mask"/> and URLs
+    /// redacted in every string, at any depth.
+    /// </summary>
+    public static string RedactJson(string json)
+    {
+        using var document = JsonDocument.Parse(json);
+        using var stream = new MemoryStream();
+        using (var writer = new Utf8JsonWriter(stream))
+            Write(writer, document.RootElement);
+        return Encoding.UTF8.GetString(stream.ToArray());
+    }
+
+    private static void Write(Utf8JsonWriter writer, JsonElement value)
+    {
+        switch (value.ValueKind)
+        {
+            case JsonValueKind.Object:
+                writer.WriteStartObject();
+                foreach (var member in value.EnumerateObject())
+                {
+                    writer.WritePropertyName(member.Name);
+                    if (IsSecretKey(member.Name) && member.Value.ValueKind is not (JsonValueKind.Null or JsonValueKind.Object or JsonValueKind.Array))
+                        writer.WriteStringValue(Mask);
+                    else
+                        Write(writer, member.Value);
+                }
+                writer.WriteEndObject();
+                break;
+            case JsonValueKind.Array:
+                writer.WriteStartArray();
+                foreach (var item in value.EnumerateArray()) Write(writer, item);
+                writer.WriteEndArray();
+                break;
+            case JsonValueKind.String:
+                writer.WriteStringValue(RedactUrls(value.GetString()!));
+                break;
+            default:
+                value.WriteTo(writer);
+                break;
+        }
+    }
+}
