@@ -35,6 +35,10 @@ import kv_oracle  # noqa: E402
 import lmcache_native  # noqa: E402
 from redis_helpers import REDIS_SERVER, RedisServer  # noqa: E402
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "soak: bounded multi-threaded soak (LMC_SOAK_SECONDS, default 30)")
+
+
 # The interpreter with torch, numpy and pytest on the project's Debian machines.
 CHILD_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 

@@ -46,11 +46,6 @@ import torch
 import soak_helpers as sh
 from lmcache_native import Engine, LmcError, LmcTimeout, remote_lookup
 
-# Register the marker when pytest is configuring (no conftest/ini edit needed); harmless otherwise.
-_config = getattr(pytest.mark, "_config", None)
-if _config is not None:
-    _config.addinivalue_line("markers", "soak: bounded multi-threaded soak (LMC_SOAK_SECONDS, default 30)")
-
 SOAK_SECONDS = float(os.environ.get("LMC_SOAK_SECONDS", "30"))
 WORKERS = int(os.environ.get("LMC_SOAK_WORKERS", "8"))
 REMOTE_THREADS = 2

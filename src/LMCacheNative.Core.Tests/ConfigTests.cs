@@ -120,6 +120,16 @@ public class ConfigTests
         Assert.That(extra.GetProperty("Auth").GetString(), Is.EqualTo(Secrets.Mask));
     }
 
+    [TestCase("redis_password", true)]
+    [TestCase("authToken", true)]
+    [TestCase("API-KEY", true)]
+    [TestCase("secret", true)]
+    [TestCase("min_retrieve_tokens", false)]
+    [TestCase("author", false)]
+    [TestCase("chunk_size", false)]
+    public void SecretKeys_AreRecognisedByWholeWords(string key, bool secret) =>
+        Assert.That(Secrets.IsSecretKey(key), Is.EqualTo(secret));
+
     [TestCase("{\"extra_config\": {\"k\": \"\\ud800\"}}")]
     [TestCase("{\"extra_config\": {\"\\udc00\": 1}}")]
     [TestCase("{\"\\ud800\": 1}")]

@@ -26,12 +26,25 @@ public static class Secrets
         return UrlPasswordOnly.Replace(redacted, m => m.Groups["password"].Value == Mask ? m.Value : $"{m.Groups["scheme"].Value}{Mask}@");
     }
 
-    /// <summary>Whether a configuration key names a secret (password, token, API key, …).</summary>
+    // A key is a secret when one of its words is one of these, or two adjacent words form one of the
+    // phrases. Whole words, so that "min_retrieve_tokens" (a count) is not taken for "token".
+    private static readonly HashSet<string> SecretWords = new(StringComparer.Ordinal)
+    {
+        "password", "passwd", "pwd", "passphrase", "secret", "secrets", "token", "auth", "authkey",
+        "authentication", "authorization", "credential", "credentials", "apikey", "cookie",
+    };
+    private static readonly string[] SecretPhrases = ["api_key", "private_key", "access_key", "secret_key", "session_key", "client_key"];
+    private static readonly Regex WordBoundary = new("(?<=[a-z0-9])(?=[A-Z])", RegexOptions.CultureInvariant);
+
+    /// <summary>Whether a configuration key names a secret: <c>redis_password</c>, <c>authToken</c>, <c>API-KEY</c>, ….</summary>
     public static bool IsSecretKey(string key)
     {
-        string k = key.ToLowerInvariant();
-        return k.Contains("password") || k.Contains("passwd") || k.Contains("secret") || k.Contains("token")
-               || k.Contains("credential") || k.Contains("api_key") || k.Contains("apikey") || k.Contains("auth");
+        string[] words = WordBoundary.Replace(key, "_").ToLowerInvariant()
+            .Split(['_', '-', '.', ' '], StringSplitOptions.RemoveEmptyEntries);
+        if (words.Any(SecretWords.Contains)) return true;
+        for (int i = 0; i + 1 < words.Length; i++)
+            if (SecretPhrases.Contains(words[i] + "_" + words[i + 1])) return true;
+        return false;
     }
 
     /// <summary>
