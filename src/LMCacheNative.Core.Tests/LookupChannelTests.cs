@@ -40,7 +40,7 @@ public class LookupChannelTests
         _engine.StartLookupServer(_socketPath);
 
         foreach (var (tokens, key) in new[] { (stored, salt), (stored[..20], salt), (stored.Concat(Tokens(5, 2)).ToArray(), salt), (stored, Array.Empty<byte>()) })
-            Assert.That(LookupClient.Lookup(_socketPath, tokens, key, TimeSpan.FromSeconds(5)), Is.EqualTo(_engine.Lookup(tokens, key)));
+            Assert.That(LookupClient.Lookup(_socketPath, tokens, key, TimeSpan.FromSeconds(5)), Is.EqualTo(_engine.Lookup(tokens, key).HitTokens));
         Assert.That(LookupClient.Lookup(_socketPath, stored, salt, TimeSpan.FromSeconds(5)), Is.EqualTo(29));
         Assert.That(LookupClient.Lookup(_socketPath, [], [], TimeSpan.FromSeconds(5)), Is.EqualTo(0));
 
@@ -57,7 +57,7 @@ public class LookupChannelTests
         _engine.StopLookupServer();
         Assert.That(File.Exists(_socketPath), Is.False);
         var error = Assert.Throws<LmcException>(() => LookupClient.Lookup(_socketPath, Tokens(8, 1), [], TimeSpan.FromSeconds(1)))!;
-        Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.Io));
+        Assert.That(error.Kind, Is.EqualTo(LmcStatus.Io));
     }
 
     [Test]
@@ -69,7 +69,7 @@ public class LookupChannelTests
         silent.Listen(4);
         var watch = Stopwatch.StartNew();
         var error = Assert.Throws<LmcException>(() => LookupClient.Lookup(_socketPath, Tokens(8, 1), [], TimeSpan.FromMilliseconds(300)))!;
-        Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.Timeout));
+        Assert.That(error.Kind, Is.EqualTo(LmcStatus.Timeout));
         Assert.That(watch.Elapsed, Is.LessThan(TimeSpan.FromSeconds(3)));
         Assert.That(Assert.Throws<LmcException>(() => _engine.StartLookupServer(_socketPath))!.Message, Does.Contain("in use"));
     }
@@ -111,7 +111,7 @@ public class LookupChannelTests
     {
         File.WriteAllText(_socketPath, "the user's file");
         var error = Assert.Throws<LmcException>(() => _engine.StartLookupServer(_socketPath))!;
-        Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.InvalidArgument));
+        Assert.That(error.Kind, Is.EqualTo(LmcStatus.InvalidArgument));
         Assert.That(error.Message, Does.Contain("not a socket"));
         Assert.That(File.ReadAllText(_socketPath), Is.EqualTo("the user's file"));
         File.Delete(_socketPath);
@@ -180,16 +180,16 @@ public class LookupChannelTests
         using (listener)
         {
             var error = Assert.Throws<LmcException>(() => LookupClient.Lookup(_socketPath, Tokens(100, 1), [], TimeSpan.FromSeconds(5)))!;
-            Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.Io));
+            Assert.That(error.Kind, Is.EqualTo(LmcStatus.Io));
             Assert.That(error.Message, Does.Contain("protocol error"));
         }
     }
 
-    [TestCase(-10, LmcErrorKind.Io)]
-    [TestCase(-999, LmcErrorKind.Io)]
-    [TestCase(7, LmcErrorKind.Io)]
-    [TestCase(-1, LmcErrorKind.InvalidArgument)]
-    public void ARemoteFailureStatus_MapsToAKnownKind_NeverInternal(int status, LmcErrorKind expected)
+    [TestCase(-10, LmcStatus.Io)]
+    [TestCase(-999, LmcStatus.Io)]
+    [TestCase(7, LmcStatus.Io)]
+    [TestCase(-1, LmcStatus.InvalidArgument)]
+    public void ARemoteFailureStatus_MapsToAKnownKind_NeverInternal(int status, LmcStatus expected)
     {
         FakeServer(peer => peer.Send(Response(status, 0)), out var listener);
         using (listener)
@@ -212,7 +212,7 @@ public class LookupChannelTests
         {
             var watch = Stopwatch.StartNew();
             var error = Assert.Throws<LmcException>(() => LookupClient.Lookup(_socketPath, Tokens(10, 1), [], TimeSpan.FromMilliseconds(500)))!;
-            Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.Timeout));
+            Assert.That(error.Kind, Is.EqualTo(LmcStatus.Timeout));
             Assert.That(watch.Elapsed, Is.LessThan(TimeSpan.FromMilliseconds(1200)), "bounded by the 500 ms deadline, not 16 reads of 500 ms");
         }
     }
@@ -362,7 +362,7 @@ public class LookupChannelTests
         {
             Thread.Sleep(200);
             var watch = Stopwatch.StartNew();
-            var jobs = Enumerable.Range(0, 16).Select(_ => Task.Run(() => _engine.Prefetch(stored, default))).ToArray();
+            var jobs = Enumerable.Range(0, 16).Select(_ => Task.Run(() => _engine.Prefetch(stored, default).TokensMatched)).ToArray();
             Assert.That(Task.WaitAll(jobs, TimeSpan.FromSeconds(3)), Is.True, "prefetch jobs finish while peers hold connections");
             Assert.That(jobs.Select(j => j.Result), Is.All.EqualTo(16));
             Assert.That(watch.Elapsed, Is.LessThan(TimeSpan.FromSeconds(3)));
@@ -431,7 +431,7 @@ public class LookupChannelTests
             if (squatter is null) Assert.Ignore("needs root and setpriv to run a peer as another user");
             Assert.That(squatter.StandardOutput.ReadLine(), Is.EqualTo("ready"), () => squatter.StandardError.ReadToEnd());
             var error = Assert.Throws<LmcException>(() => LookupClient.Lookup(path, Tokens(8, 1), [], TimeSpan.FromSeconds(2)))!;
-            Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.Io));
+            Assert.That(error.Kind, Is.EqualTo(LmcStatus.Io));
             Assert.That(error.Message, Does.Contain("65534"));
             squatter.Kill();
         }
@@ -445,6 +445,6 @@ public class LookupChannelTests
     public void BadSocketPaths_AreInvalidArguments()
     {
         foreach (var path in new[] { "", new string('x', 200) })
-            Assert.That(Assert.Throws<LmcException>(() => LookupClient.Lookup(path, Tokens(8, 1), [], TimeSpan.FromSeconds(1)))!.Kind, Is.EqualTo(LmcErrorKind.InvalidArgument));
+            Assert.That(Assert.Throws<LmcException>(() => LookupClient.Lookup(path, Tokens(8, 1), [], TimeSpan.FromSeconds(1)))!.Kind, Is.EqualTo(LmcStatus.InvalidArgument));
     }
 }

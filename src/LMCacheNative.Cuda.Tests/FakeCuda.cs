@@ -152,6 +152,8 @@ internal static unsafe class FakeCuda
         "cuMemcpyHtoD_v2" => (nint)(delegate* unmanaged<ulong, void*, nuint, int>)&CuMemcpyHtoD,
         "cuMemcpyHtoDAsync_v2" => (nint)(delegate* unmanaged<ulong, void*, nuint, nint, int>)&CuMemcpyHtoDAsync,
         "cuMemcpyDtoHAsync_v2" => (nint)(delegate* unmanaged<void*, ulong, nuint, nint, int>)&CuMemcpyDtoHAsync,
+        "cuStreamCreate" => (nint)(delegate* unmanaged<nint*, uint, int>)&CuStreamCreate,
+        "cuStreamDestroy_v2" => (nint)(delegate* unmanaged<nint, int>)&CuStreamDestroy,
         "cuEventCreate" => (nint)(delegate* unmanaged<nint*, uint, int>)&CuEventCreate,
         "cuEventRecord" => (nint)(delegate* unmanaged<nint, nint, int>)&CuEventRecord,
         "cuEventQuery" => (nint)(delegate* unmanaged<nint, int>)&CuEventQuery,
@@ -392,6 +394,19 @@ internal static unsafe class FakeCuda
         Buffer.MemoryCopy((void*)source, destination, bytes, bytes);
         return 0;
     }
+
+    /// <summary>Streams the library created for itself (its own stream per device).</summary>
+    public static readonly ConcurrentQueue<nint> CreatedStreams = new();
+
+    [UnmanagedCallersOnly]
+    private static int CuStreamCreate(nint* stream, uint flags)
+    {
+        *stream = NextHandle();
+        CreatedStreams.Enqueue(*stream);
+        return 0;
+    }
+
+    [UnmanagedCallersOnly] private static int CuStreamDestroy(nint stream) => 0;
 
     [UnmanagedCallersOnly]
     private static int CuEventCreate(nint* ev, uint flags)

@@ -111,6 +111,28 @@ internal sealed unsafe class CudaDevice
         }
     }
 
+    private nint _ownStream;
+    private readonly object _ownStreamLock = new();
+
+    /// <summary>
+    /// The library's own stream on this device (non-blocking: it does not wait for the legacy default
+    /// stream), for requests that name none. Created on first use; lives as long as the process.
+    /// </summary>
+    public nint OwnStream
+    {
+        get
+        {
+            lock (_ownStreamLock)
+            {
+                if (_ownStream != 0) return _ownStream;
+                using var scope = Enter();
+                nint stream;
+                Driver.Check(Driver.cuStreamCreate(&stream, CudaDriver.StreamNonBlocking), "cuStreamCreate");
+                return _ownStream = stream;
+            }
+        }
+    }
+
     /// <summary>An event for one transfer's completion (blocking sync: waiting on it sleeps instead of spinning). Context must be current.</summary>
     public nint RentEvent()
     {

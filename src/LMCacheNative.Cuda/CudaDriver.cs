@@ -27,6 +27,7 @@ internal sealed unsafe class CudaDriver
     public const int ErrorNotReady = 600;
     public const uint MemHostAllocPortable = 0x01;
     public const uint MemHostAllocDeviceMap = 0x02;
+    public const uint StreamNonBlocking = 0x1;
     public const uint EventBlockingSync = 0x1;
     public const uint EventDisableTiming = 0x2;
     public const int PointerAttributeMemoryType = 2;
@@ -66,6 +67,8 @@ internal sealed unsafe class CudaDriver
     public delegate* unmanaged<ulong, void*, nuint, int> cuMemcpyHtoD_v2;
     public delegate* unmanaged<ulong, void*, nuint, nint, int> cuMemcpyHtoDAsync_v2;
     public delegate* unmanaged<void*, ulong, nuint, nint, int> cuMemcpyDtoHAsync_v2;
+    public delegate* unmanaged<nint*, uint, int> cuStreamCreate;
+    public delegate* unmanaged<nint, int> cuStreamDestroy_v2;
     public delegate* unmanaged<nint*, uint, int> cuEventCreate;
     public delegate* unmanaged<nint, nint, int> cuEventRecord;
     public delegate* unmanaged<nint, int> cuEventQuery;
@@ -124,6 +127,8 @@ internal sealed unsafe class CudaDriver
             cuMemcpyHtoD_v2 = (delegate* unmanaged<ulong, void*, nuint, int>)Get("cuMemcpyHtoD_v2"),
             cuMemcpyHtoDAsync_v2 = (delegate* unmanaged<ulong, void*, nuint, nint, int>)Get("cuMemcpyHtoDAsync_v2"),
             cuMemcpyDtoHAsync_v2 = (delegate* unmanaged<void*, ulong, nuint, nint, int>)Get("cuMemcpyDtoHAsync_v2"),
+            cuStreamCreate = (delegate* unmanaged<nint*, uint, int>)Get("cuStreamCreate"),
+            cuStreamDestroy_v2 = (delegate* unmanaged<nint, int>)Get("cuStreamDestroy_v2"),
             cuEventCreate = (delegate* unmanaged<nint*, uint, int>)Get("cuEventCreate"),
             cuEventRecord = (delegate* unmanaged<nint, nint, int>)Get("cuEventRecord"),
             cuEventQuery = (delegate* unmanaged<nint, int>)Get("cuEventQuery"),
@@ -179,13 +184,13 @@ internal sealed unsafe class CudaDriver
         return t.Length > 0 ? $"{n} ({result}): {t}" : $"{n} ({result})";
     }
 
-    /// <summary>Throws <see cref="LmcErrorKind.Cuda"/> naming the call and the driver's error unless <paramref name="result"/> is success.</summary>
+    /// <summary>Throws <see cref="LmcStatus.Cuda"/> naming the call and the driver's error unless <paramref name="result"/> is success.</summary>
     public void Check(int result, string call)
     {
         if (result != Success) throw Error(result, call);
     }
 
-    public LmcException Error(int result, string call) => new(LmcErrorKind.Cuda, $"{call} failed: {Describe(result)}");
+    public LmcException Error(int result, string call) => new(LmcStatus.Cuda, $"{call} failed: {Describe(result)}");
 }
 
 /// <summary>Whether the CUDA path can run here, and why not.</summary>
