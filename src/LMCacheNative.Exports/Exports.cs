@@ -405,6 +405,9 @@ internal static unsafe class Exports
             // Copied: the caller's buffers are borrowed for this call only.
             int[] tokenCopy = Input(tokens, numTokens, "tokens", "num_tokens").ToArray();
             byte[] extraCopy = Input(extraKey, extraKeyLength, "extra_key", "extra_key_len").ToArray();
+            // Refused here, not by the job: a caller's mistake is the call's status.
+            if (extraCopy.Length > LMCacheNative.Core.Keys.ChunkHasher.MaxExtraKeyBytes)
+                throw LmcException.InvalidArgument($"extra_key_len {extraCopy.Length} exceeds the limit of {LMCacheNative.Core.Keys.ChunkHasher.MaxExtraKeyBytes} bytes");
             var task = Task.Run(() => cacheEngine.Prefetch(tokenCopy, extraCopy));
             *jobOut = JobTable.Add(task);
             return ErrorState.Ok();
