@@ -12,6 +12,11 @@ unknown keys, so they must not reach it). A value of the wrong type or out of ra
 at start-up. Environment values are text and are parsed by the key's type; YAML and extra-config values
 must already have the right type (numbers may be given for floats, and text that parses is accepted).
 
+Every problem with a source is a ``ConfigError`` that names the source and, where there is one, the
+key -- never another exception type, whatever the input: the YAML file is bounded in size and nesting
+and may not use anchors or aliases (an alias bomb of a few hundred bytes expands to gigabytes), and
+values quoted in messages are shortened and have their credentials hidden (``_redact``).
+
 This module is pure Python: no library load, no torch. The connector and the tests use it alike.
 """
 
@@ -21,8 +26,11 @@ import json
 import logging
 import math
 import os
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
+
+from ._redact import redact_text, redact_value
 
 logger = logging.getLogger("lmcache_native.vllm_connector")
 
@@ -40,8 +48,43 @@ NON_KEY_ENV_VARS = frozenset({
 PLAIN_EXTRA_KEYS = frozenset({"discard_partial_chunks", "skip_last_n_tokens", "lmcache_rpc_port"})
 
 
+# Bounds on what a configuration source may hold. Real configurations are a few KiB and 2-3 levels
+# deep; the bounds keep a hostile or broken file from costing memory, time or the interpreter's stack.
+MAX_DOCUMENT_BYTES = 1 << 20
+MAX_NESTING = 32
+MAX_JSON_VALUES = 1 << 18  # values in an extra_config object (a Python object may share its parts)
+# A value quoted in an error message is cut to this many characters.
+MAX_SHOWN_CHARS = 80
+
+
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the key and the source."""
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS - 3] + "..."
+
+
+_value_repr = reprlib.Repr()
+_value_repr.maxlevel = 3
+_value_repr.maxstring = _value_repr.maxother = MAX_SHOWN_CHARS
+_value_repr.maxlist = _value_repr.maxtuple = _value_repr.maxdict = _value_repr.maxset = 6
+
+
+def _shown(value, key=None) -> str:
+    """``value`` for an error message: credentials hidden, at most MAX_SHOWN_CHARS characters, and
+    never an exception (a huge int has no decimal repr, a deep container would exhaust the stack)."""
+    try:
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+            return f"<an integer of {value.bit_length()} bits>"
+        # the redacted copy holds at most what the repr can show (6 items on each of 3 levels)
+        return _shorten(_value_repr.repr(redact_value(key, value, max_items=300)))
+    except Exception:
+        return f"<a {type(value).__name__}>"
+
+
+def _shown_key(key) -> str:
+    return _shorten(redact_text(str(key)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,9 +132,14 @@ def _float(minimum=None, maximum=None, exclusive_minimum=False):
                 value = float(value.strip())
             except ValueError:
                 raise ValueError("must be a number") from None
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not isinstance(value, (int, float)):
             raise ValueError("must be a finite number")
-        value = float(value)
+        try:
+            value = float(value)  # an int beyond the float range raises OverflowError
+        except OverflowError:
+            raise ValueError("must be a finite number") from None
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
         if minimum is not None and (value < minimum or (exclusive_minimum and value == minimum)):
             raise ValueError(f"must be {'>' if exclusive_minimum else '>='} {minimum}")
         if maximum is not None and value > maximum:
@@ -121,16 +169,51 @@ def _optional(inner):
     return parse
 
 
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _check_json_value(value) -> None:
+    """``value`` must be plain JSON data, at most MAX_NESTING deep: it is passed to the library as
+    JSON. Iterative, so a deep (or self-containing) value cannot exhaust the stack."""
+    pending = [(value, 1)]
+    for _ in range(MAX_JSON_VALUES):
+        if not pending:
+            return
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list, tuple)):
+            if depth > MAX_NESTING:
+                raise ValueError(f"must not be nested deeper than {MAX_NESTING} levels")
+            if isinstance(item, dict):
+                if not all(isinstance(key, str) for key in item):
+                    raise ValueError("must have string keys only")
+                pending.extend((child, depth + 1) for child in item.values())
+            else:
+                pending.extend((child, depth + 1) for child in item)
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise ValueError("must hold finite numbers only")
+        elif not (item is None or isinstance(item, (str, int, bool))):
+            raise ValueError(f"must hold JSON values only, not {type(item).__name__}")
+    if pending:
+        raise ValueError(f"must hold at most {MAX_JSON_VALUES} values")
+
+
 def _json_object(value, from_text):
     if value is None:
         return None
     if isinstance(value, str):
+        if len(value) > MAX_DOCUMENT_BYTES:
+            raise ValueError(f"must be at most {MAX_DOCUMENT_BYTES} characters of JSON")
         try:
-            value = json.loads(value)
+            value = json.loads(value, parse_constant=_refuse_constant)
+        except RecursionError:
+            raise ValueError(f"must not be nested deeper than {MAX_NESTING} levels") from None
         except ValueError as error:
-            raise ValueError(f"must be a JSON object: {error}") from None
+            raise ValueError(f"must be a JSON object: {_shorten(str(error))}") from None
     if not isinstance(value, dict):
         raise ValueError("must be a mapping (JSON object)")
+    _check_json_value(value)
     return value
 
 
@@ -231,29 +314,133 @@ class ResolvedConfig:
         return self.values.get(key, default)
 
 
+def _read_bounded(path: str, source: str) -> bytes:
+    """At most MAX_DOCUMENT_BYTES of the file. O_NONBLOCK keeps open() from waiting for the writer
+    of a FIFO (reads then block as usual); /dev/zero and the like end at the size bound."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+    except (OSError, ValueError) as error:  # ValueError: a NUL byte in the path
+        raise ConfigError(f"{source}: cannot open the file: {getattr(error, 'strerror', None) or error}") from None
+    try:
+        os.set_blocking(fd, True)
+        chunks, size = [], 0
+        while size <= MAX_DOCUMENT_BYTES:
+            chunk = os.read(fd, MAX_DOCUMENT_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as error:
+        raise ConfigError(f"{source}: cannot read the file: {error.strerror or error}") from None
+    finally:
+        os.close(fd)
+    if size > MAX_DOCUMENT_BYTES:
+        raise ConfigError(f"{source}: the file is larger than {MAX_DOCUMENT_BYTES} bytes")
+    return b"".join(chunks)
+
+
+def _top_level_key_before(text: str) -> str | None:
+    """The block-style top-level key in force at the end of ``text`` (for naming the key of an
+    error that has only a position), or None."""
+    for line in reversed(text.split("\n")):
+        if line[:1] and line[:1] not in " \t#-?:" and ":" in line:
+            return line.partition(":")[0].strip().strip("'\"")
+    return None
+
+
+def _where(key, mark) -> str:
+    """``key 'k' (line n)`` for an error at a YAML position (``mark``: anything with a 0-based
+    ``line``, or None)."""
+    at = f" (line {mark.line + 1})" if mark is not None else ""
+    return f"key '{_shown_key(key)}'{at}" if key is not None else f"the document{at}"
+
+
+@dataclass(frozen=True)
+class _Line:
+    line: int  # 0-based, as in a YAML mark
+
+
+def _check_yaml_events(text: str, source: str, yaml, loader_class) -> None:
+    """Refuses anchors and aliases and nesting beyond MAX_NESTING, from the event stream, before any
+    node is built. Events stream one at a time, so an alias bomb fails at its first alias. Errors
+    name the top-level key they are under."""
+    open_collections: list = []  # per open collection: [is_mapping, next node is a key]
+    top_key = None
+    try:
+        for event in yaml.parse(text, Loader=loader_class):
+            if isinstance(event, yaml.CollectionEndEvent):
+                open_collections.pop()
+                continue
+            if not isinstance(event, (yaml.ScalarEvent, yaml.CollectionStartEvent, yaml.AliasEvent)):
+                continue
+            if open_collections and open_collections[-1][0]:
+                is_key = open_collections[-1][1]
+                open_collections[-1][1] = not is_key
+                if is_key and len(open_collections) == 1:
+                    top_key = event.value if isinstance(event, yaml.ScalarEvent) else "?"
+            if isinstance(event, yaml.AliasEvent) or event.anchor is not None:
+                raise ConfigError(f"{source}: {_where(top_key, event.start_mark)}: YAML anchors and aliases "
+                                  "are not accepted in an LMCache configuration")
+            if isinstance(event, yaml.CollectionStartEvent):
+                open_collections.append([isinstance(event, yaml.MappingStartEvent), True])
+                if len(open_collections) > MAX_NESTING:
+                    raise ConfigError(f"{source}: {_where(top_key, event.start_mark)}: nested deeper than "
+                                      f"{MAX_NESTING} levels")
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        problem = getattr(error, "problem", None) or type(error).__name__
+        # Only the problem and its position: PyYAML's own text quotes the document, which may hold secrets.
+        raise ConfigError(f"{source}: {_where(top_key, mark)}: not valid YAML: "
+                          f"{_shorten(redact_text(str(problem)))}") from None
+
+
 def _read_yaml(path: str) -> dict:
+    source = f"{CONFIG_FILE_ENV}={path}"
     try:
         import yaml  # python3-yaml; only needed when a file is named
     except ImportError as error:  # pragma: no cover - yaml is present on the project machines
-        raise ConfigError(f"{CONFIG_FILE_ENV}={path}: reading YAML needs PyYAML ({error})") from None
+        raise ConfigError(f"{source}: reading YAML needs PyYAML ({error})") from None
+    raw = _read_bounded(path, source)
     try:
-        with open(path, "r", encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
-    except OSError as error:
-        raise ConfigError(f"{CONFIG_FILE_ENV}={path}: cannot read the file: {error}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{CONFIG_FILE_ENV}={path}: not valid YAML: {error}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{CONFIG_FILE_ENV}={path}: expected a mapping of LMCache keys, got {type(data).__name__}")
-    return data
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        prefix = raw[:error.start].decode("utf-8")  # valid up to the first bad byte
+        where = _where(_top_level_key_before(prefix), _Line(prefix.count("\n")))
+        raise ConfigError(f"{source}: {where}: not UTF-8 text (byte {error.start})") from None
+    loader_class = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where installed: faster
+    _check_yaml_events(text, source, yaml, loader_class)
+    loader = loader_class(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return {}
+        if not isinstance(root, yaml.MappingNode):
+            raise ConfigError(f"{source}: expected a mapping of LMCache keys, got a YAML "
+                              f"{'sequence' if isinstance(root, yaml.SequenceNode) else 'scalar'}")
+        # Built key by key, so that a value that cannot be built (a timestamp with month 13, bad
+        # !!binary, an unhashable key) is reported with its key.
+        data = {}
+        for key_node, value_node in root.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+            try:
+                data[loader.construct_object(key_node, deep=True)] = loader.construct_object(value_node, deep=True)
+            except Exception as error:
+                problem = getattr(error, "problem", None) or str(error) or type(error).__name__
+                raise ConfigError(f"{source}: {_where(key, key_node.start_mark)}: invalid YAML value: "
+                                  f"{_shorten(redact_text(str(problem)))}") from None
+        return data
+    except yaml.YAMLError as error:  # not expected after the event check; a safety net
+        raise ConfigError(f"{source}: not valid YAML: {_shorten(redact_text(str(error)))}") from None
+    finally:
+        loader.dispose()
 
 
 def resolve(extra_config: Mapping | None, environ: Mapping | None = None, *,
             warn: Callable[[str], None] | None = None) -> ResolvedConfig:
     """Resolves the configuration from the three sources; raises ``ConfigError`` on a bad value."""
     environ = os.environ if environ is None else environ
+    if extra_config is not None and not isinstance(extra_config, Mapping):
+        raise ConfigError(f"kv_connector_extra_config must be a mapping, got {type(extra_config).__name__}")
     extra_config = dict(extra_config or {})
     result = ResolvedConfig()
 
@@ -269,7 +456,7 @@ def resolve(extra_config: Mapping | None, environ: Mapping | None = None, *,
         elif key in IGNORED_LMCACHE_KEYS:
             warning(f"LMCache config key '{key}' (from {source}) is not supported by LMCacheNative and is ignored")
         else:
-            warning(f"unknown LMCache config key '{key}' (from {source}) is ignored")
+            warning(f"unknown LMCache config key '{_shown_key(key)}' (from {source}) is ignored")
 
     path = environ.get(CONFIG_FILE_ENV)
     if path:
@@ -286,13 +473,17 @@ def resolve(extra_config: Mapping | None, environ: Mapping | None = None, *,
 
     for name, value in extra_config.items():
         if isinstance(name, str) and name.startswith(EXTRA_CONFIG_PREFIX):
-            offer(name[len(EXTRA_CONFIG_PREFIX):], value, False, f"kv_connector_extra_config '{name}'")
+            offer(name[len(EXTRA_CONFIG_PREFIX):], value, False, f"kv_connector_extra_config '{_shown_key(name)}'")
 
     for key, (value, from_text, source) in raw.items():
         try:
             parsed = ENGINE_KEYS[key].parse(value, from_text)
         except ValueError as error:
-            raise ConfigError(f"LMCache config key '{key}' (from {source}): {error}, got {value!r}") from None
+            raise ConfigError(f"LMCache config key '{key}' (from {source}): {error}, "
+                              f"got {_shown(value, key)}") from None
+        except Exception as error:  # a value no parser foresaw: still a configuration error
+            raise ConfigError(f"LMCache config key '{key}' (from {source}): invalid value "
+                              f"({type(error).__name__}), got {_shown(value, key)}") from None
         result.engine[key] = parsed
         result.sources[key] = source
     for key, spec in ENGINE_KEYS.items():
@@ -303,7 +494,10 @@ def resolve(extra_config: Mapping | None, environ: Mapping | None = None, *,
         try:
             result.plain[key] = spec.parse(value, False)
         except ValueError as error:
-            raise ConfigError(f"kv_connector_extra_config '{key}': {error}, got {value!r}") from None
+            raise ConfigError(f"kv_connector_extra_config '{key}': {error}, got {_shown(value, key)}") from None
+        except Exception as error:
+            raise ConfigError(f"kv_connector_extra_config '{key}': invalid value ({type(error).__name__}), "
+                              f"got {_shown(value, key)}") from None
     # extra_config keys that are neither lmcache.* nor known plain keys belong to vLLM or other
     # connectors (MultiConnector shares one dict): not ours to warn about.
     return result

@@ -8,15 +8,19 @@ callers can catch either.
 from __future__ import annotations
 
 from . import _bindings as _b
+from ._redact import redact_text
 
 
 class LmcError(Exception):
     """A failed lmc_* call. ``status`` is the raw lmc_status, ``status_name`` its header name and
-    ``message`` the library's message for the failure (read on the failing thread)."""
+    ``message`` the library's message for the failure (read on the failing thread), with URL
+    passwords hidden: the library quotes configuration values such as remote_url in its messages,
+    and these end up in logs and tracebacks."""
 
     def __init__(self, status: int, message: str):
         self.status = status
         self.status_name = _b.STATUS_NAMES.get(status, "LMC_E_UNKNOWN")
+        message = redact_text(message) if message else message
         self.message = message
         super().__init__(f"{self.status_name} ({status}): {message}" if message else self.status_name)
 

@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -50,6 +49,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from . import _connector_config as _cfg
+from . import _socket_dir
+from ._redact import redact_config
 
 logger = logging.getLogger("lmcache_native.vllm_connector")
 
@@ -187,13 +188,11 @@ def _kv_params(request) -> dict:
 def _lookup_socket_path(model: str, rpc_port: int, dp_rank: int, rank: int) -> str:
     """Where rank ``rank``'s engine serves lookups. LMCache names its ZMQ sockets by
     ``lmcache_rpc_port`` and ranks under VLLM_RPC_BASE_PATH; the model is folded in as well so two
-    vLLM instances serving different models on one machine never collide."""
-    base = os.environ.get("VLLM_RPC_BASE_PATH") or tempfile.gettempdir()
+    vLLM instances serving different models on one machine never collide. Without
+    VLLM_RPC_BASE_PATH the directory is private to this user (``_socket_dir``); raises
+    ``UnsafeSocketDirectoryError`` when that directory is not safe."""
     digest = hashlib.sha256(f"{model}|{rpc_port}|{dp_rank}".encode("utf-8")).hexdigest()[:16]
-    path = os.path.join(base, f"lmcn-{digest}-r{rank}.sock")
-    if len(path.encode("utf-8")) > 107:  # a Unix socket address holds 107 bytes
-        path = os.path.join("/tmp", f"lmcn-{digest}-r{rank}.sock")
-    return path
+    return _socket_dir.default_socket_path(f"lmcn-{digest}-r{rank}.sock")
 
 
 # In-process worker engines by lookup namespace: {namespace: {rank: engine}}. With TP=1 and vLLM's
@@ -412,6 +411,7 @@ class LMCacheNativeConnector(KVConnectorBase_V1):
         self._background_lookups: dict[str, _BackgroundLookup] = {}
         self._lookup_pool = None  # ThreadPoolExecutor, created by the first lookup that may block
         self._may_defer_lookups = _vllm_allows_none_lookup()
+        self._warned_bad_lookup_answer = False
         self._trackers: dict[str, _Tracker] = {}
         self._pending_loads: dict[str, LoadSpec] = {}
 
@@ -449,7 +449,8 @@ class LMCacheNativeConnector(KVConnectorBase_V1):
         shown = dict(self._config.values)
         shown["enable_async_loading"] = self._load_async
         shown.update(self._config.plain)
-        logger.info("LMCache Configuration: %s", json.dumps(shown, sort_keys=True, default=str))
+        # Logs are shared widely; remote_url may carry a password (redis://user:PASSWORD@host)
+        logger.info("LMCache Configuration: %s", json.dumps(redact_config(shown), sort_keys=True, default=str))
 
     def _validate_engine_config(self) -> None:
         """The scheduler never stores, but an invalid value must still fail at start-up: the engine
@@ -504,7 +505,12 @@ class LMCacheNativeConnector(KVConnectorBase_V1):
     def _start_lookup_server(self) -> None:
         if not hasattr(self._engine, "start_lookup_server"):
             return
-        path = _lookup_socket_path(self._model, self._rpc_port, self._dp_rank, self._rank)
+        try:
+            path = _lookup_socket_path(self._model, self._rpc_port, self._dp_rank, self._rank)
+        except Exception as error:  # the private socket directory is not safe: serve no lookups
+            logger.warning("LMCacheNative: not serving lookups: %s; a scheduler in another process will see "
+                           "misses.", error)
+            return
         try:
             self._engine.start_lookup_server(path)
         except Exception as error:  # another instance on the same socket, unwritable directory, ...
@@ -781,6 +787,9 @@ class LMCacheNativeConnector(KVConnectorBase_V1):
                     return None, False  # still looking: vLLM keeps the request waiting, asks again
             else:
                 hit = self._lookup(lookup_tokens, extra_key)
+            # Whatever produced it (a replaced lookup, a background result), vLLM is only ever told
+            # about tokens the request has.
+            hit = self._checked_hit(hit, min(len(lookup_tokens), num_tokens), "this request")
             full = hit == num_tokens
             need = max(hit - num_computed_tokens - (1 if full else 0), 0)
             self._stats["num_lookups"] += 1
@@ -800,6 +809,11 @@ class LMCacheNativeConnector(KVConnectorBase_V1):
                     is_async, ext = True, hit - num_computed_tokens
                 elif (num_computed_tokens + need) % self._block_size == 0:
                     is_async = True
+            if not 0 <= ext <= num_tokens - num_computed_tokens:  # cannot happen with a checked hit
+                logger.warning("LMCacheNative: request %s: %d external tokens beyond its %d tokens; treated as a "
+                               "miss", req_id, ext, num_tokens)
+                self._pending_lookups[req_id] = _Lookup(0, num_computed_tokens, 0, False, [], extra_key)
+                return 0, False
             self._pending_lookups[req_id] = _Lookup(hit, num_computed_tokens, ext, is_async,
                                                     lookup_tokens[:hit], extra_key)
             return ext, is_async
@@ -866,10 +880,23 @@ class LMCacheNativeConnector(KVConnectorBase_V1):
             except Exception as error:  # LmcTimeout / LmcIOError / closed engine: a miss
                 logger.debug("LMCacheNative: lookup on rank %d failed, counted as a miss: %s", rank, error)
                 hit = 0
+            hit = self._checked_hit(hit, len(tokens), f"rank {rank}")
             hits.append(hit)
             if hit == 0:
                 break
         return min(hits) if hits else 0
+
+    def _checked_hit(self, hit, num_tokens: int, origin: str) -> int:
+        """``hit`` if it is a token count in [0, num_tokens], else 0. An answer comes from another
+        process (or a buggy engine); one out of range would make vLLM skip computing tokens nobody
+        loads, so it counts as a failed lookup rather than being clamped into range. Warned once."""
+        if isinstance(hit, int) and not isinstance(hit, bool) and 0 <= hit <= num_tokens:
+            return hit
+        if not self._warned_bad_lookup_answer:
+            self._warned_bad_lookup_answer = True
+            logger.warning("LMCacheNative: the lookup on %s answered %s for a prompt of %d tokens; counted as a "
+                           "miss (further such answers are not logged)", origin, _cfg._shown(hit), num_tokens)
+        return 0
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         self._drop_background_lookup(getattr(request, "request_id", None))
