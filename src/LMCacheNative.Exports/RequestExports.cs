@@ -79,9 +79,6 @@ internal static unsafe class RequestExports
             Exports.RequireOut(jobOut, "job_out");
             var cacheEngine = HandleTable.Get(engine);
             var input = ReadRequest(request, needsDestination: false);
-            // Refused here, not by the job: a caller's mistake is the call's status.
-            if (input.ExtraKey.Length > Core.Keys.ChunkHasher.MaxExtraKeyBytes)
-                throw LmcException.InvalidArgument($"extra_key_len {input.ExtraKey.Length} exceeds the limit of {Core.Keys.ChunkHasher.MaxExtraKeyBytes} bytes");
             var owned = new OwnedKvRequest(input.Tokens.ToArray(), input.ExtraKey.ToArray(), [], input.FirstToken, 0);
             *jobOut = JobTable.Add(cacheEngine.PrefetchAsync(owned));
             return ErrorState.Ok();
@@ -196,6 +193,9 @@ internal static unsafe class RequestExports
         if (request->StructSize < NativeRequest.SizeV1)
             throw LmcException.InvalidArgument($"request->struct_size {request->StructSize} is smaller than lmc_request ({NativeRequest.SizeV1} bytes); set it to sizeof(lmc_request)");
         if (request->Reserved != 0) throw LmcException.InvalidArgument($"request->reserved must be 0, got {request->Reserved}");
+        // Refused before anything is copied (a job copies the request): 1 MiB is the bound everywhere.
+        if (request->ExtraKeyLen > Core.Keys.ChunkHasher.MaxExtraKeyBytes)
+            throw LmcException.InvalidArgument($"extra_key_len {request->ExtraKeyLen} exceeds the limit of {Core.Keys.ChunkHasher.MaxExtraKeyBytes} bytes");
         var input = new RequestInput
         {
             Tokens = Exports.Input(request->Tokens, request->NumTokens, "request->tokens", "request->num_tokens"),
