@@ -314,32 +314,44 @@ internal static unsafe class Exports
             var tiers = cacheEngine.GetTierStats();
             if (tierIndex < 0 || tierIndex >= tiers.Count)
                 throw new LmcException(LmcErrorKind.NotFound, $"tier_index {tierIndex}: the engine has {tiers.Count} lower tier(s)");
-            var (name, c) = tiers[tierIndex];
-            var native = new NativeTierStats
-            {
-                StructSize = size,
-                Hits = (ulong)c.Hits,
-                Misses = (ulong)c.Misses,
-                BytesRead = (ulong)c.BytesRead,
-                BytesWritten = (ulong)c.BytesWritten,
-                Writes = (ulong)c.Writes,
-                Evictions = (ulong)c.Evictions,
-                WriteQueueDrops = (ulong)c.WriteQueueDrops,
-                CorruptRecords = (ulong)c.CorruptRecords,
-                Errors = (ulong)c.Errors,
-                Reconnects = (ulong)c.Reconnects,
-                UsedBytes = (ulong)Math.Max(0, c.UsedBytes),
-                CapacityBytes = (ulong)Math.Max(0, c.CapacityBytes),
-            };
-            int written = System.Text.Encoding.UTF8.GetBytes(name.AsSpan(0, Math.Min(name.Length, 31)), new Span<byte>(native.Name, 31));
-            native.Name[written] = 0;
-            Buffer.MemoryCopy(&native, stats, size, Math.Min(size, (uint)sizeof(NativeTierStats)));
+            WriteTierStats(stats, size, tiers[tierIndex]);
             return ErrorState.Ok();
         }
         catch (Exception e)
         {
             return ErrorState.FromException(e);
         }
+    }
+
+    /// <summary>
+    /// Fills the caller's lmc_tier_stats. Kept out of the export on purpose: a local struct with a
+    /// fixed buffer gives its method a stack cookie, and an export's cookie is read in its prologue,
+    /// before the runtime starts on a process's first call, so the export would fail fast when it is
+    /// the first call into the library.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.NoInlining)]
+    private static void WriteTierStats(NativeTierStats* stats, uint size, TierStats tier)
+    {
+        var (name, c) = tier;
+        var native = new NativeTierStats
+        {
+            StructSize = size,
+            Hits = (ulong)c.Hits,
+            Misses = (ulong)c.Misses,
+            BytesRead = (ulong)c.BytesRead,
+            BytesWritten = (ulong)c.BytesWritten,
+            Writes = (ulong)c.Writes,
+            Evictions = (ulong)c.Evictions,
+            WriteQueueDrops = (ulong)c.WriteQueueDrops,
+            CorruptRecords = (ulong)c.CorruptRecords,
+            Errors = (ulong)c.Errors,
+            Reconnects = (ulong)c.Reconnects,
+            UsedBytes = (ulong)Math.Max(0, c.UsedBytes),
+            CapacityBytes = (ulong)Math.Max(0, c.CapacityBytes),
+        };
+        int written = System.Text.Encoding.UTF8.GetBytes(name.AsSpan(0, Math.Min(name.Length, 31)), new Span<byte>(native.Name, 31));
+        native.Name[written] = 0;
+        Buffer.MemoryCopy(&native, stats, size, Math.Min(size, (uint)sizeof(NativeTierStats)));
     }
 
     // ---- lookups across processes ----
@@ -403,11 +415,11 @@ internal static unsafe class Exports
             RequireOut(jobOut, "job_out");
             var cacheEngine = HandleTable.Get(engine);
             // Copied: the caller's buffers are borrowed for this call only.
+            // Refused here, before anything is copied, not by the job: a caller's mistake is the call's status.
+            if (extraKeyLength > LMCacheNative.Core.Keys.ChunkHasher.MaxExtraKeyBytes)
+                throw LmcException.InvalidArgument($"extra_key_len {extraKeyLength} exceeds the limit of {LMCacheNative.Core.Keys.ChunkHasher.MaxExtraKeyBytes} bytes");
             int[] tokenCopy = Input(tokens, numTokens, "tokens", "num_tokens").ToArray();
             byte[] extraCopy = Input(extraKey, extraKeyLength, "extra_key", "extra_key_len").ToArray();
-            // Refused here, not by the job: a caller's mistake is the call's status.
-            if (extraCopy.Length > LMCacheNative.Core.Keys.ChunkHasher.MaxExtraKeyBytes)
-                throw LmcException.InvalidArgument($"extra_key_len {extraCopy.Length} exceeds the limit of {LMCacheNative.Core.Keys.ChunkHasher.MaxExtraKeyBytes} bytes");
             var task = Task.Run(() => cacheEngine.Prefetch(tokenCopy, extraCopy));
             *jobOut = JobTable.Add(task);
             return ErrorState.Ok();
