@@ -6,7 +6,7 @@
 #                       publish liblmcache_native.so (NativeAOT) into build/publish/ and stage it
 #                       into python-demo/lmcache_native/lib/
 #   ./build.sh test     install the CUDA toolkit too, build, then run every suite (NUnit, kernels,
-#                       C interop, pytest); the last line of output is "N passed, M failed" over all
+#                       C interop, fuzz, pytest); the last line of output is "N passed, M failed" over all
 #                       of them; exit status 1 on failure
 #   ./build.sh demo     build, then run python-demo/demo.py
 #   ./build.sh bench    build, then run python-demo/bench.py
@@ -36,6 +36,7 @@ APT_PACKAGES=(
   python3-torch python3-numpy python3-pytest # Python package, demo and pytest
   redis-server                               # Redis tier tests start their own server from it
   python3-yaml                               # the connector reads LMCACHE_CONFIG_FILE (YAML)
+  libfuzzer-14-dev libclang-rt-14-dev        # fuzz suite: clang-14 -fsanitize=fuzzer (runtime in clang-rt)
 )
 
 export DOTNET_CLI_TELEMETRY_OPTOUT=1 DOTNET_NOLOGO=1
@@ -311,6 +312,20 @@ suite_c() {
   add_suite "C interop" "$passed" "$failed" "$rc"
 }
 
+# LMC_FUZZ_SECONDS sets how long the fuzzer runs (default 45; keep CI at 60 or less).
+suite_fuzz() {
+  step "fuzz: interop-tests/fuzz/run.sh"
+  local rc=0 passed=0 failed=0 line
+  run_logged "$RESULTS/fuzz.log" interop-tests/fuzz/run.sh "$LIB" "${LMC_FUZZ_SECONDS:-45}" || rc=$?
+  line=$(grep -E '^fuzz: [0-9]+ passed, [0-9]+ failed$' "$RESULTS/fuzz.log" | tail -n 1 || true)
+  if [[ $line =~ ([0-9]+)\ passed,\ ([0-9]+)\ failed ]]; then
+    passed=${BASH_REMATCH[1]}
+    failed=${BASH_REMATCH[2]}
+  fi
+  step_end
+  add_suite "fuzz" "$passed" "$failed" "$rc"
+}
+
 suite_pytest() {
   step "pytest: interop-tests/python"
   local rc=0 passed=0 failed=0 xml="$RESULTS/pytest.xml" note=""
@@ -334,6 +349,7 @@ run_tests() {
   suite_nunit
   suite_kernels
   suite_c
+  suite_fuzz
   suite_pytest
   printf '\n==> summary\n'
   printf '  %s\n' "${SUITES[@]}"
