@@ -142,7 +142,6 @@ internal static unsafe class FakeCuda
         "cuModuleLoadData" => (nint)(delegate* unmanaged<nint*, void*, int>)&CuModuleLoadData,
         "cuModuleUnload" => (nint)(delegate* unmanaged<nint, int>)&CuModuleUnload,
         "cuModuleGetFunction" => (nint)(delegate* unmanaged<nint*, nint, byte*, int>)&CuModuleGetFunction,
-        "cuFuncGetAttribute" => (nint)(delegate* unmanaged<int*, int, nint, int>)&CuFuncGetAttribute,
         "cuLaunchKernel" => (nint)(delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int>)&CuLaunchKernel,
         "cuMemAlloc_v2" => (nint)(delegate* unmanaged<ulong*, nuint, int>)&CuMemAlloc,
         "cuMemFree_v2" => (nint)(delegate* unmanaged<ulong, int>)&CuMemFree,
@@ -300,12 +299,6 @@ internal static unsafe class FakeCuda
         return 0;
     }
 
-    [UnmanagedCallersOnly]
-    private static int CuFuncGetAttribute(int* value, int attribute, nint function)
-    {
-        *value = attribute == CudaDriver.FuncAttributeNumRegs ? 32 : 0;
-        return 0;
-    }
 
     [UnmanagedCallersOnly]
     private static int CuLaunchKernel(nint function, uint gx, uint gy, uint gz, uint bx, uint by, uint bz, uint shared, nint stream, void** parameters, void** extra)

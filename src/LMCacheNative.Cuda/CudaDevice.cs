@@ -63,10 +63,6 @@ internal sealed unsafe class CudaDevice
                     byte[] utf8 = Encoding.ASCII.GetBytes(kernel + "\0");
                     fixed (byte* n = utf8) driver.Check(driver.cuModuleGetFunction(&function, module, n), $"cuModuleGetFunction({kernel})");
                     _kernels[kernel] = function;
-                    int registers = 0, local = 0;
-                    driver.cuFuncGetAttribute(&registers, CudaDriver.FuncAttributeNumRegs, function);
-                    driver.cuFuncGetAttribute(&local, CudaDriver.FuncAttributeLocalSizeBytes, function);
-                    KernelResources[kernel] = (registers, local);
                 }
             }
         }
@@ -89,9 +85,6 @@ internal sealed unsafe class CudaDevice
     public nint Context { get; }
     public nint Module { get; }
     public PinnedHostAllocator PinnedAllocator { get; }
-
-    /// <summary>Registers and local (spill) bytes per kernel, as the driver reports them for this device.</summary>
-    public Dictionary<string, (int Registers, int LocalBytes)> KernelResources { get; } = new();
 
     public nint Kernel(bool gather, int vectorWidth) => _kernels[KernelAbi.KernelName(gather, vectorWidth)];
 

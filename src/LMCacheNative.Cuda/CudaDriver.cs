@@ -33,8 +33,6 @@ internal sealed unsafe class CudaDriver
     public const int PointerAttributeMemoryType = 2;
     public const int PointerAttributeDeviceOrdinal = 9;
     public const int MemoryTypeDevice = 2;
-    public const int FuncAttributeLocalSizeBytes = 3;
-    public const int FuncAttributeNumRegs = 4;
     public const int DeviceAttributeMultiprocessorCount = 16;
     public const int DeviceAttributeCanMapHostMemory = 19;
     public const int DeviceAttributeUnifiedAddressing = 41;
@@ -57,7 +55,6 @@ internal sealed unsafe class CudaDriver
     public delegate* unmanaged<nint*, void*, int> cuModuleLoadData;
     public delegate* unmanaged<nint, int> cuModuleUnload;
     public delegate* unmanaged<nint*, nint, byte*, int> cuModuleGetFunction;
-    public delegate* unmanaged<int*, int, nint, int> cuFuncGetAttribute;
     public delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int> cuLaunchKernel;
     public delegate* unmanaged<ulong*, nuint, int> cuMemAlloc_v2;
     public delegate* unmanaged<ulong, int> cuMemFree_v2;
@@ -82,9 +79,9 @@ internal sealed unsafe class CudaDriver
         "cuInit", "cuDriverGetVersion", "cuGetErrorName", "cuGetErrorString", "cuDeviceGetCount", "cuDeviceGet",
         "cuDeviceGetName", "cuDeviceGetAttribute", "cuDevicePrimaryCtxRetain", "cuDevicePrimaryCtxRelease_v2",
         "cuCtxPushCurrent_v2", "cuCtxPopCurrent_v2", "cuModuleLoadData", "cuModuleUnload", "cuModuleGetFunction",
-        "cuFuncGetAttribute", "cuLaunchKernel", "cuMemAlloc_v2", "cuMemFree_v2", "cuMemHostAlloc", "cuMemFreeHost",
+        "cuLaunchKernel", "cuMemAlloc_v2", "cuMemFree_v2", "cuMemHostAlloc", "cuMemFreeHost",
         "cuMemHostGetDevicePointer_v2", "cuMemcpyHtoD_v2", "cuMemcpyHtoDAsync_v2", "cuMemcpyDtoHAsync_v2",
-        "cuEventCreate", "cuEventRecord", "cuEventQuery", "cuEventSynchronize", "cuEventDestroy_v2", "cuPointerGetAttribute",
+        "cuStreamCreate", "cuStreamDestroy_v2", "cuEventCreate", "cuEventRecord", "cuEventQuery", "cuEventSynchronize", "cuEventDestroy_v2", "cuPointerGetAttribute",
     ];
 
     private CudaDriver() { }
@@ -117,7 +114,6 @@ internal sealed unsafe class CudaDriver
             cuModuleLoadData = (delegate* unmanaged<nint*, void*, int>)Get("cuModuleLoadData"),
             cuModuleUnload = (delegate* unmanaged<nint, int>)Get("cuModuleUnload"),
             cuModuleGetFunction = (delegate* unmanaged<nint*, nint, byte*, int>)Get("cuModuleGetFunction"),
-            cuFuncGetAttribute = (delegate* unmanaged<int*, int, nint, int>)Get("cuFuncGetAttribute"),
             cuLaunchKernel = (delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int>)Get("cuLaunchKernel"),
             cuMemAlloc_v2 = (delegate* unmanaged<ulong*, nuint, int>)Get("cuMemAlloc_v2"),
             cuMemFree_v2 = (delegate* unmanaged<ulong, int>)Get("cuMemFree_v2"),

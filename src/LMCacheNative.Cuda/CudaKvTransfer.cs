@@ -126,21 +126,12 @@ internal sealed unsafe class CudaKvTransfer : IKvTransfer
         Shape = KvShape.Of(layers);
     }
 
-    /// <summary>The vector width every launch of this registration can use at most (chunk addresses may lower it).</summary>
-    public int LayoutVectorWidth => KernelAbi.VectorWidth(_layoutBits);
-
     public KvShape Shape { get; }
 
     private long BytesPerToken => Shape.BytesPerToken;
 
     /// <summary>Chunk objects live in pinned, device-mapped host memory that the kernels read and write directly.</summary>
     public IHostMemoryAllocator? PoolAllocator => _device.PinnedAllocator;
-
-    /// <summary>Launches and completions of this registration, for tests and diagnostics.</summary>
-    public long Launches;
-
-    /// <summary>Gathers that went through the staging buffer.</summary>
-    public long StagedLaunches;
 
     /// <summary>Both ends of each layer must be memory of this device (cuPointerGetAttribute), so a host pointer or another GPU's is refused here and never faults a kernel.</summary>
     private void CheckDeviceMemory(int index, KvLayerLayout layer)
@@ -266,8 +257,6 @@ internal sealed unsafe class CudaKvTransfer : IKvTransfer
                 _driver.cuEventDestroy_v2(ev);
                 _driver.Check(recorded, "cuEventRecord");
             }
-            Interlocked.Increment(ref Launches);
-            if (staged) Interlocked.Increment(ref StagedLaunches);
             _device.WhenComplete(ev, result =>
             {
                 ReturnArguments(arguments);

@@ -102,7 +102,6 @@ public sealed class LookupServer : IDisposable
     private readonly BlockingCollection<Connection> _requests = new(MaxConnections);
     /// <summary>Connections answered by a lookup thread, handed back to the I/O thread.</summary>
     private readonly ConcurrentQueue<Connection> _answered = new();
-    private long _refusedPeers, _droppedConnections;
 
     public LookupServer(CacheEngine engine, string socketPath)
     {
@@ -135,10 +134,6 @@ public sealed class LookupServer : IDisposable
     }
 
     public string SocketPath { get; }
-    /// <summary>Connections closed at once because the peer runs as another user.</summary>
-    public long RefusedPeers => Interlocked.Read(ref _refusedPeers);
-    /// <summary>Connections closed for a malformed or oversized request, a missed deadline, or to make room.</summary>
-    public long DroppedConnections => Interlocked.Read(ref _droppedConnections);
 
     /// <summary>
     /// Removes what a dead server left at <paramref name="path"/>: only a socket, and only when
@@ -247,7 +242,6 @@ public sealed class LookupServer : IDisposable
             }
             if (!LookupWire.PeerIsTrusted(socket, out _))
             {
-                Interlocked.Increment(ref _refusedPeers);
                 socket.Dispose();
                 continue;
             }
@@ -258,7 +252,6 @@ public sealed class LookupServer : IDisposable
                 var oldest = _connections.Values.MinBy(c => c.Deadline);
                 if (oldest is null)
                 {
-                    Interlocked.Increment(ref _droppedConnections);
                     socket.Dispose();
                     continue;
                 }
@@ -323,7 +316,6 @@ public sealed class LookupServer : IDisposable
     private void Drop(Connection c)
     {
         _connections.Remove(c.Socket);
-        Interlocked.Increment(ref _droppedConnections);
         c.Socket.Dispose();
     }
 
@@ -359,8 +351,7 @@ public sealed class LookupServer : IDisposable
             }
             else
             {
-                Interlocked.Increment(ref _droppedConnections);
-                c.Socket.Dispose();
+                        c.Socket.Dispose();
             }
         }
     }

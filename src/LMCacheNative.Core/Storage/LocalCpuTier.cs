@@ -62,6 +62,7 @@ public sealed class LocalCpuTier : IDisposable
     private readonly SlabPool _pool;
     private CachedChunk? _newest;
     private CachedChunk? _oldest;
+    private long _evictedChunks;
 
     /// <param name="stagingOnly">chunks leave the tier when their last holder releases them</param>
     public LocalCpuTier(SlabPool pool, bool stagingOnly = false)
@@ -80,7 +81,6 @@ public sealed class LocalCpuTier : IDisposable
         get { lock (_lock) return _evictedChunks; }
     }
 
-    private long _evictedChunks;
     public long UsedBytes
     {
         get { lock (_lock) return _pool.UsedBytes; }

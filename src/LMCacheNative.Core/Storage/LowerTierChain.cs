@@ -70,14 +70,21 @@ public sealed class LowerTierChain : IDisposable
     /// </summary>
     public int CountPrefix(ReadOnlySpan<ChunkKey> keys, ref TierCounts byTier)
     {
-        int found = 0;
-        for (int t = 0; t < _writers.Length && found < keys.Length; t++)
+        int[] runs = PrefixRuns(keys);
+        for (int t = 0; t < runs.Length; t++) byTier[1 + t] += runs[t];
+        return runs.Sum();
+    }
+
+    /// <summary>How many of <paramref name="keys"/> each tier continues the prefix with, in lookup order.</summary>
+    private int[] PrefixRuns(ReadOnlySpan<ChunkKey> keys)
+    {
+        var runs = new int[_writers.Length];
+        for (int t = 0, found = 0; t < _writers.Length && found < keys.Length; t++)
         {
-            int n = _writers[t].Tier.CountPrefix(keys[found..]);
-            byTier[1 + t] += n;
-            found += n;
+            runs[t] = _writers[t].Tier.CountPrefix(keys[found..]);
+            found += runs[t];
         }
-        return found;
+        return runs;
     }
 
     /// <summary>
@@ -93,13 +100,9 @@ public sealed class LowerTierChain : IDisposable
         if (start >= keys.Length || _writers.Length == 0) return;
 
         // Which tier holds each further chunk: each continues where the previous one stopped.
-        var sources = new List<int>();
-        for (int t = 0, planned = start; t < _writers.Length && planned < keys.Length; t++)
-        {
-            int n = _writers[t].Tier.CountPrefix(keys[planned..]);
-            for (int i = 0; i < n; i++) sources.Add(t);
-            planned += n;
-        }
+        int[] runs = PrefixRuns(keys[start..]);
+        var sources = new List<int>(runs.Sum());
+        for (int t = 0; t < runs.Length; t++) sources.AddRange(Enumerable.Repeat(t, runs[t]));
         if (sources.Count == 0) return;
 
         // Reserve CPU slabs for every planned chunk first, so that each tier can read its whole run
