@@ -23,9 +23,15 @@ public class LookupChannelTests
         _engine.RegisterLayers(_cache.Describe());
     }
 
+    private LookupServer? _server;
+
+    /// <summary>Serves <see cref="_engine"/> on the test's socket until the test ends.</summary>
+    private void Serve() => _server = new LookupServer(_engine, _socketPath);
+
     [TearDown]
     public void TearDown()
     {
+        _server?.Dispose();
         _engine.Dispose();
         _cache.Dispose();
         if (File.Exists(_socketPath)) File.Delete(_socketPath);
@@ -37,7 +43,7 @@ public class LookupChannelTests
         int[] stored = Tokens(29, 1);
         byte[] salt = [1, 2, 3];
         _engine.Store(stored, RandomSlots(new Random(1), _cache.NumSlots, 29), 0, salt);
-        _engine.StartLookupServer(_socketPath);
+        Serve();
 
         foreach (var (tokens, key) in new[] { (stored, salt), (stored[..20], salt), (stored.Concat(Tokens(5, 2)).ToArray(), salt), (stored, Array.Empty<byte>()) })
             Assert.That(LookupClient.Lookup(_socketPath, tokens, key, TimeSpan.FromSeconds(5)), Is.EqualTo(_engine.Lookup(tokens, key).HitTokens));
@@ -51,10 +57,9 @@ public class LookupChannelTests
     [Test]
     public void NoServer_IsAnIoError_AndAStoppedServerRemovesItsSocket()
     {
-        _engine.StartLookupServer(_socketPath);
-        Assert.That(Assert.Throws<LmcException>(() => _engine.StartLookupServer(_socketPath + "2"))!.Message, Does.Contain("already serves"));
-        _engine.StopLookupServer();
-        _engine.StopLookupServer();
+        Serve();
+        _server!.Dispose();
+        _server.Dispose();
         Assert.That(File.Exists(_socketPath), Is.False);
         var error = Assert.Throws<LmcException>(() => LookupClient.Lookup(_socketPath, Tokens(8, 1), [], TimeSpan.FromSeconds(1)))!;
         Assert.That(error.Kind, Is.EqualTo(LmcStatus.Io));
@@ -71,14 +76,14 @@ public class LookupChannelTests
         var error = Assert.Throws<LmcException>(() => LookupClient.Lookup(_socketPath, Tokens(8, 1), [], TimeSpan.FromMilliseconds(300)))!;
         Assert.That(error.Kind, Is.EqualTo(LmcStatus.Timeout));
         Assert.That(watch.Elapsed, Is.LessThan(TimeSpan.FromSeconds(3)));
-        Assert.That(Assert.Throws<LmcException>(() => _engine.StartLookupServer(_socketPath))!.Message, Does.Contain("in use"));
+        Assert.That(Assert.Throws<LmcException>(() => new LookupServer(_engine, _socketPath))!.Message, Does.Contain("in use"));
     }
 
     [Test]
     public void GarbageFromOnePeer_DropsOnlyThatConnection()
     {
         _engine.Store(Tokens(16, 3), RandomSlots(new Random(2), _cache.NumSlots, 16), 0, default);
-        _engine.StartLookupServer(_socketPath);
+        Serve();
         using (var rogue = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
         {
             rogue.Connect(new UnixDomainSocketEndPoint(_socketPath));
@@ -102,7 +107,7 @@ public class LookupChannelTests
         var dead = Process.Start("/usr/bin/python3", ["-c", $"import socket; socket.socket(socket.AF_UNIX).bind('{_socketPath}')"])!;
         dead.WaitForExit();
         Assert.That(Posix.Inspect(_socketPath).Kind, Is.EqualTo(Posix.FileKind.Socket));
-        _engine.StartLookupServer(_socketPath);
+        Serve();
         Assert.That(LookupClient.Lookup(_socketPath, Tokens(8, 9), [], TimeSpan.FromSeconds(5)), Is.EqualTo(0));
     }
 
@@ -110,13 +115,13 @@ public class LookupChannelTests
     public void ARegularFileOrDirectoryAtTheSocketPath_IsRefused_AndKept()
     {
         File.WriteAllText(_socketPath, "the user's file");
-        var error = Assert.Throws<LmcException>(() => _engine.StartLookupServer(_socketPath))!;
+        var error = Assert.Throws<LmcException>(() => new LookupServer(_engine, _socketPath))!;
         Assert.That(error.Kind, Is.EqualTo(LmcStatus.InvalidArgument));
         Assert.That(error.Message, Does.Contain("not a socket"));
         Assert.That(File.ReadAllText(_socketPath), Is.EqualTo("the user's file"));
         File.Delete(_socketPath);
         Directory.CreateDirectory(_socketPath);
-        Assert.Throws<LmcException>(() => _engine.StartLookupServer(_socketPath));
+        Assert.Throws<LmcException>(() => new LookupServer(_engine, _socketPath));
         Assert.That(Directory.Exists(_socketPath), Is.True);
         Directory.Delete(_socketPath);
     }
@@ -124,7 +129,7 @@ public class LookupChannelTests
     [Test]
     public void TheSocketFile_IsOnlyForItsUser()
     {
-        _engine.StartLookupServer(_socketPath);
+        Serve();
         Assert.That(File.GetUnixFileMode(_socketPath), Is.EqualTo(UnixFileMode.UserRead | UnixFileMode.UserWrite));
     }
 
@@ -239,7 +244,7 @@ public class LookupChannelTests
     {
         int[] stored = Tokens(16, 3);
         _engine.Store(stored, RandomSlots(new Random(2), _cache.NumSlots, 16), 0, default);
-        _engine.StartLookupServer(_socketPath);
+        Serve();
         var hostile = new List<Socket>();
         try
         {
@@ -275,7 +280,7 @@ public class LookupChannelTests
     [Test]
     public void ADripFeedingPeer_IsCutOffAtTheRequestDeadline()
     {
-        _engine.StartLookupServer(_socketPath);
+        Serve();
         using var drip = ConnectRaw();
         var request = RequestHeader(0, 4).Concat(new byte[16]).ToArray();
         var watch = Stopwatch.StartNew();
@@ -303,7 +308,7 @@ public class LookupChannelTests
     [Test]
     public void AnnouncedBodies_AreNotAllocated_AndOversizedRequestsAreRefused()
     {
-        _engine.StartLookupServer(_socketPath);
+        Serve();
         // Larger than the wire allows: dropped at the header.
         using (var huge = ConnectRaw())
         {
@@ -329,7 +334,7 @@ public class LookupChannelTests
     [Test]
     public void AFloodOfConnections_IsCapped_AndTheNewestAreServed()
     {
-        _engine.StartLookupServer(_socketPath);
+        Serve();
         var idle = Enumerable.Range(0, LookupServer.MaxConnections * 3).Select(_ => ConnectRaw()).ToList();
         try
         {
@@ -351,7 +356,7 @@ public class LookupChannelTests
         // process's prefetch jobs (thread-pool work) timed out behind them.
         int[] stored = Tokens(16, 4);
         _engine.Store(stored, RandomSlots(new Random(3), _cache.NumSlots, 16), 0, default);
-        _engine.StartLookupServer(_socketPath);
+        Serve();
         var held = Enumerable.Range(0, 128).Select(i =>
         {
             var socket = ConnectRaw();
@@ -388,7 +393,7 @@ public class LookupChannelTests
     [Test]
     public void APeerOfAnotherUser_IsNotServed()
     {
-        _engine.StartLookupServer(_socketPath);
+        Serve();
         File.SetUnixFileMode(_socketPath, (UnixFileMode)0x1B6); // 0666: let the other user reach the check itself
         using var client = RunAsNobody($$"""
             import socket, struct

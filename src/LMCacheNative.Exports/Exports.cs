@@ -78,6 +78,8 @@ internal static unsafe class Exports
             if (engine == 0) ErrorState.Ok();
             else if (HandleTable.Remove(engine) is { } removed)
             {
+                // The server's lookups hold the engine's calls open: it stops first.
+                LookupServers.Stop(engine);
                 removed.Dispose();
                 ErrorState.Ok();
             }
@@ -317,7 +319,7 @@ internal static unsafe class Exports
         {
             var cacheEngine = HandleTable.Get(engine);
             string path = Utf8(socketPath, "socket_path") ?? throw LmcException.InvalidArgument("socket_path is NULL");
-            cacheEngine.StartLookupServer(path);
+            LookupServers.Start(engine, cacheEngine, path);
             return ErrorState.Ok();
         }
         catch (Exception e)
@@ -331,7 +333,8 @@ internal static unsafe class Exports
     {
         try
         {
-            HandleTable.Get(engine).StopLookupServer();
+            HandleTable.Get(engine);
+            LookupServers.Stop(engine);
             return ErrorState.Ok();
         }
         catch (Exception e)

@@ -50,6 +50,39 @@ internal static class HandleTable
     public static CacheEngine? Remove(nint handle) => s_engines.Remove(handle);
 }
 
+/// <summary>
+/// The lookup server of each engine that serves one (lmc_lookup_server_start), by engine handle. Kept
+/// beside the engine, not in it: serving other processes is the C ABI's business, not the cache's.
+/// One lock for start, stop and destroy, which are rare, so a server never outlives its engine.
+/// </summary>
+internal static class LookupServers
+{
+    private static readonly Dictionary<nint, LMCacheNative.Core.Lookup.LookupServer> s_servers = new();
+
+    public static void Start(nint handle, CacheEngine engine, string socketPath)
+    {
+        lock (s_servers)
+        {
+            if (s_servers.TryGetValue(handle, out var running))
+                throw LmcException.InvalidArgument($"the engine already serves lookups on {running.SocketPath}; stop that first");
+            // Checked under the lock: a destroy that removed the handle meanwhile has already stopped its server.
+            HandleTable.Get(handle);
+            s_servers[handle] = new LMCacheNative.Core.Lookup.LookupServer(engine, socketPath);
+        }
+    }
+
+    /// <summary>Stops the engine's server, if any (idempotent).</summary>
+    public static void Stop(nint handle)
+    {
+        LMCacheNative.Core.Lookup.LookupServer? server;
+        lock (s_servers)
+        {
+            if (!s_servers.Remove(handle, out server)) return;
+        }
+        server.Dispose();
+    }
+}
+
 /// <summary>Background requests (stores, retrieves, prefetches) behind lmc_job*.</summary>
 internal static class JobTable
 {

@@ -3,7 +3,6 @@ using System.Diagnostics;
 using LMCacheNative.Core.Config;
 using LMCacheNative.Core.Keys;
 using LMCacheNative.Core.Layout;
-using LMCacheNative.Core.Lookup;
 using LMCacheNative.Core.Memory;
 using LMCacheNative.Core.Storage;
 using LMCacheNative.Core.Transfer;
@@ -500,37 +499,9 @@ public sealed class CacheEngine : IDisposable
         _registration?.Tier.Clear();
     }
 
-    private readonly object _lookupServerLock = new();
-    private LookupServer? _lookupServer;
-
-    /// <summary>Serves this engine's lookups to other processes on a Unix-domain socket (see <see cref="LookupServer"/>).</summary>
-    public void StartLookupServer(string socketPath)
-    {
-        using var scope = EnterCall();
-        lock (_lookupServerLock)
-        {
-            if (_lookupServer is not null)
-                throw LmcException.InvalidArgument($"the engine already serves lookups on {_lookupServer.SocketPath}; stop that first");
-            _lookupServer = new LookupServer(this, socketPath);
-        }
-    }
-
-    /// <summary>Stops the lookup server, if any (idempotent).</summary>
-    public void StopLookupServer()
-    {
-        LookupServer? server;
-        lock (_lookupServerLock)
-        {
-            server = _lookupServer;
-            _lookupServer = null;
-        }
-        server?.Dispose();
-    }
-
+    /// <summary>Frees the cache. Stop a <see cref="LookupServer"/> serving this engine first: its lookups hold calls open.</summary>
     public void Dispose()
     {
-        // Before taking the write lock: the server's in-flight lookups hold read locks.
-        StopLookupServer();
         _lifecycle.EnterWriteLock();
         try
         {
