@@ -40,6 +40,7 @@ public class EngineRequestTests
         BlockTable.ExpandToSlots([1, 0], 4, longer);
         Assert.That(longer[8..], Is.All.EqualTo(-1), "tokens past the last block have no slot");
         Assert.That(Assert.Throws<LmcException>(() => BlockTable.ExpandToSlots([3, -2], 4, new long[8]))!.Message, Does.Contain("block_ids[1] = -2"));
+        Assert.That(Assert.Throws<LmcException>(() => BlockTable.ExpandToSlots([3, 1, -7], 4, new long[4]))!.Message, Does.Contain("block_ids[2] = -7"), "also past the tokens");
         Assert.That(Assert.Throws<LmcException>(() => BlockTable.ExpandToSlots([3], 0, new long[8]))!.Kind, Is.EqualTo(LmcStatus.InvalidArgument));
     }
 

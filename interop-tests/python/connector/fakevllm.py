@@ -30,6 +30,9 @@ V0_10, V0_14, NEW = (0, 10), (0, 14), (0, 28)
 ERAS = {"v0.10": V0_10, "v0.14": V0_14, "new": NEW}
 
 CONNECTOR_MODULE = "lmcache_native.vllm_connector"
+# Every module of the connector that is built on vLLM's classes: re-imported against each era's.
+CONNECTOR_MODULES = [CONNECTOR_MODULE, "lmcache_native._compat", "lmcache_native._metadata",
+                     "lmcache_native._scheduler", "lmcache_native._worker"]
 
 MODULE_NAMES = [
     "vllm", "vllm.distributed", "vllm.distributed.kv_transfer", "vllm.distributed.kv_transfer.kv_connector",
@@ -433,10 +436,12 @@ def install(era=V0_14):
         era = ERAS[era]
     for name in MODULE_NAMES:
         sys.modules.pop(name, None)
-    sys.modules.pop(CONNECTOR_MODULE, None)
     package = sys.modules.get(CONNECTOR_MODULE.rsplit(".", 1)[0])
-    if package is not None and "vllm_connector" in vars(package):
-        delattr(package, "vllm_connector")  # "from lmcache_native import vllm_connector" must re-import
+    for module_name in CONNECTOR_MODULES:
+        sys.modules.pop(module_name, None)
+        attribute = module_name.rsplit(".", 1)[1]
+        if package is not None and attribute in vars(package):
+            delattr(package, attribute)  # "from lmcache_native import vllm_connector" must re-import
     mods = {}
     for name in MODULE_NAMES:
         module = types.ModuleType(name)

@@ -74,6 +74,9 @@ public static class BlockTable
     public static void ExpandToSlots(ReadOnlySpan<int> blockIds, int blockSize, Span<long> slots)
     {
         if (blockSize < 1) throw LmcException.InvalidArgument($"table_block_size must be >= 1, got {blockSize}");
+        // Every id is checked, also those past the tokens: a bad table fails the call whatever its length.
+        for (int b = 0; b < blockIds.Length; b++)
+            if (blockIds[b] < -1) throw LmcException.InvalidArgument($"block_ids[{b}] = {blockIds[b]} is negative (only -1, \"no block\", is allowed)");
         int token = 0;
         for (int b = 0; b < blockIds.Length && token < slots.Length; b++)
         {
@@ -86,7 +89,6 @@ public static class BlockTable
             }
             else
             {
-                if (id < 0) throw LmcException.InvalidArgument($"block_ids[{b}] = {id} is negative (only -1, \"no block\", is allowed)");
                 long first = (long)id * blockSize;
                 for (int i = 0; i < run.Length; i++) run[i] = first + i;
             }
