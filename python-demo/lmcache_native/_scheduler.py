@@ -321,7 +321,7 @@ class SchedulerPart:
         return meta
 
     def _plan_save(self, meta, tracker: _Tracker, num_computed: int, num_scheduled: int, tokens) -> None:
-        """LMCache's save rule (lmcache.md §2.4): store when this step completes a chunk beyond the
+        """LMCache's save rule: store when this step completes a chunk beyond the
         stored ones, the trailing partial chunk only at the end of the prefill (save_unfull_chunk),
         decode-phase chunks only with save_decode_cache."""
         s = self._settings

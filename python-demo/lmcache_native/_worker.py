@@ -336,11 +336,22 @@ class WorkerPart:
                            load.expected_tokens - first_bad, len(bad_blocks))
 
     # -- saves -------------------------------------------------------------------------------------
+    def _save_stream(self) -> int:
+        """The stream a store's copy is ordered on: for GPU layers, the current torch stream, which the
+        step's forward pass wrote the KV on (vLLM may call wait_for_save before that work is done);
+        0 (ignored) for host layers."""
+        first = self._layer_tensors[0] if self._layer_tensors else None
+        if first is None or not getattr(first, "is_cuda", False):
+            return 0
+        import torch
+
+        return torch.cuda.current_stream(first.device).cuda_stream
+
     def _start_store(self, save: SaveSpec, block_size: int) -> None:
         try:
             job = self.engine.store_async(save.token_ids, skip_leading_tokens=save.skip_leading_tokens,
                                           extra_key=save.extra_key, block_ids=save.block_ids,
-                                          block_size=block_size)
+                                          block_size=block_size, stream=self._save_stream())
         except Exception as error:
             logger.warning("LMCacheNative: store for request %s failed: %s", save.req_id, error)
             return
@@ -349,7 +360,8 @@ class WorkerPart:
     def _store_now(self, save: SaveSpec, block_size: int) -> None:
         try:
             result = self.engine.store(save.token_ids, skip_leading_tokens=save.skip_leading_tokens,
-                                       extra_key=save.extra_key, block_ids=save.block_ids, block_size=block_size)
+                                       extra_key=save.extra_key, block_ids=save.block_ids, block_size=block_size,
+                                       stream=self._save_stream())
         except Exception as error:
             logger.warning("LMCacheNative: store for request %s failed: %s", save.req_id, error)
             return

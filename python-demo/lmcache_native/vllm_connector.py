@@ -189,7 +189,7 @@ class LMCacheNativeConnector(KVConnectorBase_V1):
         try:
             if self._worker is not None:
                 self._worker.start_load_kv(forward_context)
-        except Exception as error:  # never out of a hook (checklist 28)
+        except Exception as error:  # an exception out of a hook would kill vLLM's worker
             logger.error("LMCacheNative: start_load_kv failed: %s", error, exc_info=True)
 
     def wait_for_layer_load(self, layer_name: str) -> None:

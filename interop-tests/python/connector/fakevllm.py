@@ -1,7 +1,7 @@
 """Minimal stand-in ``vllm`` modules, installed into ``sys.modules`` before the connector is imported.
 
 Only the names a KV connector touches exist, with the behaviour of the real ones in the chosen
-interface era (vllm-connector.md §2, §5, §9). ``install(era)`` replaces any earlier installation and
+interface era (docs/vllm-connector.md lists the eras). ``install(era)`` replaces any earlier installation and
 drops an already imported connector module, so the connector is re-imported against this era's base
 class. Eras are (major, minor) tuples:
 
@@ -344,7 +344,7 @@ def _make_base_module(era, module):
                 raise TypeError("get_required_kvcache_layout should not be called on the abstract base class")
             return None
 
-        # -- abstract (§2.2) --
+        # -- abstract: every connector implements these --
         @abc.abstractmethod
         def start_load_kv(self, forward_context, **kwargs):
             ...
@@ -473,7 +473,7 @@ def base_module():
 
 
 def create_connector(vllm_config, role, kv_cache_config, era=None):
-    """The factory's resolution and constructor call for the era (vllm-connector.md §1.2)."""
+    """The factory's resolution and constructor call for the era (how vLLM loads kv_connector_module_path)."""
     era = era or CURRENT_ERA
     transfer = vllm_config.kv_transfer_config
     module_path = transfer.kv_connector_module_path

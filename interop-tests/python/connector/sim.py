@@ -1,6 +1,6 @@
 """A miniature vLLM: scheduler, workers and the model they run, driving a KV connector in vLLM's order.
 
-* ``MiniScheduler`` follows vllm/v1/core/sched/scheduler.py as vllm-connector.md §3.1 and §11 describe:
+* ``MiniScheduler`` follows vllm/v1/core/sched/scheduler.py:
   the ``num_computed_tokens == 0`` gate for connector queries, vLLM's assertions on the answers, a
   block pool with vLLM's null block and an optional prefix cache, ``update_state_after_alloc`` on
   every admission, the WAITING_FOR_REMOTE_KVS state machine and its block arithmetic, preemption
@@ -8,7 +8,7 @@
   (its result pickled, as the multiprocess executor does), ``finished_req_ids`` one step late, and
   invalid blocks truncating ``num_computed_tokens`` (policy "recompute").
 * ``MiniWorker`` owns one TP rank's paged KV tensors in a chosen layout and calls the worker hooks in
-  the era's order (§3.2). Its "model" writes deterministic KV -- a function of the token prefix, the
+  the era's order. Its "model" writes deterministic KV -- a function of the token prefix, the
   position, the layer and the rank -- and, before attention would read a request's context, checks
   every context token bit for bit. Every connector call runs inside a watch: calls that may load
   (start_load_kv, wait_for_layer_load, get_finished) see every slot filled with a guard pattern, so a

@@ -1,6 +1,6 @@
 """Lookups that may block (a remote tier, or ranks in other processes) run on the connector's lookup
 pool on vLLM >= 0.11: get_num_new_matched_tokens answers (None, False) until the lookup has finished
-and the scheduler asks again in a later step (vllm-connector.md §3.1, checklist 7 and 8). Here the
+and the scheduler asks again in a later step (docs/vllm-connector.md, conformance points 7 and 8). Here the
 "remote tier" is a stand-in: the scheduler-side connector is told a remote_url is configured and its
 lookup is held at a gate, so the tests decide when the slow lookup finishes."""
 

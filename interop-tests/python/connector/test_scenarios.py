@@ -1,4 +1,4 @@
-"""Scheduling scenarios of issue 5 §9, in the interface eras, with the workers checking every context
+"""Scheduling scenarios (hits, misses, partial and full-prompt hits, preemption, aborts, salts, TP), in the interface eras, with the workers checking every context
 token bit for bit and every load against guard values (sim.py)."""
 
 import pytest
