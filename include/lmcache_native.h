@@ -43,13 +43,13 @@ LMC_BEGIN_DECL
 /* ---------------------------------------------------------------------------------------------- */
 
 #define LMC_VERSION_MAJOR 0
-#define LMC_VERSION_MINOR 1
+#define LMC_VERSION_MINOR 2
 #define LMC_VERSION_PATCH 0
 /* MAJOR * 10000 + MINOR * 100 + PATCH */
 #define LMC_VERSION_NUMBER (LMC_VERSION_MAJOR * 10000 + LMC_VERSION_MINOR * 100 + LMC_VERSION_PATCH)
 /* Bumped only when the ABI breaks (a signature, struct layout or status value changes). Bindings
  * must refuse to run against a library whose lmc_abi_version() differs from the value they know. */
-#define LMC_ABI_VERSION 1
+#define LMC_ABI_VERSION 2
 
 /** Library version as LMC_VERSION_NUMBER of the built library. */
 LMC_API int32_t lmc_version_number(void);
@@ -78,7 +78,8 @@ typedef int32_t lmc_status;
 /* Values above are stable. New codes are appended below LMC_E_TIMEOUT. */
 
 /** Name of a status ("LMC_OK", "LMC_E_INVALID_ARGUMENT", …; "LMC_E_UNKNOWN" for other values).
- *  Static storage, never NULL, thread-safe. */
+ *  Static storage, never NULL, thread-safe. The statuses are 0, -1, -2, … without gaps, so a binding
+ *  learns them all by asking for names from 0 downwards until "LMC_E_UNKNOWN". */
 LMC_API const char *lmc_status_name(lmc_status status);
 
 /** UTF-8 message of the last failed call on the calling thread; "" when the last call on this
@@ -134,6 +135,18 @@ LMC_API void lmc_engine_destroy(lmc_engine *engine);
  */
 LMC_API lmc_status lmc_engine_get_config(int64_t *needed_out, lmc_engine *engine, char *buffer,
                                          int64_t capacity);
+
+/**
+ * The configuration keys lmc_engine_create accepts, as a NUL-terminated UTF-8 JSON array with one
+ * object per key: {"name", "type" ("integer", "number", "boolean", "string" or "object"),
+ * "default", "nullable", "description"} and, where they apply, "minimum", "maximum",
+ * "exclusive_minimum" (true when the minimum itself is refused), "choices" (accepted strings) and
+ * "unsupported_values" (accepted by LMCache, refused here as LMC_E_UNSUPPORTED). Bindings read it
+ * instead of repeating the keys. Same size-query protocol as lmc_engine_get_config; needs no engine.
+ *
+ * @return LMC_OK, LMC_E_INVALID_ARGUMENT, LMC_E_BUFFER_TOO_SMALL.
+ */
+LMC_API lmc_status lmc_config_schema(int64_t *needed_out, char *buffer, int64_t capacity);
 
 /* ---------------------------------------------------------------------------------------------- */
 /* KV layer registration: the paged KV cache described as data                                    */
@@ -215,7 +228,7 @@ LMC_API lmc_status lmc_engine_register_layers(lmc_engine *engine, const lmc_kv_l
                                               int32_t num_layers);
 
 /* ---------------------------------------------------------------------------------------------- */
-/* Lookup, store, retrieve                                                                         */
+/* Requests: lookup, store, retrieve, prefetch                                                     */
 /* ---------------------------------------------------------------------------------------------- */
 /*
  * Tokens are cut into chunks of chunk_size tokens. Each chunk's key is a hash chained over all
@@ -224,64 +237,139 @@ LMC_API lmc_status lmc_engine_register_layers(lmc_engine *engine, const lmc_kv_l
  * multimodal hashes, tags: any bytes, used at full width). Keys are seed-free: identical across
  * processes, machines and restarts. A request with a different extra key never hits.
  *
- * Slot mappings are int64 arrays with one entry per token: slot = block * block_size + offset.
- * -1 means "no slot for this token". Any other negative slot, or a slot >= num_blocks * block_size,
- * fails the whole call before anything is copied.
+ * Every operation takes one lmc_request. Its destination (where each token's KV lives in the
+ * registered layers) is either
+ *  - LMC_DESTINATION_SLOTS: slot_mapping, one int64 per token, slot = block * block_size + offset,
+ *    -1 = "no slot for this token"; or
+ *  - LMC_DESTINATION_BLOCK_TABLE: block_ids, the request's blocks in order; token t lives in block
+ *    block_ids[t / table_block_size] at offset t % table_block_size, i.e. in slot
+ *    block_ids[t / table_block_size] * table_block_size + t % table_block_size. A block id of -1,
+ *    and tokens past the last block, have no slot (like -1 in a slot mapping). The library expands
+ *    the table itself: callers never build a per-token array.
+ * Any other negative slot or block id, or a slot >= num_blocks * block_size of the registered
+ * layers, fails the whole call before anything is copied.
  *
- * These calls need registered layers (else LMC_E_INVALID_ARGUMENT). They are synchronous: the
- * copies are complete when they return. With CUDA layers they run on the legacy default stream
- * (which waits for earlier work of the context's blocking streams) and wait for the device; with
- * CUDA layers they may also return LMC_E_CUDA. lmc_store_async and lmc_retrieve_async (below) are
- * the stream-ordered variants.
+ * Synchronous or not: with job_out == NULL the call returns when the operation is complete and
+ * fills *result_out. With job_out != NULL it copies what it needs from the request (the caller's
+ * buffers may be reused at once), returns LMC_OK at once with a job, and runs the operation in the
+ * background: on the engine's own worker threads for host layers, on `stream` for CUDA layers
+ * (lookups and reads from lower tiers on the worker, the copy on the stream). result_out is then
+ * not written (it may be NULL); lmc_job_wait / lmc_job_result give the same lmc_transfer_result
+ * the synchronous call would have. Argument errors are reported by the call itself in both modes;
+ * failures of the work (LMC_E_CUDA, LMC_E_IO) by the job.
+ *
+ * These calls need registered layers (else LMC_E_INVALID_ARGUMENT).
  */
 
+/** Opaque handle of an operation running in the background. Like engines, destroyed job handles
+ *  are never reused and report LMC_E_INVALID_HANDLE. */
+typedef struct lmc_job lmc_job;
+
+typedef int32_t lmc_destination_kind;
+#define LMC_DESTINATION_SLOTS 0       /* slot_mapping: one int64 per token */
+#define LMC_DESTINATION_BLOCK_TABLE 1 /* block_ids + table_block_size */
+
+/** One request: the tokens, their extra key, where their KV lives, and (for CUDA layers) a stream. */
+typedef struct lmc_request {
+  uint32_t struct_size;                  /* sizeof(lmc_request) */
+  lmc_destination_kind destination_kind; /* LMC_DESTINATION_SLOTS or LMC_DESTINATION_BLOCK_TABLE */
+  const int32_t *tokens;                 /* num_tokens token ids; NULL only when num_tokens == 0 */
+  int64_t num_tokens;
+  const uint8_t *extra_key;              /* extra_key_len bytes (at most 1 MiB); NULL when 0 */
+  int64_t extra_key_len;
+  /* store: skip_leading_tokens (rounded down to a chunk boundary: chunks before it are not stored);
+   * retrieve: first_token_to_write (slots of earlier tokens are never written);
+   * lookup and prefetch: must be 0. In [0, num_tokens]. */
+  int64_t first_token;
+  const int64_t *slot_mapping;           /* LMC_DESTINATION_SLOTS: num_tokens slots */
+  const int32_t *block_ids;              /* LMC_DESTINATION_BLOCK_TABLE: num_block_ids ids */
+  int64_t num_block_ids;
+  int32_t table_block_size;              /* LMC_DESTINATION_BLOCK_TABLE: tokens per block (>= 1) */
+  int32_t reserved;                      /* must be 0 */
+  void *stream;                          /* CUDA layers: CUstream of their device; NULL = the
+                                            library's own stream. Ignored for host layers. */
+} lmc_request;
+
+/** Entries of the per-tier arrays below: [0] is the CPU tier, [i] for i >= 1 the lower tier i - 1
+ *  in lookup order (the index lmc_engine_get_tier_stats takes, plus one). */
+#define LMC_MAX_TIERS 4
+
+/** What a store, retrieve or prefetch did. Written by the synchronous call or by the job. */
+typedef struct lmc_transfer_result {
+  uint32_t struct_size;   /* sizeof(lmc_transfer_result), set by the caller */
+  uint32_t reserved;
+  /* store: tokens from the rounded-down skip point whose chunks are in the cache afterwards (stored
+   *        now or already there); it stops at a chunk with a -1 slot and where room ran out.
+   * retrieve: length of the cached prefix found (0 on a miss); its slots from first_token on are
+   *        written. prefetch: leading tokens now in the CPU tier. */
+  int64_t tokens_matched;
+  int64_t tokens_copied;  /* tokens whose KV was copied: into the cache (store), into the layers (retrieve) */
+  int64_t bytes_copied;   /* bytes of KV copied between the layers and the cache */
+  int64_t chunks_skipped_for_space; /* store: chunks not stored because nothing could be evicted */
+  /* retrieve, prefetch: chunks of the prefix served by each tier. store: [0] = chunks that were
+   * already cached (not copied again). */
+  int64_t chunks_by_tier[LMC_MAX_TIERS];
+  int64_t elapsed_ns;     /* from the call to completion (the device's, for CUDA layers) */
+} lmc_transfer_result;
+
+/** What a lookup found. */
+typedef struct lmc_lookup_result {
+  uint32_t struct_size;   /* sizeof(lmc_lookup_result), set by the caller */
+  uint32_t reserved;
+  int64_t hit_tokens;     /* leading tokens cached in some tier: a multiple of chunk_size, or
+                             num_tokens when save_unfull_chunk stored the trailing partial chunk */
+  int64_t tokens_by_tier[LMC_MAX_TIERS]; /* how many of hit_tokens each tier holds (they add up) */
+  int64_t elapsed_ns;
+} lmc_lookup_result;
+
 /**
- * Number of leading tokens whose KV is in the cache (a multiple of chunk_size, or num_tokens when
- * save_unfull_chunk stored the trailing partial chunk). Does not copy anything.
+ * How much of request->tokens is cached, and where. Reads no KV; request->first_token must be 0 and
+ * the destination is ignored (it may be empty). Lower tiers are asked only for what the CPU tier
+ * lacks.
  *
- * @param[in] tokens        num_tokens token ids; may be NULL only when num_tokens == 0.
- * @param[in] extra_key     extra_key_len bytes (at most 1 MiB, the same bound everywhere an extra
- *                          key is taken); may be NULL when extra_key_len == 0.
  * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT.
  */
-LMC_API lmc_status lmc_lookup(int64_t *hit_tokens_out, lmc_engine *engine, const int32_t *tokens,
-                              int64_t num_tokens, const uint8_t *extra_key, int64_t extra_key_len);
+LMC_API lmc_status lmc_lookup(lmc_lookup_result *result_out, lmc_engine *engine,
+                              const lmc_request *request);
 
 /**
- * Copies the KV of tokens [skip_leading_tokens rounded down to a chunk multiple, num_tokens) from
- * the registered layers into the cache. Full chunks are stored; the trailing partial chunk only when
+ * Copies the KV of tokens [first_token rounded down to a chunk multiple, num_tokens) from the
+ * registered layers into the cache. Full chunks are stored; the trailing partial chunk only when
  * save_unfull_chunk is true. Chunks already cached are not copied again. A chunk containing a token
- * whose slot is -1 is not stored, nor is anything after it.
+ * without a slot is not stored, nor is anything after it.
  *
  * Room is made by evicting least recently used chunks of earlier requests. A store never evicts a
  * chunk of its own request (that would cut the prefix it is building), nor a chunk being read:
- * when nothing else can be evicted it stops early instead of waiting, and stored_tokens_out says how
+ * when nothing else can be evicted it stops early instead of waiting, and tokens_matched says how
  * far it got. Lookups, stores and retrieves mark a request's chunks used from the last to the first,
  * so under pressure a cached prompt loses its tail before its head (which more prompts share).
+ * Stored chunks become visible to lookups when the copy is complete (when the job finishes); they
+ * are written to the lower tiers in the background after that.
  *
- * @param[out] stored_tokens_out  tokens from the rounded-down skip point whose chunks are in the
- *                                cache after the call (stored now or already there).
- * @param[in]  slot_mapping       num_tokens slots.
- * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT.
+ * The slots read must not be overwritten until the call returns or the job has finished.
+ *
+ * @param[out] result_out  the result (synchronous call); may be NULL when job_out is not NULL.
+ * @param[out] job_out     NULL: wait for the store. Otherwise receives a job (lmc_job_destroy it).
+ * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT, LMC_E_CUDA (CUDA layers, synchronous).
  */
-LMC_API lmc_status lmc_store(int64_t *stored_tokens_out, lmc_engine *engine, const int32_t *tokens,
-                             const int64_t *slot_mapping, int64_t num_tokens,
-                             int64_t skip_leading_tokens, const uint8_t *extra_key,
-                             int64_t extra_key_len);
+LMC_API lmc_status lmc_store(lmc_transfer_result *result_out, lmc_engine *engine,
+                             const lmc_request *request, lmc_job **job_out);
 
 /**
- * Finds the longest cached prefix of tokens and writes its KV into the registered layers. Only the
- * slots of tokens in [first_token_to_write, retrieved) are written, and only those whose slot is not
- * -1: slots of earlier tokens belong to the engine's own prefix cache and are never touched.
+ * Finds the longest cached prefix of request->tokens (reading chunks from lower tiers into the CPU
+ * tier as needed) and writes its KV into the registered layers. Only the slots of tokens in
+ * [first_token, prefix length) are written, and only those that have a slot: slots of earlier
+ * tokens belong to the engine's own prefix cache and are never touched.
  *
- * @param[out] retrieved_tokens_out  length of the cached prefix that was retrieved (0 on a miss).
- * @param[in]  first_token_to_write  first token whose slot may be written (0..num_tokens).
- * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT.
+ * The slots written must not be read until the call returns or the job has finished (for CUDA
+ * layers: work enqueued on `stream` after the job's copy sees the KV without waiting).
+ *
+ * @param[out] result_out  the result (synchronous call); may be NULL when job_out is not NULL.
+ * @param[out] job_out     NULL: wait for the retrieve. Otherwise receives a job (lmc_job_destroy it).
+ * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT, LMC_E_CUDA (CUDA layers, synchronous).
  */
-LMC_API lmc_status lmc_retrieve(int64_t *retrieved_tokens_out, lmc_engine *engine,
-                                const int32_t *tokens, const int64_t *slot_mapping,
-                                int64_t num_tokens, int64_t first_token_to_write,
-                                const uint8_t *extra_key, int64_t extra_key_len);
+LMC_API lmc_status lmc_retrieve(lmc_transfer_result *result_out, lmc_engine *engine,
+                                const lmc_request *request, lmc_job **job_out);
 
 /* ---------------------------------------------------------------------------------------------- */
 /* Lookups across processes                                                                        */
@@ -333,36 +421,46 @@ LMC_API lmc_status lmc_remote_lookup(int64_t *hit_tokens_out, const char *socket
 /* Asynchronous operations                                                                         */
 /* ---------------------------------------------------------------------------------------------- */
 
-/** Opaque handle of an operation running in the background. Like engines, destroyed job handles
- *  are never reused and report LMC_E_INVALID_HANDLE. */
-typedef struct lmc_job lmc_job;
 
 /**
- * Starts bringing the longest cached prefix of tokens into the CPU tier in the background: chunks
- * on disk or in the remote store are read and promoted, no KV layer is written. A retrieve issued
- * after the job finished finds them in memory. The tokens and extra key are copied: the caller's
- * buffers may be reused as soon as this returns.
+ * Starts bringing the longest cached prefix of request->tokens into the CPU tier in the background:
+ * chunks on disk or in the remote store are read and promoted, no KV layer is written. A retrieve
+ * issued after the job finished finds them in memory. The request is copied; its destination is
+ * ignored and first_token must be 0. The job's result: tokens_matched = leading tokens now in the
+ * CPU tier, chunks_by_tier = where they were found.
  *
  * @param[out] job_out  receives the job; destroy it with lmc_job_destroy.
  * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT.
  */
-LMC_API lmc_status lmc_prefetch_start(lmc_job **job_out, lmc_engine *engine, const int32_t *tokens,
-                                      int64_t num_tokens, const uint8_t *extra_key,
-                                      int64_t extra_key_len);
+LMC_API lmc_status lmc_prefetch_start(lmc_job **job_out, lmc_engine *engine,
+                                      const lmc_request *request);
 
 /**
- * Waits up to timeout_ms (0 = just poll, -1 = forever) for a job.
+ * Waits up to timeout_ms (0 = do not wait, -1 = forever) for a job.
  *
- * @param[out] result_out  the job's result when it finished with LMC_OK (for a prefetch: leading
- *                         tokens now in the CPU tier).
- * @return LMC_OK (finished), LMC_E_TIMEOUT (still running), LMC_E_INVALID_HANDLE, or the status
- *         the job itself failed with (its message is then the thread's last error).
+ * @param[out] result_out  the job's result when it finished with LMC_OK.
+ * @return LMC_OK (finished), LMC_E_TIMEOUT (still running), LMC_E_INVALID_HANDLE,
+ *         LMC_E_INVALID_ARGUMENT, or the status the job itself failed with (its message is then the
+ *         thread's last error).
  */
-LMC_API lmc_status lmc_job_wait(int64_t *result_out, lmc_job *job, int64_t timeout_ms);
+LMC_API lmc_status lmc_job_wait(lmc_transfer_result *result_out, lmc_job *job, int64_t timeout_ms);
 
-/** Releases a job handle. A job still running goes on and its result is dropped. NULL, destroyed
- *  handles and handles that are not jobs (an engine) are a no-op; for the last two
- *  lmc_last_error_message() says why. */
+/**
+ * Whether a job has finished (successfully or not), without waiting and without reading its result:
+ * the cheap check for a loop that polls many jobs (vLLM's get_finished).
+ *
+ * @param[out] finished_out  1 when finished, 0 while running.
+ * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT.
+ */
+LMC_API lmc_status lmc_job_poll(int32_t *finished_out, lmc_job *job);
+
+/** lmc_job_wait with a timeout of 0: the result of a finished job, LMC_E_TIMEOUT while it runs. */
+LMC_API lmc_status lmc_job_result(lmc_transfer_result *result_out, lmc_job *job);
+
+/** Releases a job handle. A job still running goes on and its result is dropped; the engine still
+ *  completes its bookkeeping (and destroying the engine waits for it). NULL, destroyed handles and
+ *  handles that are not jobs (an engine) are a no-op; for the last two lmc_last_error_message()
+ *  says why. */
 LMC_API void lmc_job_destroy(lmc_job *job);
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -374,24 +472,25 @@ LMC_API void lmc_job_destroy(lmc_job *job);
  * every token. The library uses each device's primary context (the one the CUDA runtime and torch
  * use), pushed for the duration of each call, so the caller's current context is left as it was.
  *
- * Streams: `void *stream` is a CUstream / cudaStream_t of that device (from Python:
- * torch.cuda.current_stream().cuda_stream); NULL (0) is the legacy default stream. The library only
- * ENQUEUES work on it (argument upload, kernel, for large stores the copy out of a staging buffer, and
- * an event) and returns; it never synchronises the stream or the device. Hence:
- *  - the copy runs after all work enqueued on `stream` before the call (vLLM's forward pass that
- *    wrote the KV, when it is the same stream);
- *  - work enqueued on `stream` after lmc_retrieve_async sees the retrieved KV, without waiting;
- *  - work on OTHER streams, and host code, must wait for the job (lmc_job_wait) first: a store's
- *    slots must not be overwritten, and a retrieve's slots not read, until the job has finished.
+ * Streams: lmc_request.stream is a CUstream / cudaStream_t of that device (from Python:
+ * torch.cuda.current_stream().cuda_stream), or NULL for the library's own stream (one non-blocking
+ * stream per device). The library only ENQUEUES work on it (argument upload, kernel, for large
+ * stores the copy out of a staging buffer, and an event); only a synchronous call (job_out == NULL)
+ * then waits for that event, never for the whole stream or device. Hence:
+ *  - the copy runs after all work enqueued on `stream` before the copy is enqueued (vLLM's forward
+ *    pass that wrote the KV, when it is the same stream). A job enqueues its copy after its lookups
+ *    and lower-tier reads, on the worker: pass the stream the KV was written on, or make sure that
+ *    work is complete (vLLM's saves run after the step's forward pass has been synchronised);
+ *  - work enqueued on `stream` after the copy sees the retrieved KV; other streams and host code
+ *    wait for the job (lmc_job_wait) first;
+ *  - a store's slots must not be overwritten, and a retrieve's slots not read, before the job has
+ *    finished.
  *
- * Ownership: tokens, slot_mapping and extra_key are HOST memory (copy vLLM's device slot mapping to
- * the host first) and are copied before the call returns (their buffers may be reused at once). The chunks involved stay pinned in the cache until the device has finished.
- * The returned job completes when the device has passed the transfer: lmc_job_wait gives its
- * result (the same number as *_tokens_out) or LMC_E_CUDA when the device failed (a failed store
- * caches nothing). Destroying the job early is fine: the library still finishes its bookkeeping when
- * the device gets there. lmc_engine_destroy and lmc_engine_register_layers wait for jobs in flight.
- *
- * With host layers these calls copy synchronously, ignore `stream`, and return a finished job.
+ * Ownership: tokens, slot mappings, block tables and extra keys are HOST memory (copy vLLM's device
+ * slot mapping to the host first). The chunks involved stay pinned in the cache until the device
+ * has finished. A job completes when the device has passed the transfer, with LMC_E_CUDA when the
+ * device failed (a failed store caches nothing). lmc_engine_destroy and lmc_engine_register_layers
+ * wait for jobs in flight.
  *
  * Environment (read once per process): LMC_CUDA_LIBRARY names the driver library instead of
  * libcuda.so.1 (tests set it to a missing path to simulate a machine without a driver);
@@ -408,35 +507,6 @@ LMC_API void lmc_job_destroy(lmc_job *job);
  *         which. *count_out is left untouched on failure.
  */
 LMC_API lmc_status lmc_cuda_device_count(int32_t *count_out);
-
-/**
- * lmc_store, with the copy enqueued on `stream` (see "CUDA" above). Keys, lookups and reservations
- * happen before the call returns; the chunks become visible to lookups when the job completes.
- *
- * @param[out] job_out            receives the job; destroy it with lmc_job_destroy.
- * @param[out] stored_tokens_out  what lmc_store would report: tokens in the cache once the job succeeds.
- * @param[in]  stream             CUstream of the layers' device, or NULL for the legacy default stream.
- * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT, LMC_E_CUDA (enqueueing failed).
- */
-LMC_API lmc_status lmc_store_async(lmc_job **job_out, int64_t *stored_tokens_out, lmc_engine *engine,
-                                   const int32_t *tokens, const int64_t *slot_mapping,
-                                   int64_t num_tokens, int64_t skip_leading_tokens,
-                                   const uint8_t *extra_key, int64_t extra_key_len, void *stream);
-
-/**
- * lmc_retrieve, with the copy into the layers enqueued on `stream` (see "CUDA" above). The lookup and
- * the promotion of chunks from lower tiers happen before the call returns.
- *
- * @param[out] job_out               receives the job; destroy it with lmc_job_destroy.
- * @param[out] retrieved_tokens_out  length of the cached prefix being retrieved (0 on a miss).
- * @param[in]  stream                CUstream of the layers' device, or NULL for the legacy default stream.
- * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT, LMC_E_CUDA (enqueueing failed).
- */
-LMC_API lmc_status lmc_retrieve_async(lmc_job **job_out, int64_t *retrieved_tokens_out,
-                                      lmc_engine *engine, const int32_t *tokens,
-                                      const int64_t *slot_mapping, int64_t num_tokens,
-                                      int64_t first_token_to_write, const uint8_t *extra_key,
-                                      int64_t extra_key_len, void *stream);
 
 /* ---------------------------------------------------------------------------------------------- */
 /* Statistics and maintenance                                                                      */

@@ -13,7 +13,7 @@
 #   kernels/nvcc.sh host-test <out> <dir holding liblmcache_native.so>
 #       kernels/test/host_test.cu linked against the library; same compiler choice as emu.
 #
-# Debian's nvcc 11.8 cannot use gcc 12 as its host compiler; clang-14 is supported (toolchain.md).
+# Debian's nvcc 11.8 refuses gcc 12 (newer than it supports) as its host compiler; clang-14 is accepted.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

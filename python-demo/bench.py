@@ -164,16 +164,17 @@ def measure_lookup(hash_algorithm: str, layers: list[torch.Tensor], tokens, slot
         # interleaved so that drifts in clock speed or background load hit both alike.
         wrapper_ns, raw_ns = [], []
         clock, lookup = time.perf_counter_ns, engine.lookup
-        raw, hit, handle = _bindings.lmc_lookup, ctypes.c_int64(), engine.handle
-        hit_ref, address, length = ctypes.byref(hit), tokens.address, tokens.length
+        raw, hit, handle = _bindings.lmc_lookup, _bindings.LmcLookupResult(), engine.handle
+        request = _bindings.LmcRequest(tokens=tokens.address, num_tokens=tokens.length)
+        hit_ref, request_ref = ctypes.byref(hit), ctypes.byref(request)
         for _ in range(LOOKUP_CALLS):
             started = clock()
             lookup(tokens)
             wrapper_ns.append(clock() - started)
             started = clock()
-            raw(hit_ref, handle, address, length, None, 0)
+            raw(hit_ref, handle, request_ref)
             raw_ns.append(clock() - started)
-        assert hit.value == NUM_TOKENS
+        assert hit.hit_tokens == NUM_TOKENS
     return {"median": statistics.median(wrapper_ns) / 1e3, "p99": percentile(wrapper_ns, 0.99) / 1e3,
             "raw_median": statistics.median(raw_ns) / 1e3, "raw_p99": percentile(raw_ns, 0.99) / 1e3}
 
@@ -532,6 +533,110 @@ def print_tiers(disk: dict, redis: dict | None) -> None:
     print("(prefetch only: the tier read and promotion into the CPU tier, without writing the KV cache)")
 
 
+CONNECTOR_REQUESTS = 300
+
+
+def measure_connector(num_tokens: int = NUM_TOKENS) -> dict:
+    """The vLLM connector's own cost per request for a num_tokens prompt that hits in full (an
+    asynchronous load), without the copy: the engine has one tiny host layer (1 head x 4 fp16, 16 bytes
+    per token) and the retrieve's own elapsed_ns is subtracted. Scheduler side: lookup call, hit
+    accounting, update_state_after_alloc, build_connector_meta (and request_finished). Worker side:
+    request set-up and job start (start_load_kv), the completion check and accounting (get_finished,
+    called once the job is done). Runs on the stand-in vLLM modules of the connector tests."""
+    import logging
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "interop-tests", "python",
+                                    "connector"))
+    os.environ["LMCACHE_LOG_LEVEL"] = "WARNING"  # the per-request INFO lines would go to the terminal
+    import fakevllm
+
+    fakevllm.install(fakevllm.V0_14)
+    logging.getLogger("lmcache_native").setLevel(logging.WARNING)
+    num_blocks = num_tokens // BLOCK_SIZE + 8
+    vllm_config = fakevllm.make_vllm_config(extra_config={"lmcache.chunk_size": 256}, block_size=BLOCK_SIZE,
+                                            num_layers=1, num_kv_heads=1, head_size=4, dtype="float16")
+    kv_cache_config = fakevllm.make_kv_cache_config(num_blocks, ["layer.0"], BLOCK_SIZE, 1, 4)
+    worker = fakevllm.create_connector(vllm_config, fakevllm.role("WORKER"), kv_cache_config)
+    kv = torch.zeros(2, num_blocks, BLOCK_SIZE, 1, 4, dtype=torch.float16)
+    worker.register_kv_caches({"layer.0": kv})
+    scheduler = fakevllm.create_connector(vllm_config, fakevllm.role("SCHEDULER"), kv_cache_config)
+    engine = worker._worker.engine
+    prompt = [int(t) for t in torch.randint(1, 30000, (num_tokens,), generator=torch.Generator().manual_seed(5))]
+    block_ids = list(range(1, num_tokens // BLOCK_SIZE + 1))
+    engine.store(prompt, block_ids=block_ids, block_size=BLOCK_SIZE)
+    lookup_ns = [engine.lookup(prompt).elapsed_ns for _ in range(50)]
+
+    class Request:
+        def __init__(self, request_id):
+            self.request_id = request_id
+            self.prompt_token_ids = prompt
+            self.all_token_ids = prompt
+            self.num_tokens = num_tokens
+            self.kv_transfer_params = None
+            self.priority = 0
+
+    def scheduler_output(finished):
+        cached = fakevllm.CachedRequestData(req_ids=[], new_token_ids=[], new_block_ids=[], num_computed_tokens=[],
+                                            resumed_req_ids=set())
+        return fakevllm.SchedulerOutput(scheduled_new_reqs=[], scheduled_cached_reqs=cached, num_scheduled_tokens={},
+                                        total_num_scheduled_tokens=0, scheduled_spec_decode_tokens={},
+                                        scheduled_encoder_inputs={}, num_common_prefix_blocks=[0],
+                                        finished_req_ids=set(finished), free_encoder_mm_hashes=[],
+                                        preempted_req_ids=set())
+
+    context = fakevllm.ForwardContext({}, None)
+    blocks = fakevllm.KVCacheBlocks(block_ids)
+    scheduler_us, worker_us, copy_us = [], [], []
+    finished = []
+    for index in range(CONVERSION_CALLS // 4 + CONNECTOR_REQUESTS):
+        request = Request(f"req-{index}")
+        output = scheduler_output(finished)
+        start = time.perf_counter_ns()
+        need, load_async = scheduler.get_num_new_matched_tokens(request, 0)
+        scheduler.update_state_after_alloc(request, blocks, need)
+        meta = scheduler.build_connector_meta(output)
+        scheduler_ns = time.perf_counter_ns() - start
+        assert need == num_tokens and load_async and len(meta.loads) == 1
+        worker.bind_connector_metadata(meta)
+        start = time.perf_counter_ns()
+        worker.start_load_kv(context)
+        worker_ns = time.perf_counter_ns() - start
+        (_, _, job), = worker._worker.jobs_in_flight()
+        result = job.wait(10)  # the copy: not the connector's cost
+        start = time.perf_counter_ns()
+        _, recving = worker.get_finished(set(finished))
+        worker_ns += time.perf_counter_ns() - start
+        worker.clear_connector_metadata()
+        assert recving == {request.request_id} and result.tokens_matched == num_tokens
+        start = time.perf_counter_ns()
+        scheduler.request_finished(request, block_ids)
+        scheduler_ns += time.perf_counter_ns() - start
+        finished = [request.request_id]
+        if index >= CONVERSION_CALLS // 4:  # warm-up done
+            scheduler_us.append(scheduler_ns / 1000)
+            worker_us.append(worker_ns / 1000)
+            copy_us.append(result.elapsed_ns / 1000)
+    worker.shutdown()
+    scheduler.shutdown()
+    return {"scheduler_us": statistics.median(scheduler_us), "scheduler_p99_us": percentile(scheduler_us, 0.99),
+            "worker_us": statistics.median(worker_us), "worker_p99_us": percentile(worker_us, 0.99),
+            "lookup_c_us": statistics.median(lookup_ns) / 1000, "tiny_copy_us": statistics.median(copy_us)}
+
+
+def print_connector(connector: dict, copy_rows: list) -> None:
+    bytes_per_token = NUM_LAYERS * 2 * NUM_KV_HEADS * HEAD_SIZE * 2
+    retrieve = next(row[2] for row in copy_rows if row[0] == "NHD")
+    copy_ms = NUM_TOKENS * bytes_per_token / (retrieve["median"] * GB) * 1000
+    print()
+    print(f"vLLM connector, per request of {NUM_TOKENS} tokens (full hit, asynchronous load), "
+          f"{CONNECTOR_REQUESTS} requests, without the copy:")
+    print(f"  scheduler side (lookup call + hit accounting + metadata): median {connector['scheduler_us']:.1f} us, "
+          f"p99 {connector['scheduler_p99_us']:.1f} us (of which the library's lookup {connector['lookup_c_us']:.1f} us)")
+    print(f"  worker side (set-up + job start + completion check):      median {connector['worker_us']:.1f} us, "
+          f"p99 {connector['worker_p99_us']:.1f} us")
+    print(f"  the copy itself (retrieve NHD above, Llama-3-8B shape):    {copy_ms:.1f} ms")
+
+
 def main() -> int:
     started = time.perf_counter()
     bytes_per_token = NUM_LAYERS * 2 * NUM_KV_HEADS * HEAD_SIZE * 2
@@ -572,6 +677,9 @@ def main() -> int:
         print(f"{algorithm:<12}{result['median']:>19.1f} us{result['p99']:>7.1f} us"
               f"{result['raw_median']:>21.1f} us{result['raw_p99']:>7.1f} us")
     print(f"list of {NUM_TOKENS} ints -> int32 buffer (as_int32_buffer), median: {conversion_us:.1f} us")
+
+    gc.collect()
+    print_connector(measure_connector(), copy_rows)
 
     gc.collect()
     disk = measure_disk_tier()

@@ -56,9 +56,49 @@ LMC_TEST_ASSERT(offsetof(lmc_stats, stored_bytes) == 48, "stored_bytes at 48");
 LMC_TEST_ASSERT(offsetof(lmc_stats, retrieved_bytes) == 80, "retrieved_bytes at 80");
 LMC_TEST_ASSERT(offsetof(lmc_stats, pool_capacity_bytes) == 120, "pool_capacity_bytes at 120");
 
+/* lmc_request: 88 bytes on LP64 (x86-64, aarch64): pointers and int64 at 8-byte offsets. */
+#if UINTPTR_MAX == 0xFFFFFFFFFFFFFFFFu
+LMC_TEST_ASSERT(sizeof(lmc_request) == 88, "sizeof(lmc_request) must be 88");
+LMC_TEST_ASSERT(offsetof(lmc_request, struct_size) == 0, "request.struct_size at 0");
+LMC_TEST_ASSERT(offsetof(lmc_request, destination_kind) == 4, "request.destination_kind at 4");
+LMC_TEST_ASSERT(offsetof(lmc_request, tokens) == 8, "request.tokens at 8");
+LMC_TEST_ASSERT(offsetof(lmc_request, num_tokens) == 16, "request.num_tokens at 16");
+LMC_TEST_ASSERT(offsetof(lmc_request, extra_key) == 24, "request.extra_key at 24");
+LMC_TEST_ASSERT(offsetof(lmc_request, extra_key_len) == 32, "request.extra_key_len at 32");
+LMC_TEST_ASSERT(offsetof(lmc_request, first_token) == 40, "request.first_token at 40");
+LMC_TEST_ASSERT(offsetof(lmc_request, slot_mapping) == 48, "request.slot_mapping at 48");
+LMC_TEST_ASSERT(offsetof(lmc_request, block_ids) == 56, "request.block_ids at 56");
+LMC_TEST_ASSERT(offsetof(lmc_request, num_block_ids) == 64, "request.num_block_ids at 64");
+LMC_TEST_ASSERT(offsetof(lmc_request, table_block_size) == 72, "request.table_block_size at 72");
+LMC_TEST_ASSERT(offsetof(lmc_request, reserved) == 76, "request.reserved at 76");
+LMC_TEST_ASSERT(offsetof(lmc_request, stream) == 80, "request.stream at 80");
+#endif
+
+/* lmc_transfer_result: 80 bytes = 8-byte header + 4 int64 + 4 per-tier int64 + elapsed_ns. */
+LMC_TEST_ASSERT(LMC_MAX_TIERS == 4, "LMC_MAX_TIERS");
+LMC_TEST_ASSERT(sizeof(lmc_transfer_result) == 80, "sizeof(lmc_transfer_result) must be 80");
+LMC_TEST_ASSERT(offsetof(lmc_transfer_result, struct_size) == 0, "transfer.struct_size at 0");
+LMC_TEST_ASSERT(offsetof(lmc_transfer_result, reserved) == 4, "transfer.reserved at 4");
+LMC_TEST_ASSERT(offsetof(lmc_transfer_result, tokens_matched) == 8, "tokens_matched at 8");
+LMC_TEST_ASSERT(offsetof(lmc_transfer_result, tokens_copied) == 16, "tokens_copied at 16");
+LMC_TEST_ASSERT(offsetof(lmc_transfer_result, bytes_copied) == 24, "bytes_copied at 24");
+LMC_TEST_ASSERT(offsetof(lmc_transfer_result, chunks_skipped_for_space) == 32,
+                "chunks_skipped_for_space at 32");
+LMC_TEST_ASSERT(offsetof(lmc_transfer_result, chunks_by_tier) == 40, "chunks_by_tier at 40");
+LMC_TEST_ASSERT(offsetof(lmc_transfer_result, elapsed_ns) == 72, "transfer.elapsed_ns at 72");
+
+/* lmc_lookup_result: 56 bytes = 8-byte header + hit_tokens + 4 per-tier int64 + elapsed_ns. */
+LMC_TEST_ASSERT(sizeof(lmc_lookup_result) == 56, "sizeof(lmc_lookup_result) must be 56");
+LMC_TEST_ASSERT(offsetof(lmc_lookup_result, struct_size) == 0, "lookup.struct_size at 0");
+LMC_TEST_ASSERT(offsetof(lmc_lookup_result, reserved) == 4, "lookup.reserved at 4");
+LMC_TEST_ASSERT(offsetof(lmc_lookup_result, hit_tokens) == 8, "hit_tokens at 8");
+LMC_TEST_ASSERT(offsetof(lmc_lookup_result, tokens_by_tier) == 16, "tokens_by_tier at 16");
+LMC_TEST_ASSERT(offsetof(lmc_lookup_result, elapsed_ns) == 48, "lookup.elapsed_ns at 48");
+
 /* Fixed-width typedefs. */
 LMC_TEST_ASSERT(sizeof(lmc_status) == 4, "lmc_status is int32_t");
 LMC_TEST_ASSERT(sizeof(lmc_device_kind) == 4, "lmc_device_kind is int32_t");
+LMC_TEST_ASSERT(sizeof(lmc_destination_kind) == 4, "lmc_destination_kind is int32_t");
 
 /* Pinned values. */
 LMC_TEST_ASSERT(LMC_OK == 0, "LMC_OK");
@@ -75,12 +115,15 @@ LMC_TEST_ASSERT(LMC_E_INTERNAL == -10, "LMC_E_INTERNAL");
 LMC_TEST_ASSERT(LMC_E_TIMEOUT == -11, "LMC_E_TIMEOUT");
 LMC_TEST_ASSERT(LMC_DEVICE_HOST == 0, "LMC_DEVICE_HOST");
 LMC_TEST_ASSERT(LMC_DEVICE_CUDA == 1, "LMC_DEVICE_CUDA");
+LMC_TEST_ASSERT(LMC_DESTINATION_SLOTS == 0, "LMC_DESTINATION_SLOTS");
+LMC_TEST_ASSERT(LMC_DESTINATION_BLOCK_TABLE == 1, "LMC_DESTINATION_BLOCK_TABLE");
 LMC_TEST_ASSERT(LMC_VERSION_NUMBER ==
                     LMC_VERSION_MAJOR * 10000 + LMC_VERSION_MINOR * 100 + LMC_VERSION_PATCH,
                 "LMC_VERSION_NUMBER");
-LMC_TEST_ASSERT(LMC_ABI_VERSION >= 1, "LMC_ABI_VERSION");
+LMC_TEST_ASSERT(LMC_ABI_VERSION == 2, "LMC_ABI_VERSION");
 
-/* The prototypes, one pointer each. Keep in step with the header: a mismatch is an ABI change. */
+/* The prototypes, one pointer each: every LMC_API function of the header, in header order. Keep
+ * in step with the header: a mismatch is an ABI change. */
 struct lmc_test_prototypes {
   int32_t (*version_number)(void);
   int32_t (*abi_version)(void);
@@ -90,19 +133,26 @@ struct lmc_test_prototypes {
   lmc_status (*engine_create)(lmc_engine **, const char *, const char *, int32_t, int32_t);
   void (*engine_destroy)(lmc_engine *);
   lmc_status (*engine_get_config)(int64_t *, lmc_engine *, char *, int64_t);
+  lmc_status (*config_schema)(int64_t *, char *, int64_t);
   lmc_status (*engine_register_layers)(lmc_engine *, const lmc_kv_layer_desc *, int32_t);
-  lmc_status (*lookup)(int64_t *, lmc_engine *, const int32_t *, int64_t, const uint8_t *, int64_t);
-  lmc_status (*store)(int64_t *, lmc_engine *, const int32_t *, const int64_t *, int64_t, int64_t,
-                      const uint8_t *, int64_t);
-  lmc_status (*retrieve)(int64_t *, lmc_engine *, const int32_t *, const int64_t *, int64_t,
-                         int64_t, const uint8_t *, int64_t);
-  lmc_status (*engine_get_stats)(lmc_engine *, lmc_stats *);
-  lmc_status (*engine_clear)(lmc_engine *);
+  lmc_status (*lookup)(lmc_lookup_result *, lmc_engine *, const lmc_request *);
+  lmc_status (*store)(lmc_transfer_result *, lmc_engine *, const lmc_request *, lmc_job **);
+  lmc_status (*retrieve)(lmc_transfer_result *, lmc_engine *, const lmc_request *, lmc_job **);
+  lmc_status (*lookup_server_start)(lmc_engine *, const char *);
+  lmc_status (*lookup_server_stop)(lmc_engine *);
+  lmc_status (*remote_lookup)(int64_t *, const char *, const int32_t *, int64_t, const uint8_t *,
+                              int64_t, int64_t);
+  lmc_status (*prefetch_start)(lmc_job **, lmc_engine *, const lmc_request *);
+  lmc_status (*job_wait)(lmc_transfer_result *, lmc_job *, int64_t);
+  lmc_status (*job_poll)(int32_t *, lmc_job *);
+  lmc_status (*job_result)(lmc_transfer_result *, lmc_job *);
+  void (*job_destroy)(lmc_job *);
   lmc_status (*cuda_device_count)(int32_t *);
-  lmc_status (*store_async)(lmc_job **, int64_t *, lmc_engine *, const int32_t *, const int64_t *,
-                            int64_t, int64_t, const uint8_t *, int64_t, void *);
-  lmc_status (*retrieve_async)(lmc_job **, int64_t *, lmc_engine *, const int32_t *,
-                               const int64_t *, int64_t, int64_t, const uint8_t *, int64_t, void *);
+  lmc_status (*engine_get_stats)(lmc_engine *, lmc_stats *);
+  lmc_status (*engine_tier_count)(int32_t *, lmc_engine *);
+  lmc_status (*engine_get_tier_stats)(lmc_engine *, int32_t, lmc_tier_stats *);
+  lmc_status (*engine_flush)(lmc_engine *, int64_t);
+  lmc_status (*engine_clear)(lmc_engine *);
 };
 
 /* Not static: referenced from main, so every function must resolve when the test is linked. */
@@ -117,15 +167,25 @@ struct lmc_test_prototypes lmc_test_prototypes_table(void) {
   t.engine_create = lmc_engine_create;
   t.engine_destroy = lmc_engine_destroy;
   t.engine_get_config = lmc_engine_get_config;
+  t.config_schema = lmc_config_schema;
   t.engine_register_layers = lmc_engine_register_layers;
   t.lookup = lmc_lookup;
   t.store = lmc_store;
   t.retrieve = lmc_retrieve;
-  t.engine_get_stats = lmc_engine_get_stats;
-  t.engine_clear = lmc_engine_clear;
+  t.lookup_server_start = lmc_lookup_server_start;
+  t.lookup_server_stop = lmc_lookup_server_stop;
+  t.remote_lookup = lmc_remote_lookup;
+  t.prefetch_start = lmc_prefetch_start;
+  t.job_wait = lmc_job_wait;
+  t.job_poll = lmc_job_poll;
+  t.job_result = lmc_job_result;
+  t.job_destroy = lmc_job_destroy;
   t.cuda_device_count = lmc_cuda_device_count;
-  t.store_async = lmc_store_async;
-  t.retrieve_async = lmc_retrieve_async;
+  t.engine_get_stats = lmc_engine_get_stats;
+  t.engine_tier_count = lmc_engine_tier_count;
+  t.engine_get_tier_stats = lmc_engine_get_tier_stats;
+  t.engine_flush = lmc_engine_flush;
+  t.engine_clear = lmc_engine_clear;
   return t;
 }
 
@@ -134,6 +194,7 @@ struct lmc_test_prototypes lmc_test_prototypes_table(void) {
 
 int main(void) {
   struct lmc_test_prototypes t = lmc_test_prototypes_table();
+  int missing = 0;
   printf("sizeof(lmc_kv_layer_desc) = %u\n", (unsigned)sizeof(lmc_kv_layer_desc));
   PRINT_OFFSET(lmc_kv_layer_desc, device_kind);
   PRINT_OFFSET(lmc_kv_layer_desc, reserved);
@@ -144,7 +205,24 @@ int main(void) {
   printf("sizeof(lmc_stats) = %u\n", (unsigned)sizeof(lmc_stats));
   PRINT_OFFSET(lmc_stats, lookup_requests);
   PRINT_OFFSET(lmc_stats, pool_capacity_bytes);
+  printf("sizeof(lmc_tier_stats) = %u\n", (unsigned)sizeof(lmc_tier_stats));
+  printf("sizeof(lmc_request) = %u\n", (unsigned)sizeof(lmc_request));
+  PRINT_OFFSET(lmc_request, tokens);
+  PRINT_OFFSET(lmc_request, first_token);
+  PRINT_OFFSET(lmc_request, slot_mapping);
+  PRINT_OFFSET(lmc_request, block_ids);
+  PRINT_OFFSET(lmc_request, num_block_ids);
+  PRINT_OFFSET(lmc_request, table_block_size);
+  PRINT_OFFSET(lmc_request, stream);
+  printf("sizeof(lmc_transfer_result) = %u\n", (unsigned)sizeof(lmc_transfer_result));
+  PRINT_OFFSET(lmc_transfer_result, chunks_by_tier);
+  PRINT_OFFSET(lmc_transfer_result, elapsed_ns);
+  printf("sizeof(lmc_lookup_result) = %u\n", (unsigned)sizeof(lmc_lookup_result));
+  PRINT_OFFSET(lmc_lookup_result, tokens_by_tier);
+  PRINT_OFFSET(lmc_lookup_result, elapsed_ns);
   /* Touch the table so the linker must resolve every function. */
-  return t.version_number == NULL || t.engine_clear == NULL || t.cuda_device_count == NULL ||
-         t.store_async == NULL || t.retrieve_async == NULL;
+  if (t.version_number == NULL || t.engine_clear == NULL || t.job_poll == NULL ||
+      t.job_result == NULL || t.config_schema == NULL || t.store == NULL || t.retrieve == NULL)
+    missing++;
+  return missing != 0;
 }

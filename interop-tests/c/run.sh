@@ -8,7 +8,11 @@
 #      -Wall -Wextra -Werror -pedantic; struct sizes/offsets are static assertions in the file;
 #   2. the same file linked against the library (every header function must resolve) and run;
 #   3. symbol parity between the header and `nm -D` (check_symbols.py);
-#   4. smoke.c built with gcc and clang-14 as C99, then run.
+#   4. the test areas, test_*.c, each with harness.c built with gcc and clang-14 as C99 and run
+#      (the clang-14 build when both compiled; each area is its own program and runs alone:
+#      out/test_transfer_gcc, …);
+#   5. examples/quickstart.c built with gcc and clang-14 (-std=c99 -Wall -Wextra -Werror
+#      -pedantic) and run.
 # Prints "ok - …" / "not ok - …" per check and, last, "C interop: N passed, M failed".
 # Exit status: 0 when nothing failed.
 set -uo pipefail # not -e: a failing check is counted, not fatal
@@ -19,7 +23,9 @@ OUT="$HERE/out"
 INCLUDE="$ROOT/include"
 PY=/usr/bin/python3
 WARN=(-Wall -Wextra -Werror -pedantic)
-SMOKE_TIMEOUT=300
+TEST_TIMEOUT=300
+# The areas in the order they run; each is test_<area>.c with a main() and "# <area>: …" last.
+AREAS=(versions_errors engine_config layers transfer jobs tiers lookup_channel cuda threads)
 
 passed=0
 failed=0
@@ -70,7 +76,7 @@ compile_check() {
 run_checks() {
   local what=$1 tag=$2 log=$3
   shift 3
-  timeout "$SMOKE_TIMEOUT" "$@" >"$log" 2>&1
+  timeout "$TEST_TIMEOUT" "$@" >"$log" 2>&1
   local rc=$?
   cat "$log"
   local ok nok
@@ -79,7 +85,7 @@ run_checks() {
   passed=$((passed + ok))
   failed=$((failed + nok))
   if [[ $rc -eq 124 ]]; then
-    fail "$what: timed out after ${SMOKE_TIMEOUT}s"
+    fail "$what: timed out after ${TEST_TIMEOUT}s"
   elif [[ $rc -gt 128 ]]; then
     fail "$what: killed by signal $((rc - 128)) after $((ok + nok)) checks"
   elif ! grep -q "^# $tag: " "$log"; then
@@ -110,8 +116,12 @@ if compile_check "header_compile.c links against the library (every declared fun
     printf '%s\n' "$layout" | sed 's/^/#   /'
     if grep -q '^sizeof(lmc_kv_layer_desc) = 88$' <<<"$layout" &&
       grep -q '^offsetof(lmc_kv_layer_desc, base_address) = 40$' <<<"$layout" &&
-      grep -q '^sizeof(lmc_stats) = 128$' <<<"$layout"; then
-      pass "layout: lmc_kv_layer_desc 88 bytes (base_address at 40), lmc_stats 128 bytes"
+      grep -q '^sizeof(lmc_stats) = 128$' <<<"$layout" &&
+      grep -q '^sizeof(lmc_request) = 88$' <<<"$layout" &&
+      grep -q '^offsetof(lmc_request, stream) = 80$' <<<"$layout" &&
+      grep -q '^sizeof(lmc_transfer_result) = 80$' <<<"$layout" &&
+      grep -q '^sizeof(lmc_lookup_result) = 56$' <<<"$layout"; then
+      pass "layout: lmc_kv_layer_desc 88 bytes (base_address at 40), lmc_stats 128, lmc_request 88 (stream at 80), lmc_transfer_result 80, lmc_lookup_result 56"
     else
       fail "layout: unexpected sizes"
     fi
@@ -123,18 +133,45 @@ fi
 echo "# symbol parity (header vs nm -D)"
 run_checks "check_symbols.py" "symbols" "$OUT/symbols.log" "$PY" "$HERE/check_symbols.py" "$LIB" "$INCLUDE/lmcache_native.h"
 
-echo "# smoke test"
-smoke=""
-for cc in gcc clang-14; do
-  if compile_check "smoke.c compiles as C99 with $cc ${WARN[*]} and links" \
-    "$cc" -std=c99 "${WARN[@]}" -pthread -I"$INCLUDE" "$HERE/smoke.c" "${LINK[@]}" \
-    -o "$OUT/smoke_$cc"; then
-    smoke="$OUT/smoke_$cc"
+echo "# test areas"
+for f in "$HERE"/test_*.c; do
+  a=$(basename "$f" .c)
+  a=${a#test_}
+  [[ " ${AREAS[*]} " == *" $a "* ]] || fail "$(basename "$f") is not listed in AREAS in run.sh (it would never run)"
+done
+for area in "${AREAS[@]}"; do
+  bin=""
+  for cc in gcc clang-14; do
+    if compile_check "test_$area.c compiles as C99 with $cc ${WARN[*]} and links" \
+      "$cc" -std=c99 "${WARN[@]}" -pthread -I"$INCLUDE" "$HERE/harness.c" "$HERE/test_$area.c" \
+      "${LINK[@]}" -o "$OUT/test_${area}_$cc"; then
+      bin="$OUT/test_${area}_$cc"
+    fi
+  done
+  if [[ -n $bin ]]; then
+    echo "# running $(basename "$bin")"
+    run_checks "test_$area" "$area" "$OUT/test_$area.log" "$bin"
   fi
 done
-if [[ -n $smoke ]]; then
-  echo "# running $(basename "$smoke")"
-  run_checks "smoke" "smoke" "$OUT/smoke.log" "$smoke"
+
+echo "# examples/quickstart.c"
+quickstart=""
+for cc in gcc clang-14; do
+  if compile_check "examples/quickstart.c compiles as C99 with $cc ${WARN[*]} and links" \
+    "$cc" -std=c99 "${WARN[@]}" -I"$INCLUDE" "$ROOT/examples/quickstart.c" "${LINK[@]}" \
+    -o "$OUT/quickstart_$cc"; then
+    quickstart="$OUT/quickstart_$cc"
+  fi
+done
+if [[ -n $quickstart ]]; then
+  if log=$(timeout 60 "$quickstart" 2>&1); then
+    printf '%s\n' "$log" | sed 's/^/#   /'
+    pass "examples/quickstart runs and exits 0"
+  else
+    rc=$?
+    printf '%s\n' "$log" | sed 's/^/#   /'
+    fail "examples/quickstart exited with status $rc"
+  fi
 fi
 
 finish

@@ -27,14 +27,22 @@
  *      was destroyed may fail with the engine's LMC_E_INVALID_HANDLE (lmc_job_wait returns "the
  *      status the job itself failed with"; the message names the engine);
  *  I5  store then retrieve of a fresh request (its extra key ends with a counter) on one engine, with
- *      the same tokens, slots and key, returns bit for bit the KV that was stored (for tokens in
- *      [first_token_to_write, min(retrieved, stored))), never more tokens than stored, and writes
- *      nothing else in the harness's layer memory;
+ *      the same tokens, destination (slots or block table) and key, synchronous or as jobs, returns
+ *      bit for bit the KV that was stored (for tokens in [first_token, min(retrieved, stored))),
+ *      never more tokens than stored, and writes nothing else in the harness's layer memory;
  *  I6  no library call writes outside a layer's span (guard bytes around every layer buffer), outside
- *      an output buffer's capacity or past a struct's struct_size;
+ *      an output buffer's capacity or past a struct's struct_size, nor into result_out when job_out
+ *      is given;
  *  I7  out-parameters are left untouched on failure (needed_out excepted on BUFFER_TOO_SMALL), and
  *      counts returned on success are within [0, num_tokens];
- *  I8  lmc_lookup_server_start never deletes a file that is not a socket.
+ *  I8  lmc_lookup_server_start never deletes a file that is not a socket;
+ *  I9  a block-table store/retrieve and the same with the slot mapping the table expands into give
+ *      the same statuses, results (elapsed_ns aside) and KV bytes (op_twin);
+ *  I10 statuses pinned for requests: LMC_OK for one the header accepts, LMC_E_INVALID_ARGUMENT for
+ *      one it refuses (request_valid), on a live engine with a usable result struct;
+ *  I11 jobs: an accepted request's job finishes with LMC_OK; a finished job never times out and gives
+ *      the same status and result every time; lmc_job_poll's answer is 0 or 1 and never goes back.
+ * (README.md lists them in full.)
  */
 #define _GNU_SOURCE
 #include "lmcache_native.h"
@@ -252,12 +260,18 @@ typedef struct {
   layer_buf bufs[8]; /* every buffer given to this engine, kept until it is destroyed */
   int nbufs;
   int serving;       /* lookup server started (index into socket names) */
+  int pending_jobs;  /* jobs started since the last barrier (see barrier()) */
 } engine_slot;
 
 typedef struct {
   lmc_job *h;
   int live;
   uint64_t engine; /* the engine it was started on */
+  int op;          /* OP_STORE, OP_RETRIEVE or OP_PREFETCH */
+  int64_t n, first, bpt; /* num_tokens, first_token, KV bytes per token of the registration */
+  int finished;    /* poll said 1, or a wait / result answered */
+  int has_result;  /* result holds the first full result it gave */
+  lmc_transfer_result result;
 } job_slot;
 
 static struct {
@@ -390,23 +404,35 @@ static void check_all_alive(const char *after) {
   }
   for (int i = 0; i < MAX_JOBS; i++) {
     if (!S.jobs[i].live) continue;
-    int64_t res = 0;
-    set_call("lmc_job_wait(0x%" PRIx64 ", 0) after %s", (uint64_t)(uintptr_t)S.jobs[i].h, saved);
+    lmc_transfer_result res;
+    memset(&res, 0, sizeof res);
+    res.struct_size = sizeof res;
+    set_call("lmc_job_wait(&result, 0x%" PRIx64 ", 0) after %s", (uint64_t)(uintptr_t)S.jobs[i].h, saved);
     lmc_status s = lmc_job_wait(&res, S.jobs[i].h, 0);
     check_status(s);
     if (s == LMC_E_INVALID_HANDLE && !job_failed_for_its_engine(s, (uint64_t)(uintptr_t)S.jobs[i].h))
       die("a live job stopped answering after %s", after);
+    int32_t fin = 0x5A5A5A5A;
+    set_call("lmc_job_poll(&finished, 0x%" PRIx64 ") after %s", (uint64_t)(uintptr_t)S.jobs[i].h, saved);
+    s = lmc_job_poll(&fin, S.jobs[i].h);
+    check_status(s);
+    if (s != LMC_OK) die("a live job stopped answering lmc_job_poll after %s: %s", after, sname(s));
   }
   memcpy(g_call, saved, sizeof saved);
 }
 
-static void add_job(lmc_job *h, uint64_t engine) {
+static void add_job(lmc_job *h, uint64_t engine, int op, int64_t n, int64_t first, int64_t bpt) {
   new_handle((uint64_t)(uintptr_t)h, "job");
   for (int i = 0; i < MAX_JOBS; i++)
     if (!S.jobs[i].live) {
+      memset(&S.jobs[i], 0, sizeof S.jobs[i]);
       S.jobs[i].h = h;
       S.jobs[i].live = 1;
       S.jobs[i].engine = engine;
+      S.jobs[i].op = op;
+      S.jobs[i].n = n;
+      S.jobs[i].first = first;
+      S.jobs[i].bpt = bpt;
       return;
     }
   /* no room: release it at once */
@@ -987,11 +1013,18 @@ static void destroy_job_handle(uint64_t h) {
       if (S.jobs[i].live && (uint64_t)(uintptr_t)S.jobs[i].h == h) S.jobs[i].live = 0;
     remember_dead(S.dead_jobs, &S.ndead_jobs, h);
     g_old_dead_job = h;
-    int64_t res = 0x5A5A;
-    set_call("lmc_job_wait(0x%" PRIx64 ", 0) on the job just destroyed", h);
+    lmc_transfer_result res;
+    memset(&res, 0, sizeof res);
+    res.struct_size = sizeof res;
+    set_call("lmc_job_wait(&result, 0x%" PRIx64 ", 0) on the job just destroyed", h);
     lmc_status s = lmc_job_wait(&res, (lmc_job *)(uintptr_t)h, 0);
     check_status(s);
     if (s != LMC_E_INVALID_HANDLE) die("a destroyed job answered %s", sname(s));
+    int32_t fin = 0x5A5A5A5A;
+    set_call("lmc_job_poll(&finished, 0x%" PRIx64 ") on the job just destroyed", h);
+    s = lmc_job_poll(&fin, (lmc_job *)(uintptr_t)h);
+    check_status(s);
+    if (s != LMC_E_INVALID_HANDLE || fin != 0x5A5A5A5A) die("a destroyed job answered lmc_job_poll with %s", sname(s));
   }
   set_call("%s", what);
   check_all_alive(what);
@@ -1106,7 +1139,7 @@ static void op_register(reader *r) {
 }
 
 /* ---------------------------------------------------------------------------------------------- */
-/* Lookup / store / retrieve / async                                                               */
+/* Requests: lookup / store / retrieve / prefetch, synchronous or as jobs                          */
 /* ---------------------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -1143,74 +1176,348 @@ static void check_count(lmc_status st, int64_t out, int64_t n, const char *what)
   if (out < 0 || out > (n > 0 ? n : 0)) die("%s = %" PRId64 " is outside [0, num_tokens=%" PRId64 "]", what, out, n);
 }
 
+enum { OP_LOOKUP, OP_STORE, OP_RETRIEVE, OP_PREFETCH };
+static const char *const k_op_names[] = {"lmc_lookup", "lmc_store", "lmc_retrieve", "lmc_prefetch_start"};
+
+#define ARRAY_MAX_LENGTH 0x7FFFFFC7LL /* .NET's Array.MaxLength: the library's bound on any length */
+#define EXTRA_KEY_LIMIT (1LL << 20)   /* the header's 1 MiB bound on an extra key */
+#define REQ_BUF 4096                  /* bytes behind a request pointer (its struct_size is at most this) */
+
+static int32_t g_blocks[MAX_TOKENS + 16];
+static int64_t g_eq[MAX_TOKENS + 16]; /* a block table expanded by the harness */
+static uint8_t g_reqbuf[REQ_BUF] __attribute__((aligned(16)));
+
+/* Block ids: nblk = blocks of table_block_size tokens in the cache. */
+static void fill_blocks(reader *r, int32_t *ids, int64_t count, int64_t nblk) {
+  uint8_t mode = u8(r);
+  uint64_t s = u64(r);
+  if (nblk <= 0) nblk = 1;
+  if (nblk > INT32_MAX) nblk = INT32_MAX;
+  switch (mode % 9) {
+  case 0: case 1: /* distinct blocks in a random order (repeating when more ids than blocks) */
+    for (int64_t i = 0; i < count; i++) ids[i] = (int32_t)(i % nblk);
+    for (int64_t i = 0; i + 1 < count && i < nblk; i++) {
+      int64_t lim = count < nblk ? count : nblk, j = i + (int64_t)(rng_next(&s) % (uint64_t)(lim - i));
+      int32_t t = ids[i];
+      ids[i] = ids[j];
+      ids[j] = t;
+    }
+    break;
+  case 2: for (int64_t i = 0; i < count; i++) ids[i] = rng_next(&s) % 4 ? (int32_t)(rng_next(&s) % (uint64_t)nblk) : -1; break;
+  case 3: for (int64_t i = 0; i < count; i++) ids[i] = (int32_t)(i % nblk); break;
+  case 4: for (int64_t i = 0; i < count; i++) ids[i] = i == count / 2 ? any32(r) : (int32_t)(i % nblk); break;
+  case 5: for (int64_t i = 0; i < count; i++) ids[i] = i == count - 1 ? (int32_t)nblk : (int32_t)(i % nblk); break;
+  case 6: for (int64_t i = 0; i < count; i++) ids[i] = (int32_t)rng_next(&s); break;
+  case 7: for (int64_t i = 0; i < count; i++) ids[i] = -1 - (int32_t)(rng_next(&s) % 3); break; /* -1, -2, -3 */
+  default: for (int64_t i = 0; i < count; i++) ids[i] = -1; break;
+  }
+}
+
+static int32_t engine_block_size(const engine_slot *e) { return e && e->nlayers ? e->layers[0].block_size : 16; }
+
+/* table_block_size: mostly the layers' block size, else small ones, 0, negative, huge. */
+static int32_t pick_table_block_size(reader *r, const engine_slot *e) {
+  uint8_t sel = u8(r);
+  if (sel < 160) return engine_block_size(e);
+  if (sel < 200) return 1 + u8(r) % 64;
+  if (sel < 215) return 1;
+  return any32(r);
+}
+
+/* Blocks needed to cover n tokens. */
+static int64_t blocks_needed(int64_t n, int32_t tbs) {
+  if (n <= 0 || tbs < 1) return 0;
+  return (n + tbs - 1) / tbs;
+}
+
+/* A request for op, in g_reqbuf (or NULL). Every array it points to is the harness's own; lengths
+ * beyond them only ever go with NULL pointers. */
+static lmc_request *pick_request(reader *r, const engine_slot *e, int op) {
+  uint8_t sel = u8(r);
+  int64_t real_n;
+  if (sel < 40) real_n = u8(r) % 8;
+  else if (sel < 200) real_n = u16(r) % 300;
+  else real_n = u16(r) % (MAX_TOKENS + 1);
+  fill_tokens(r, g_tokens, real_n);
+  lmc_request q;
+  memset(&q, 0, sizeof q);
+  q.struct_size = sizeof q;
+  uint8_t dk = u8(r);
+  q.destination_kind = dk < 112 ? LMC_DESTINATION_SLOTS : dk < 224 ? LMC_DESTINATION_BLOCK_TABLE : any32(r);
+  int64_t total = engine_total_slots(e);
+  fill_slots(r, g_slots, real_n, total);
+  q.table_block_size = pick_table_block_size(r, e);
+  int32_t tbs_for_fill = q.table_block_size >= 1 ? q.table_block_size : 1;
+  int64_t need = blocks_needed(real_n, tbs_for_fill);
+  int64_t real_b = need + 8 <= MAX_TOKENS + 16 ? need + 8 : MAX_TOKENS + 16;
+  fill_blocks(r, g_blocks, real_b, total / tbs_for_fill);
+  uint8_t np = u8(r);
+  q.tokens = np == 255 ? NULL : g_tokens;
+  q.slot_mapping = np == 254 ? NULL : g_slots;
+  q.block_ids = np == 253 ? NULL : g_blocks;
+  q.num_tokens = pick_len(r, q.tokens != NULL || q.slot_mapping != NULL, real_n);
+  uint8_t nb = u8(r);
+  if (!q.block_ids) q.num_block_ids = nb < 64 ? 0 : any64(r);
+  else if (nb < 150) q.num_block_ids = need < real_b ? need : real_b;
+  else if (nb < 180) q.num_block_ids = (int64_t)(u16(r) % (uint64_t)(need + 1)); /* fewer: tokens past the last block */
+  else if (nb < 210) q.num_block_ids = real_b;                                /* more than needed */
+  else if (nb < 220) q.num_block_ids = 0;
+  else q.num_block_ids = pick_len(r, 1, real_b);
+  uint8_t ft = u8(r);
+  if (op == OP_LOOKUP || op == OP_PREFETCH) q.first_token = ft < 224 ? 0 : any64(r);
+  else if (ft < 200) q.first_token = (int64_t)(u8(r) % 64);
+  else if (ft < 215) q.first_token = q.num_tokens + (ft % 2); /* num_tokens (allowed), num_tokens + 1 */
+  else q.first_token = any64(r);
+  extra_key k = pick_extra(r);
+  q.extra_key = k.p;
+  q.extra_key_len = k.len;
+  uint8_t rs = u8(r);
+  if (rs >= 240) q.reserved = any32(r);
+  uint8_t st = u8(r);
+  if (st >= 250) q.stream = (void *)(uintptr_t)u64(r); /* host layers ignore the stream */
+  else if (st >= 240) q.stream = (void *)(uintptr_t)0xDEADBEEF;
+  uint8_t ss = u8(r);
+  static const uint32_t sizes[] = {0, 4, 8, 80, 87, 89, 96, 128, 256, REQ_BUF};
+  if (ss >= 200) q.struct_size = sizes[ss % (sizeof sizes / sizeof sizes[0])];
+  /* bytes past sizeof(lmc_request), up to struct_size: zeros or garbage (fields of a newer header) */
+  memset(g_reqbuf, 0, sizeof g_reqbuf);
+  if (u8(r) >= 192) fill_random(g_reqbuf, sizeof g_reqbuf, q.num_tokens ^ 0x77);
+  memcpy(g_reqbuf, &q, sizeof q);
+  return u8(r) == 255 ? NULL : (lmc_request *)g_reqbuf;
+}
+
+static const char *dest_name(int32_t k) {
+  return k == LMC_DESTINATION_SLOTS ? "slots" : k == LMC_DESTINATION_BLOCK_TABLE ? "block_table" : "invalid";
+}
+
+/* A request for the messages: "{n=…, kind=…, …}". */
+static const char *describe_request(const lmc_request *q, char *buf, size_t cap) {
+  if (!q) return "NULL";
+  snprintf(buf, cap,
+           "{struct_size=%u, destination_kind=%d (%s), tokens=%s, num_tokens=%" PRId64 ", extra_key=%s, extra_key_len=%" PRId64
+           ", first_token=%" PRId64 ", slot_mapping=%s, block_ids=%s, num_block_ids=%" PRId64 ", table_block_size=%d, reserved=%d, stream=%p}",
+           q->struct_size, q->destination_kind, dest_name(q->destination_kind), q->tokens ? "tokens" : "NULL", q->num_tokens,
+           q->extra_key ? (q->extra_key == g_big ? "zero-pages" : "key") : "NULL", q->extra_key_len, q->first_token,
+           q->slot_mapping ? "slots" : "NULL", q->block_ids ? "ids" : "NULL", q->num_block_ids, q->table_block_size, q->reserved,
+           q->stream);
+  return buf;
+}
+
+/* The checks every request gets: struct_size, reserved, tokens, extra key, first_token in range. */
+static int request_common_ok(const lmc_request *q) {
+  if (!q || q->struct_size < sizeof(lmc_request) || q->reserved != 0) return 0;
+  if (q->extra_key_len < 0 || q->extra_key_len > EXTRA_KEY_LIMIT || (q->extra_key_len > 0 && !q->extra_key)) return 0;
+  if (q->num_tokens < 0 || q->num_tokens > ARRAY_MAX_LENGTH || (q->num_tokens > 0 && !q->tokens)) return 0;
+  return q->first_token >= 0 && q->first_token <= q->num_tokens;
+}
+
+/* The destination as one slot per token (into out), as the header defines it; 0 when the header
+ * says the call fails (a negative id other than -1 on a block that holds tokens, a slot outside the
+ * cache of `total` slots, a NULL array with a length, a bad table_block_size or kind). */
+static int request_slots(const lmc_request *q, int64_t total, int64_t *out) {
+  int64_t n = q->num_tokens;
+  if (q->destination_kind == LMC_DESTINATION_SLOTS) {
+    if (n > 0 && !q->slot_mapping) return 0;
+    for (int64_t t = 0; t < n; t++) out[t] = q->slot_mapping[t];
+  } else if (q->destination_kind == LMC_DESTINATION_BLOCK_TABLE) {
+    if (q->num_block_ids < 0 || q->num_block_ids > ARRAY_MAX_LENGTH || (q->num_block_ids > 0 && !q->block_ids)) return 0;
+    if (q->table_block_size < 1) return 0;
+    for (int64_t t = 0; t < n; t++) {
+      int64_t b = t / q->table_block_size;
+      int32_t id = b < q->num_block_ids ? q->block_ids[b] : -1;
+      if (id < -1) return 0;
+      out[t] = id == -1 ? -1 : (int64_t)id * q->table_block_size + t % q->table_block_size;
+    }
+  } else {
+    return 0;
+  }
+  for (int64_t t = 0; t < n; t++)
+    if (out[t] < -1 || out[t] >= total) return 0;
+  return 1;
+}
+
+/* Whether the header promises LMC_OK for op with this request on engine e (live, handle checked
+ * elsewhere). */
+static int request_valid(const lmc_request *q, const engine_slot *e, int op) {
+  if (!e || e->nlayers == 0 || !request_common_ok(q)) return 0;
+  if (op == OP_LOOKUP || op == OP_PREFETCH) return q->first_token == 0;
+  return request_slots(q, engine_total_slots(e), g_eq);
+}
+
+/* Result structs: a buffer with canaries, struct_size fuzzed. */
+static uint8_t g_resbuf[STRUCT_BUF + 64] __attribute__((aligned(16)));
+static uint8_t g_resbefore[sizeof g_resbuf];
+
+static uint32_t pick_result_size(reader *r, uint32_t real) {
+  static const uint32_t v[] = {0, 4, 7, 8, 16, 40, 48, 56, 72, 79, 80, 81, 88, 128, 4096};
+  uint8_t sel = u8(r);
+  if (sel < 176) return real;
+  if (sel < 248) return v[sel % (sizeof v / sizeof v[0])];
+  return u16(r) % (STRUCT_BUF + 1);
+}
+
+/* Prepares g_resbuf with struct_size ss; returns it, or NULL (when the next byte says so). */
+static void *prep_result(reader *r, uint32_t real, uint32_t *ss_out) {
+  uint32_t ss = pick_result_size(r, real);
+  int null_ptr = u8(r) == 255;
+  memset(g_resbuf, CANARY, sizeof g_resbuf);
+  memcpy(g_resbuf, &ss, 4);
+  memcpy(g_resbefore, g_resbuf, sizeof g_resbuf);
+  *ss_out = ss;
+  return null_ptr ? NULL : g_resbuf;
+}
+
+/* I6/I7 on a result struct: nothing written when may_write is 0; else nothing at or past struct_size
+ * and struct_size itself unchanged. */
+static void check_result_buf(uint32_t ss, int may_write, const char *what) {
+  if (!may_write) {
+    if (memcmp(g_resbuf, g_resbefore, sizeof g_resbuf) != 0) {
+      size_t i = 0;
+      while (g_resbuf[i] == g_resbefore[i]) i++;
+      die("%s: wrote byte %zu of the result struct (struct_size %u) although the call may not write it", what, i, ss);
+    }
+    return;
+  }
+  for (size_t i = ss < 4 ? 4 : ss; i < sizeof g_resbuf; i++)
+    if (g_resbuf[i] != g_resbefore[i]) die("%s: wrote byte %zu of a result struct with struct_size %u", what, i, ss);
+  if (memcmp(g_resbuf, g_resbefore, 4) != 0) die("%s: changed the result's struct_size", what);
+}
+
+#define FIELD_IN(ss, type, field) ((size_t)(ss) >= offsetof(type, field) + sizeof(((type *)0)->field))
+
+/* Sanity of a transfer result's fields that lie within struct_size. bpt: KV bytes per token of the
+ * registration the request ran on (0: unknown). */
+static void check_transfer_fields(const lmc_transfer_result *res, uint32_t ss, int op, int64_t n, int64_t first, int64_t bpt,
+                                  const char *what) {
+  int64_t matched = FIELD_IN(ss, lmc_transfer_result, tokens_matched) ? res->tokens_matched : 0;
+  if (matched < 0 || matched > n) die("%s: tokens_matched %" PRId64 " outside [0, num_tokens=%" PRId64 "]", what, matched, n);
+  if (FIELD_IN(ss, lmc_transfer_result, tokens_copied)) {
+    int64_t lim = op == OP_STORE ? matched : op == OP_RETRIEVE ? (matched > first ? matched - first : 0) : 0;
+    if (!FIELD_IN(ss, lmc_transfer_result, tokens_matched)) lim = n;
+    if (res->tokens_copied < 0 || res->tokens_copied > lim)
+      die("%s: tokens_copied %" PRId64 " outside [0, %" PRId64 "] (tokens_matched %" PRId64 ", first_token %" PRId64 ")", what,
+          res->tokens_copied, lim, matched, first);
+    if (FIELD_IN(ss, lmc_transfer_result, bytes_copied) && bpt > 0 && res->bytes_copied != res->tokens_copied * bpt)
+      die("%s: bytes_copied %" PRId64 " is not tokens_copied %" PRId64 " x %" PRId64 " bytes per token", what, res->bytes_copied,
+          res->tokens_copied, bpt);
+  }
+  if (FIELD_IN(ss, lmc_transfer_result, bytes_copied) && res->bytes_copied < 0) die("%s: bytes_copied < 0", what);
+  if (FIELD_IN(ss, lmc_transfer_result, chunks_skipped_for_space) && res->chunks_skipped_for_space < 0)
+    die("%s: chunks_skipped_for_space < 0", what);
+  for (int t = 0; t < LMC_MAX_TIERS; t++)
+    if ((size_t)ss >= offsetof(lmc_transfer_result, chunks_by_tier) + 8 * (size_t)(t + 1) && res->chunks_by_tier[t] < 0)
+      die("%s: chunks_by_tier[%d] = %" PRId64 " < 0", what, t, res->chunks_by_tier[t]);
+  if (FIELD_IN(ss, lmc_transfer_result, elapsed_ns) && res->elapsed_ns < 0) die("%s: elapsed_ns < 0", what);
+}
+
+/* KV bytes per token of an engine's registration. */
+static int64_t engine_bpt(const engine_slot *e) {
+  if (!e) return 0;
+  int64_t b = 0;
+  for (int l = 0; l < e->nlayers; l++)
+    b += (int64_t)e->layers[l].kv_count * e->layers[l].num_kv_heads * e->layers[l].head_size * e->layers[l].elem_size;
+  return b;
+}
+
+/* I4 with a result struct checked before the handle: NULL or struct_size < 8 may be refused as an
+ * argument first (any handle), but a live handle is never refused. */
+static void check_handle_or_result(lmc_status st, uint64_t h, int want_engine, int result_bad) {
+  if (!result_bad) {
+    check_handle_status(st, h, want_engine);
+    return;
+  }
+  int live = want_engine ? is_live_engine(h) : is_live_job(h);
+  if (live && st != LMC_E_INVALID_ARGUMENT && !(!want_engine && job_failed_for_its_engine(st, h)))
+    die("result_out NULL or struct_size < 8 with a live %s: %s, expected LMC_E_INVALID_ARGUMENT", want_engine ? "engine" : "job",
+        sname(st));
+  if (!live && st != LMC_E_INVALID_ARGUMENT && st != LMC_E_INVALID_HANDLE)
+    die("result_out NULL or struct_size < 8 with a %s that is not live: %s", want_engine ? "engine" : "job", sname(st));
+}
+
+/* Statuses pinned for a request on a live handle with a usable out-parameter: LMC_OK for a request
+ * the header accepts, LMC_E_INVALID_ARGUMENT for one it refuses. */
+static void check_request_status(lmc_status st, int valid) {
+  if (valid && st != LMC_OK) die("a request the header accepts failed: %s %s", sname(st), lmc_last_error_message());
+  if (!valid && st != LMC_E_INVALID_ARGUMENT) die("a request the header refuses returned %s, not LMC_E_INVALID_ARGUMENT", sname(st));
+}
+
 static void op_lookup(reader *r) {
   uint64_t h = pick_handle(r, 1);
-  token_args a = pick_tokens(r, slot_of(h), 0);
-  extra_key k = pick_extra(r);
-  int64_t hit = SENT;
-  set_call("lmc_lookup(&hit, 0x%" PRIx64 ", %s, %" PRId64 ", %s, %" PRId64 ")", h, a.tokens ? "tokens" : "NULL", a.n,
-           k.p ? "key" : "NULL", k.len);
-  lmc_status st = lmc_lookup(&hit, (lmc_engine *)(uintptr_t)h, a.tokens, a.n, k.p, k.len);
+  engine_slot *e = slot_of(h);
+  lmc_request *q = pick_request(r, e, OP_LOOKUP);
+  uint32_t ss;
+  lmc_lookup_result *res = prep_result(r, sizeof(lmc_lookup_result), &ss);
+  char d[700];
+  set_call("lmc_lookup(%s struct_size=%u, 0x%" PRIx64 ", %s)", res ? "&result" : "NULL", ss, h, describe_request(q, d, sizeof d));
+  lmc_status st = lmc_lookup(res, (lmc_engine *)(uintptr_t)h, q);
   check_status(st);
-  check_handle_status(st, h, 1);
-  check_count(st, hit, a.n, "hit_tokens_out");
+  int result_bad = !res || ss < 8;
+  check_handle_or_result(st, h, 1, result_bad);
+  if (e && !result_bad) check_request_status(st, request_valid(q, e, OP_LOOKUP));
+  check_result_buf(ss, st == LMC_OK, g_call);
+  if (st == LMC_OK) {
+    int64_t n = q->num_tokens, sum = 0;
+    if (FIELD_IN(ss, lmc_lookup_result, hit_tokens) && (res->hit_tokens < 0 || res->hit_tokens > n))
+      die("hit_tokens %" PRId64 " outside [0, num_tokens=%" PRId64 "]", res->hit_tokens, n);
+    if (ss >= sizeof(lmc_lookup_result)) {
+      for (int t = 0; t < LMC_MAX_TIERS; t++) {
+        if (res->tokens_by_tier[t] < 0) die("tokens_by_tier[%d] < 0", t);
+        sum += res->tokens_by_tier[t];
+      }
+      if (sum != res->hit_tokens) die("tokens_by_tier add up to %" PRId64 ", not hit_tokens %" PRId64, sum, res->hit_tokens);
+      if (res->elapsed_ns < 0) die("elapsed_ns < 0");
+    }
+  }
 }
 
-static void op_store(reader *r, int async) {
+static void add_job(lmc_job *h, uint64_t engine, int op, int64_t n, int64_t first, int64_t bpt);
+
+/* A store or retrieve: synchronous (job_out NULL) or as a job (as_job). */
+static void op_transfer(reader *r, int op, int as_job) {
   uint64_t h = pick_handle(r, 1);
   engine_slot *e = slot_of(h);
-  token_args a = pick_tokens(r, e, 1);
-  int64_t skip = u8(r) < 200 ? (int64_t)(u8(r) % 64) : any64(r);
-  extra_key k = pick_extra(r);
-  int64_t stored = SENT;
-  lmc_status st;
-  if (async) {
-    lmc_job *job = (lmc_job *)(uintptr_t)SENT;
-    void *stream = u8(r) == 255 ? (void *)(uintptr_t)0xDEADBEEF : NULL; /* ignored with host layers */
-    set_call("lmc_store_async(&job, &stored, 0x%" PRIx64 ", %s, %s, %" PRId64 ", skip=%" PRId64 ", %s, %" PRId64 ", %p)", h,
-             a.tokens ? "tokens" : "NULL", a.slots ? "slots" : "NULL", a.n, skip, k.p ? "key" : "NULL", k.len, stream);
-    st = lmc_store_async(&job, &stored, (lmc_engine *)(uintptr_t)h, a.tokens, a.slots, a.n, skip, k.p, k.len, stream);
-    check_status(st);
-    check_handle_status(st, h, 1);
-    if (st == LMC_OK) add_job(job, h);
-    else if ((uintptr_t)job != (uintptr_t)SENT) die("job_out written on failure");
-  } else {
-    set_call("lmc_store(&stored, 0x%" PRIx64 ", %s, %s, %" PRId64 ", skip=%" PRId64 ", %s, %" PRId64 ")", h,
-             a.tokens ? "tokens" : "NULL", a.slots ? "slots" : "NULL", a.n, skip, k.p ? "key" : "NULL", k.len);
-    st = lmc_store(&stored, (lmc_engine *)(uintptr_t)h, a.tokens, a.slots, a.n, skip, k.p, k.len);
-    check_status(st);
-    check_handle_status(st, h, 1);
+  lmc_request *q = pick_request(r, e, op);
+  uint32_t ss;
+  lmc_transfer_result *res = prep_result(r, sizeof(lmc_transfer_result), &ss);
+  lmc_job *job = (lmc_job *)(uintptr_t)SENT;
+  int valid = request_valid(q, e, op);
+  int64_t n = q ? q->num_tokens : 0, first = q ? q->first_token : 0, bpt = engine_bpt(e);
+  char d[700];
+  set_call("%s(%s struct_size=%u, 0x%" PRIx64 ", %s, %s)", k_op_names[op], res ? "&result" : "NULL", ss, h,
+           describe_request(q, d, sizeof d), as_job ? "&job" : "NULL");
+  lmc_status st = op == OP_STORE ? lmc_store(res, (lmc_engine *)(uintptr_t)h, q, as_job ? &job : NULL)
+                                 : lmc_retrieve(res, (lmc_engine *)(uintptr_t)h, q, as_job ? &job : NULL);
+  check_status(st);
+  int result_bad = !as_job && (!res || ss < 8);
+  check_handle_or_result(st, h, 1, result_bad);
+  if (e && !result_bad) check_request_status(st, valid);
+  /* with a job, result_out is not written (it may be NULL); synchronously only on success */
+  check_result_buf(ss, !as_job && st == LMC_OK, g_call);
+  if (as_job) {
+    if (st == LMC_OK) {
+      add_job(job, h, op, n, first, bpt);
+      if (e) e->pending_jobs++;
+    } else if ((uintptr_t)job != (uintptr_t)SENT) die("job_out written on failure");
+  } else if (st == LMC_OK) {
+    check_transfer_fields(res, ss, op, n, first, bpt, g_call);
   }
-  check_count(st, stored, a.n, "stored_tokens_out");
   if (e) check_guards(e, g_call);
 }
 
-static void op_retrieve(reader *r, int async) {
-  uint64_t h = pick_handle(r, 1);
-  engine_slot *e = slot_of(h);
-  token_args a = pick_tokens(r, e, 1);
-  int64_t first = u8(r) < 200 ? (int64_t)(u8(r) % 64) : any64(r);
-  extra_key k = pick_extra(r);
-  int64_t got = SENT;
-  lmc_status st;
-  if (async) {
-    lmc_job *job = (lmc_job *)(uintptr_t)SENT;
-    set_call("lmc_retrieve_async(&job, &got, 0x%" PRIx64 ", %s, %s, %" PRId64 ", first=%" PRId64 ", %s, %" PRId64 ", NULL)", h,
-             a.tokens ? "tokens" : "NULL", a.slots ? "slots" : "NULL", a.n, first, k.p ? "key" : "NULL", k.len);
-    st = lmc_retrieve_async(&job, &got, (lmc_engine *)(uintptr_t)h, a.tokens, a.slots, a.n, first, k.p, k.len, NULL);
-    check_status(st);
-    check_handle_status(st, h, 1);
-    if (st == LMC_OK) add_job(job, h);
-    else if ((uintptr_t)job != (uintptr_t)SENT) die("job_out written on failure");
-  } else {
-    set_call("lmc_retrieve(&got, 0x%" PRIx64 ", %s, %s, %" PRId64 ", first=%" PRId64 ", %s, %" PRId64 ")", h,
-             a.tokens ? "tokens" : "NULL", a.slots ? "slots" : "NULL", a.n, first, k.p ? "key" : "NULL", k.len);
-    st = lmc_retrieve(&got, (lmc_engine *)(uintptr_t)h, a.tokens, a.slots, a.n, first, k.p, k.len);
-    check_status(st);
-    check_handle_status(st, h, 1);
-  }
-  check_count(st, got, a.n, "retrieved_tokens_out");
-  if (e) check_guards(e, g_call);
+/* Waits for every job the engine runs, also those whose handles were destroyed: registering the
+ * very layers again waits for jobs in flight (and keeps the cache: the namespace is the same). */
+static void barrier(engine_slot *e) {
+  if (!e->pending_jobs) return;
+  static lmc_kv_layer_desc d[MAX_LAYERS];
+  memcpy(d, e->layers, sizeof(lmc_kv_layer_desc) * (size_t)e->nlayers);
+  for (int l = 0; l < e->nlayers; l++) d[l].struct_size = sizeof(lmc_kv_layer_desc);
+  set_call("barrier: lmc_engine_register_layers(0x%" PRIx64 ", the layers it has, %d) to wait for its jobs",
+           (uint64_t)(uintptr_t)e->h, e->nlayers);
+  lmc_status st = lmc_engine_register_layers(e->h, d, e->nlayers);
+  check_status(st);
+  if (st != LMC_OK) die("registering the layers the engine already accepted failed: %s", lmc_last_error_message());
+  e->pending_jobs = 0;
+  check_guards(e, g_call);
 }
 
 /* Walks the bytes of tokens [from, to) of every registered layer at their slots; calls fn(offset,
@@ -1246,123 +1553,415 @@ static void copy_run(size_t off, size_t len, void *ctx) {
   memcpy(c->dst + off, c->src + off, len);
 }
 
-static uint8_t *g_snap, *g_expect;
+static uint8_t *g_snap, *g_expect, *g_other;
 static size_t g_snap_cap;
 
-/* I5: store fresh tokens, scramble the layers, retrieve them with the same slots, compare. */
+static void ensure_snap(size_t region) {
+  if (g_snap_cap >= region) return;
+  free(g_snap);
+  free(g_expect);
+  free(g_other);
+  g_snap = malloc(region);
+  g_expect = malloc(region);
+  g_other = malloc(region);
+  if (!g_snap || !g_expect || !g_other) die("out of memory");
+  g_snap_cap = region;
+}
+
+/* Runs a store or retrieve of a request the header accepts, synchronously or as a job that is waited
+ * for at once, and returns its status and result (the job's for a job). */
+static lmc_status run_transfer(engine_slot *e, int op, const lmc_request *q, int as_job, lmc_transfer_result *out) {
+  memset(out, 0, sizeof *out);
+  out->struct_size = sizeof *out;
+  if (!as_job) {
+    lmc_status st = op == OP_STORE ? lmc_store(out, e->h, q, NULL) : lmc_retrieve(out, e->h, q, NULL);
+    check_status(st);
+    return st;
+  }
+  lmc_job *job = NULL;
+  lmc_status st = op == OP_STORE ? lmc_store(NULL, e->h, q, &job) : lmc_retrieve(NULL, e->h, q, &job);
+  check_status(st);
+  if (st != LMC_OK) return st;
+  new_handle((uint64_t)(uintptr_t)job, "job");
+  st = lmc_job_wait(out, job, -1);
+  check_status(st);
+  if (st == LMC_E_TIMEOUT) die("lmc_job_wait(-1) returned LMC_E_TIMEOUT");
+  lmc_transfer_result again;
+  memset(&again, 0, sizeof again);
+  again.struct_size = sizeof again;
+  lmc_status st2 = lmc_job_result(&again, job);
+  check_status(st2);
+  if (st2 != st || (st == LMC_OK && memcmp(&again, out, sizeof again) != 0))
+    die("lmc_job_result after lmc_job_wait gave %s and another result than the wait's %s", sname(st2), sname(st));
+  lmc_job_destroy(job);
+  remember_dead(S.dead_jobs, &S.ndead_jobs, (uint64_t)(uintptr_t)job);
+  return st;
+}
+
+/* A fresh extra key (a request never seen in this process: a request with another extra key never
+ * hits): the fuzzed prefix in g_extra[0, len) then a counter. Returns the length. */
+static int64_t fresh_key(uint8_t *key, int64_t len) {
+  g_fresh_counter++;
+  uint64_t unique[2] = {g_fresh_counter, ((uint64_t)getpid() << 32) | 0x4C4D4346u /* "LMCF" */};
+  memcpy(key + len, unique, sizeof unique);
+  return len + (int64_t)sizeof unique;
+}
+
+/* I5: store fresh tokens, scramble the layers, retrieve them into the same destination, compare.
+ * The destination is a slot mapping or a block table of distinct blocks (table_block_size = the
+ * layers' block size, or 1: any slots); each call is synchronous or a job. */
 static void op_roundtrip(reader *r) {
   uint64_t h = pick_handle(r, 1);
   engine_slot *e = slot_of(h);
   if (!e || e->nlayers == 0 || !e->cur) return;
+  barrier(e);
   int64_t total = engine_total_slots(e);
   int64_t n = 1 + u16(r) % 600;
   if (n > total) n = total;
   if (n > MAX_TOKENS) n = MAX_TOKENS;
-  /* a request never seen in this process (its chunks were never cached): the extra key ends with a
-   * counter, and a request with another extra key never hits */
+  uint8_t mode = u8(r); /* bit 0: block table; bit 1: table_block_size 1; bit 2: store as a job; bit 3: retrieve as a job */
   fill_tokens(r, g_tokens, n);
-  g_fresh_counter++;
-  /* distinct slots: a shuffled prefix of [0, total) */
+  /* distinct slots: a shuffled prefix of [0, total), or of whole blocks for a block table */
   uint64_t s = u64(r) | 1;
+  int bt = mode & 1;
+  int32_t tbs = bt && !(mode & 2) ? e->layers[0].block_size : 1;
+  int64_t units = total / tbs, need = (n + tbs - 1) / tbs;
   static int64_t perm[1 << 20];
-  if (total > (int64_t)(sizeof perm / sizeof perm[0])) return;
-  for (int64_t i = 0; i < total; i++) perm[i] = i;
-  for (int64_t i = 0; i < n; i++) {
-    int64_t j = i + (int64_t)(rng_next(&s) % (uint64_t)(total - i));
+  if (units > (int64_t)(sizeof perm / sizeof perm[0])) return;
+  if (need > units) { n = units * tbs; need = units; }
+  if (n == 0) return;
+  for (int64_t i = 0; i < units; i++) perm[i] = i;
+  for (int64_t i = 0; i < need; i++) {
+    int64_t j = i + (int64_t)(rng_next(&s) % (uint64_t)(units - i));
     int64_t t = perm[i];
     perm[i] = perm[j];
     perm[j] = t;
-    g_slots[i] = perm[i];
+    g_blocks[i] = (int32_t)perm[i];
   }
-  extra_key k = {g_extra, 0};
+  for (int64_t t = 0; t < n; t++) g_slots[t] = bt ? (int64_t)g_blocks[t / tbs] * tbs + t % tbs : perm[t];
+  int64_t klen = 0;
   uint8_t ek = u8(r);
   if (ek >= 128) {
-    k.len = ek % 33;
-    for (int64_t i = 0; i < k.len; i++) g_extra[i] = u8(r);
+    klen = ek % 33;
+    for (int64_t i = 0; i < klen; i++) g_extra[i] = u8(r);
   }
-  uint64_t unique[2] = {g_fresh_counter, ((uint64_t)getpid() << 32) | 0x4C4D4346u /* "LMCF" */};
-  memcpy(g_extra + k.len, unique, sizeof unique);
-  k.len += (int64_t)sizeof unique;
+  klen = fresh_key(g_extra, klen);
+  lmc_request q;
+  memset(&q, 0, sizeof q);
+  q.struct_size = sizeof q;
+  q.destination_kind = bt ? LMC_DESTINATION_BLOCK_TABLE : LMC_DESTINATION_SLOTS;
+  q.tokens = g_tokens;
+  q.num_tokens = n;
+  q.extra_key = g_extra;
+  q.extra_key_len = klen;
+  q.slot_mapping = bt ? NULL : g_slots;
+  q.block_ids = bt ? g_blocks : NULL;
+  q.num_block_ids = bt ? need : 0;
+  q.table_block_size = bt ? tbs : 0;
   size_t region = e->cur->region;
   uint8_t *mem = e->cur->mem + GUARD;
-  if (g_snap_cap < region) {
-    free(g_snap);
-    free(g_expect);
-    g_snap = malloc(region);
-    g_expect = malloc(region);
-    if (!g_snap || !g_expect) die("out of memory");
-    g_snap_cap = region;
-  }
+  ensure_snap(region);
   fill_random(mem, region, s ^ 0xA5A5A5A5ull);
   memcpy(g_snap, mem, region);
-  int64_t stored = SENT;
-  set_call("round trip: lmc_store(&stored, 0x%" PRIx64 ", fresh tokens, distinct slots, %" PRId64 ", 0, key, %" PRId64 ")", h,
-           n, k.len);
-  lmc_status st = lmc_store(&stored, e->h, g_tokens, g_slots, n, 0, k.p, k.len);
-  check_status(st);
-  check_count(st, stored, n, "stored_tokens_out");
+  lmc_transfer_result sr, rr;
+  char d[700];
+  set_call("round trip: lmc_store(&result, 0x%" PRIx64 ", fresh tokens, distinct slots %s, %s)", h,
+           describe_request(&q, d, sizeof d), mode & 4 ? "&job" : "NULL");
+  lmc_status st = run_transfer(e, OP_STORE, &q, mode & 4, &sr);
   check_guards(e, g_call);
+  if (st != LMC_OK) die("a store the header accepts failed: %s %s", sname(st), lmc_last_error_message());
+  check_transfer_fields(&sr, sizeof sr, OP_STORE, n, 0, engine_bpt(e), g_call);
   if (memcmp(mem, g_snap, region) != 0) die("lmc_store wrote into the KV layers");
-  if (st != LMC_OK || stored == 0) return;
-  /* scramble, then retrieve into the same slots */
+  int64_t stored = sr.tokens_matched;
+  if (sr.tokens_copied != stored) die("a store of fresh tokens copied %" PRId64 " tokens but reports %" PRId64 " cached", sr.tokens_copied, stored);
+  if (stored == 0) return;
+  /* scramble, then retrieve into the same destination */
   fill_random(mem, region, s ^ 0x5A5A5A5A12345ull);
   memcpy(g_expect, mem, region);
-  int64_t first = u8(r) < 192 ? 0 : (int64_t)(u16(r) % (uint64_t)(n + 1));
-  int64_t got = SENT;
-  set_call("round trip: lmc_retrieve(&got, 0x%" PRIx64 ", same tokens, same slots, %" PRId64 ", first=%" PRId64
-           ", key, %" PRId64 ") after lmc_store reported %" PRId64 " stored",
-           h, n, first, k.len, stored);
-  st = lmc_retrieve(&got, e->h, g_tokens, g_slots, n, first, k.p, k.len);
-  check_status(st);
-  check_count(st, got, n, "retrieved_tokens_out");
+  q.first_token = u8(r) < 192 ? 0 : (int64_t)(u16(r) % (uint64_t)(n + 1));
+  set_call("round trip: lmc_retrieve(&result, 0x%" PRIx64 ", same request, first_token=%" PRId64 ", %s) after the store reported %" PRId64
+           " tokens cached",
+           h, q.first_token, mode & 8 ? "&job" : "NULL", stored);
+  st = run_transfer(e, OP_RETRIEVE, &q, mode & 8, &rr);
   check_guards(e, g_call);
   if (st != LMC_OK) die("retrieve right after a successful store failed: %s %s", sname(st), lmc_last_error_message());
+  check_transfer_fields(&rr, sizeof rr, OP_RETRIEVE, n, q.first_token, engine_bpt(e), g_call);
+  int64_t got = rr.tokens_matched;
   if (got > stored) die("retrieved %" PRId64 " tokens but only %" PRId64 " were stored (the tokens were fresh)", got, stored);
   int64_t upto = got < stored ? got : stored;
-  if (first < upto) {
+  if (q.first_token < upto) {
     copy_ctx c = {g_expect, g_snap};
-    for_each_token_bytes(e, g_slots, first, upto, copy_run, &c);
+    for_each_token_bytes(e, g_slots, q.first_token, upto, copy_run, &c);
   }
   if (memcmp(mem, g_expect, region) != 0) {
     size_t i = 0;
     while (mem[i] == g_expect[i]) i++;
     die("layer memory after retrieve differs from the stored KV at byte %zu of %zu: got 0x%02x, expected 0x%02x "
-        "(stored %" PRId64 ", retrieved %" PRId64 ", first_token_to_write %" PRId64 ", %d layers)",
-        i, region, mem[i], g_expect[i], stored, got, first, e->nlayers);
+        "(stored %" PRId64 ", retrieved %" PRId64 ", first_token %" PRId64 ", %d layers, %s)",
+        i, region, mem[i], g_expect[i], stored, got, q.first_token, e->nlayers, dest_name(q.destination_kind));
+  }
+}
+
+static int64_t lower_tier_count(engine_slot *e) {
+  int32_t c = 0;
+  lmc_status st = lmc_engine_tier_count(&c, e->h);
+  check_status(st);
+  return st == LMC_OK ? c : 0;
+}
+
+/* Two results alike but for elapsed_ns (and, with lower tiers, which tier served a chunk: a chunk
+ * written down in the background may be found in either). */
+static int same_result(const lmc_transfer_result *a, const lmc_transfer_result *b, int tiers) {
+  if (a->tokens_matched != b->tokens_matched || a->tokens_copied != b->tokens_copied || a->bytes_copied != b->bytes_copied ||
+      a->chunks_skipped_for_space != b->chunks_skipped_for_space)
+    return 0;
+  int64_t sa = 0, sb = 0;
+  for (int t = 0; t < LMC_MAX_TIERS; t++) {
+    if (!tiers && a->chunks_by_tier[t] != b->chunks_by_tier[t]) return 0;
+    sa += a->chunks_by_tier[t];
+    sb += b->chunks_by_tier[t];
+  }
+  return sa == sb;
+}
+
+static const char *fmt_result(const lmc_transfer_result *a, char *buf, size_t cap) {
+  snprintf(buf, cap, "{matched %" PRId64 ", copied %" PRId64 ", bytes %" PRId64 ", skipped %" PRId64 ", by tier [%" PRId64 ", %" PRId64
+           ", %" PRId64 ", %" PRId64 "]}",
+           a->tokens_matched, a->tokens_copied, a->bytes_copied, a->chunks_skipped_for_space, a->chunks_by_tier[0],
+           a->chunks_by_tier[1], a->chunks_by_tier[2], a->chunks_by_tier[3]);
+  return buf;
+}
+
+/* I9: a block-table store and retrieve, and the same with the slot mapping the harness expands the
+ * table into, give the same statuses, the same results (elapsed_ns aside) and the same KV bytes.
+ * Each side uses a fresh extra key (same length) and starts from the same layer memory; the lower
+ * tiers are flushed before each call so that background writes do not differ between the sides. */
+static void op_twin(reader *r) {
+  uint64_t h = pick_handle(r, 1);
+  engine_slot *e = slot_of(h);
+  if (!e || e->nlayers == 0 || !e->cur) return;
+  barrier(e);
+  int64_t total = engine_total_slots(e);
+  int64_t n = 1 + u16(r) % 600;
+  if (n > MAX_TOKENS) n = MAX_TOKENS;
+  uint8_t mode = u8(r); /* bit 0: the block table side as jobs; bit 1: the slots side as jobs; bit 2: slots side first */
+  fill_tokens(r, g_tokens, n);
+  int32_t tbs = pick_table_block_size(r, e);
+  if (tbs < 1) return; /* no slot mapping is its equal (the table is refused: see op_transfer) */
+  int64_t need = blocks_needed(n, tbs), real_b = need + 8 <= MAX_TOKENS + 16 ? need + 8 : MAX_TOKENS + 16;
+  fill_blocks(r, g_blocks, real_b, total / tbs);
+  uint8_t nb = u8(r);
+  int64_t nids = nb < 176 ? (need < real_b ? need : real_b) : nb < 216 ? (int64_t)(u16(r) % (uint64_t)(need + 1)) : real_b;
+  /* ids past the blocks that hold tokens never make a slot: keep them -1 or in range, so that the
+   * expansion is the header's in every reading (see README: unused negative ids) */
+  for (int64_t b = need; b < real_b; b++)
+    if (g_blocks[b] < -1) g_blocks[b] = -1;
+  lmc_request bt;
+  memset(&bt, 0, sizeof bt);
+  bt.struct_size = sizeof bt;
+  bt.destination_kind = LMC_DESTINATION_BLOCK_TABLE;
+  bt.tokens = g_tokens;
+  bt.num_tokens = n;
+  bt.block_ids = g_blocks;
+  bt.num_block_ids = nids;
+  bt.table_block_size = tbs;
+  int expand_ok = request_slots(&bt, INT64_MAX, g_eq); /* negative ids covering tokens make it invalid */
+  if (!expand_ok) {
+    /* no slot mapping says the same: the header refuses the table, and the slots its ids would give */
+    for (int64_t t = 0; t < n; t++) {
+      int64_t b = t / tbs;
+      int32_t id = b < nids ? g_blocks[b] : -1;
+      g_eq[t] = id == -1 ? -1 : (int64_t)id * tbs + t % tbs;
+    }
+  }
+  lmc_request sl = bt;
+  sl.destination_kind = LMC_DESTINATION_SLOTS;
+  sl.slot_mapping = g_eq;
+  sl.block_ids = NULL;
+  sl.num_block_ids = 0;
+  sl.table_block_size = 0;
+  int64_t store_first = u8(r) < 192 ? 0 : (int64_t)(u16(r) % (uint64_t)(n + 1));
+  int64_t retrieve_first = u8(r) < 192 ? 0 : (int64_t)(u16(r) % (uint64_t)(n + 1));
+  int64_t klen = u8(r) % 17;
+  for (int64_t i = 0; i < klen; i++) g_extra[i] = u8(r);
+  static uint8_t key_b[64];
+  memcpy(key_b, g_extra, (size_t)klen);
+  int64_t len_a = fresh_key(g_extra, klen), len_b = fresh_key(key_b, klen);
+  bt.extra_key = g_extra;
+  bt.extra_key_len = len_a;
+  sl.extra_key = key_b;
+  sl.extra_key_len = len_b;
+  int tiers = lower_tier_count(e) > 0;
+
+  size_t region = e->cur->region;
+  uint8_t *mem = e->cur->mem + GUARD;
+  ensure_snap(region);
+  uint64_t seed = u64(r);
+  lmc_status sst[2], rst[2];
+  lmc_transfer_result sres[2], rres[2];
+  char msgs[2][256];
+  char d[700];
+  int order = (mode >> 2) & 1;
+  for (int k = 0; k < 2; k++) {
+    int side = k ^ order; /* 0: block table, 1: slots */
+    lmc_request *q = side == 0 ? &bt : &sl;
+    int as_job = (mode >> side) & 1;
+    fill_random(mem, region, seed ^ 0xA5A5A5A5ull);
+    if (k == 0) memcpy(g_snap, mem, region);
+    if (tiers) {
+      set_call("twin: lmc_engine_flush(0x%" PRIx64 ", 5000)", h);
+      check_status(lmc_engine_flush(e->h, 5000));
+    }
+    q->first_token = store_first;
+    set_call("twin (%s side): lmc_store(&result, 0x%" PRIx64 ", %s, %s)", side ? "slot mapping" : "block table", h,
+             describe_request(q, d, sizeof d), as_job ? "&job" : "NULL");
+    sst[side] = run_transfer(e, OP_STORE, q, as_job, &sres[side]);
+    snprintf(msgs[side], sizeof msgs[side], "%s", lmc_last_error_message());
+    check_guards(e, g_call);
+    if (memcmp(mem, g_snap, region) != 0) die("lmc_store wrote into the KV layers");
+    if (sst[side] == LMC_OK) check_transfer_fields(&sres[side], sizeof sres[side], OP_STORE, n, store_first, engine_bpt(e), g_call);
+    if (tiers) {
+      set_call("twin: lmc_engine_flush(0x%" PRIx64 ", 5000)", h);
+      check_status(lmc_engine_flush(e->h, 5000));
+    }
+    fill_random(mem, region, seed ^ 0x5A5A5A5A12345ull);
+    q->first_token = retrieve_first;
+    set_call("twin (%s side): lmc_retrieve(&result, 0x%" PRIx64 ", %s, %s)", side ? "slot mapping" : "block table", h,
+             describe_request(q, d, sizeof d), as_job ? "&job" : "NULL");
+    rst[side] = run_transfer(e, OP_RETRIEVE, q, as_job, &rres[side]);
+    check_guards(e, g_call);
+    if (rst[side] == LMC_OK) check_transfer_fields(&rres[side], sizeof rres[side], OP_RETRIEVE, n, retrieve_first, engine_bpt(e), g_call);
+    memcpy(side == 0 ? g_expect : g_other, mem, region);
+  }
+  char ra[200], rb[200];
+  set_call("twin: block table %s vs slot mapping %s", describe_request(&bt, d, sizeof d), "(its expansion)");
+  if (sst[0] != sst[1])
+    die("lmc_store: block table %s (%s), its slot mapping %s (%s)", sname(sst[0]), msgs[0], sname(sst[1]), msgs[1]);
+  if (!expand_ok && sst[0] == LMC_OK) die("lmc_store accepted a block table with a negative id (< -1) on a block that holds tokens");
+  if (sst[0] == LMC_OK && !same_result(&sres[0], &sres[1], tiers))
+    die("lmc_store results differ: block table %s, slot mapping %s", fmt_result(&sres[0], ra, sizeof ra),
+        fmt_result(&sres[1], rb, sizeof rb));
+  if (rst[0] != rst[1]) die("lmc_retrieve: block table %s, its slot mapping %s", sname(rst[0]), sname(rst[1]));
+  if (rst[0] == LMC_OK && !same_result(&rres[0], &rres[1], tiers))
+    die("lmc_retrieve results differ: block table %s, slot mapping %s", fmt_result(&rres[0], ra, sizeof ra),
+        fmt_result(&rres[1], rb, sizeof rb));
+  if (memcmp(g_expect, g_other, region) != 0) {
+    size_t i = 0;
+    while (g_expect[i] == g_other[i]) i++;
+    die("KV after retrieve differs at byte %zu of %zu: block table 0x%02x, slot mapping 0x%02x (store %s, retrieve %s)", i, region,
+        g_expect[i], g_other[i], fmt_result(&sres[0], ra, sizeof ra), fmt_result(&rres[0], rb, sizeof rb));
   }
 }
 
 static void op_prefetch(reader *r) {
   uint64_t h = pick_handle(r, 1);
-  token_args a = pick_tokens(r, slot_of(h), 0);
-  extra_key k = pick_extra(r);
+  engine_slot *e = slot_of(h);
+  lmc_request *q = pick_request(r, e, OP_PREFETCH);
   lmc_job *job = (lmc_job *)(uintptr_t)SENT;
   int null_out = u8(r) == 255;
-  set_call("lmc_prefetch_start(%s, 0x%" PRIx64 ", %s, %" PRId64 ", %s, %" PRId64 ")", null_out ? "NULL" : "&job", h,
-           a.tokens ? "tokens" : "NULL", a.n, k.p ? "key" : "NULL", k.len);
-  lmc_status st = lmc_prefetch_start(null_out ? NULL : &job, (lmc_engine *)(uintptr_t)h, a.tokens, a.n, k.p, k.len);
+  int valid = request_valid(q, e, OP_PREFETCH);
+  char d[700];
+  set_call("lmc_prefetch_start(%s, 0x%" PRIx64 ", %s)", null_out ? "NULL" : "&job", h, describe_request(q, d, sizeof d));
+  lmc_status st = lmc_prefetch_start(null_out ? NULL : &job, (lmc_engine *)(uintptr_t)h, q);
   check_status(st);
   if (null_out) {
     if (st == LMC_OK) die("LMC_OK with job_out NULL");
     return;
   }
   check_handle_status(st, h, 1);
-  if (st == LMC_OK) add_job(job, h);
-  else if ((uintptr_t)job != (uintptr_t)SENT) die("job_out written on failure");
+  if (e) check_request_status(st, valid);
+  if (st == LMC_OK) {
+    add_job(job, h, OP_PREFETCH, q->num_tokens, 0, 0);
+    e->pending_jobs++;
+  } else if ((uintptr_t)job != (uintptr_t)SENT) die("job_out written on failure");
 }
 
-static void op_job_wait(reader *r) {
+static job_slot *job_of(uint64_t h) {
+  for (int i = 0; i < MAX_JOBS; i++)
+    if (S.jobs[i].live && (uint64_t)(uintptr_t)S.jobs[i].h == h) return &S.jobs[i];
+  return NULL;
+}
+
+/* The job invariants after lmc_job_wait / lmc_job_result with a usable result struct on a live job:
+ * a job of a request the header accepted finishes with LMC_OK (host layers); once finished, it
+ * answers the same status and the same result every time; a finished job never times out. */
+static void check_job_outcome(job_slot *j, lmc_status st, const lmc_transfer_result *res, uint32_t ss, int64_t timeout) {
+  uint64_t h = (uint64_t)(uintptr_t)j->h;
+  if (job_failed_for_its_engine(st, h)) return;
+  if (st == LMC_E_TIMEOUT) {
+    if (timeout == -1) die("lmc_job_wait(-1) returned LMC_E_TIMEOUT");
+    if (j->finished) die("a job that had finished (poll said 1, or it answered before) returned LMC_E_TIMEOUT");
+    return;
+  }
+  if (st != LMC_OK) die("a job of a request the header accepts failed: %s %s", sname(st), lmc_last_error_message());
+  check_transfer_fields(res, ss, j->op, j->n, j->first, j->bpt, g_call);
+  size_t cmp = ss < sizeof j->result ? ss : sizeof j->result;
+  if (j->has_result && cmp > 8 && memcmp((const uint8_t *)res + 8, (const uint8_t *)&j->result + 8, cmp - 8) != 0) {
+    char a[200], b[200];
+    die("the job's result changed: first %s, now %s", fmt_result(&j->result, a, sizeof a), fmt_result(res, b, sizeof b));
+  }
+  if (!j->has_result && ss >= sizeof j->result) {
+    memcpy(&j->result, res, sizeof j->result);
+    j->has_result = 1;
+  }
+  j->finished = 1;
+}
+
+/* lmc_job_wait (timeout fuzzed) or lmc_job_result (wait with 0). */
+static void op_job_wait(reader *r, int result_only) {
   uint64_t h = pick_handle(r, 0);
-  int64_t t = timeout_ms(r);
-  int64_t res = SENT;
+  int64_t t = result_only ? 0 : timeout_ms(r);
+  uint32_t ss;
+  lmc_transfer_result *res = prep_result(r, sizeof(lmc_transfer_result), &ss);
   /* a live job is finished quickly by the library (host layers, local tiers), so any timeout is
    * bounded by the job itself */
-  set_call("lmc_job_wait(&res, 0x%" PRIx64 "%s, %" PRId64 ")", h, is_live_engine(h) ? " [a live engine]" : "", t);
-  lmc_status st = lmc_job_wait(&res, (lmc_job *)(uintptr_t)h, t);
+  if (result_only)
+    set_call("lmc_job_result(%s struct_size=%u, 0x%" PRIx64 "%s)", res ? "&result" : "NULL", ss, h, is_live_engine(h) ? " [a live engine]" : "");
+  else
+    set_call("lmc_job_wait(%s struct_size=%u, 0x%" PRIx64 "%s, %" PRId64 ")", res ? "&result" : "NULL", ss, h,
+             is_live_engine(h) ? " [a live engine]" : "", t);
+  lmc_status st = result_only ? lmc_job_result(res, (lmc_job *)(uintptr_t)h) : lmc_job_wait(res, (lmc_job *)(uintptr_t)h, t);
   check_status(st);
-  check_handle_status(st, h, 0);
-  if (st != LMC_OK && res != SENT) die("result_out written on failure");
-  if (st == LMC_OK && res < 0) die("job result %" PRId64 " < 0", res);
+  int result_bad = !res || ss < 8;
+  check_handle_or_result(st, h, 0, result_bad);
+  check_result_buf(ss, st == LMC_OK, g_call);
+  job_slot *j = job_of(h);
+  if (!j || result_bad) return;
+  if (t < -1) {
+    if (st != LMC_E_INVALID_ARGUMENT && !job_failed_for_its_engine(st, h))
+      die("timeout_ms %" PRId64 " < -1 returned %s, not LMC_E_INVALID_ARGUMENT", t, sname(st));
+    return;
+  }
+  check_job_outcome(j, st, res, ss, t);
+}
+
+static void op_job_poll(reader *r) {
+  uint64_t h = pick_handle(r, 0);
+  int null_out = u8(r) == 255;
+  int32_t fin = 0x5A5A5A5A;
+  set_call("lmc_job_poll(%s, 0x%" PRIx64 "%s)", null_out ? "NULL" : "&finished", h, is_live_engine(h) ? " [a live engine]" : "");
+  lmc_status st = lmc_job_poll(null_out ? NULL : &fin, (lmc_job *)(uintptr_t)h);
+  check_status(st);
+  check_handle_or_result(st, h, 0, null_out);
+  if (st != LMC_OK) {
+    if (fin != 0x5A5A5A5A) die("finished_out written on failure");
+    return;
+  }
+  if (fin != 0 && fin != 1) die("finished_out = %d, not 0 or 1", fin);
+  job_slot *j = job_of(h);
+  if (!j) return;
+  if (j->finished && fin == 0) die("a job that had finished polls as running");
+  if (fin == 1) {
+    j->finished = 1;
+    /* finished: its result is there without waiting */
+    lmc_transfer_result res;
+    memset(&res, 0, sizeof res);
+    res.struct_size = sizeof res;
+    set_call("lmc_job_result(&result, 0x%" PRIx64 ") after lmc_job_poll said finished", h);
+    st = lmc_job_result(&res, j->h);
+    check_status(st);
+    check_job_outcome(j, st, &res, sizeof res, 0);
+  }
 }
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -1396,6 +1995,59 @@ static void op_get_config(reader *r) {
   } else if (st == LMC_E_BUFFER_TOO_SMALL) {
     if (needed <= cap || needed < 1) die("BUFFER_TOO_SMALL with needed %" PRId64 " and capacity %" PRId64, needed, cap);
   } else if (needed != SENT) die("needed_out written on %s", sname(st));
+}
+
+static int64_t g_schema_needed; /* what the first successful size query said (the schema is static) */
+
+/* lmc_config_schema: the size-query protocol (needed_out NULL, buffer NULL with and without a
+ * capacity, negative, too small by one, exact, large). Statuses pinned; nothing written on failure but
+ * needed_out (on BUFFER_TOO_SMALL); a NUL-terminated JSON array of exactly needed bytes; the same
+ * needed every time. */
+static void op_config_schema(reader *r) {
+  uint8_t sel = u8(r);
+  int null_needed = sel == 255;
+  char *buf = g_cfgbuf;
+  int64_t cap;
+  int64_t known = g_schema_needed ? g_schema_needed : 4096;
+  switch (sel % 8) {
+  case 0: buf = NULL, cap = 0; break;
+  case 1: buf = NULL, cap = any64(r); break;
+  case 2: cap = known; break;
+  case 3: cap = known - 1; break;
+  case 4: cap = CONFIG_BUF; break;
+  case 5: cap = u16(r) % 4096; break;
+  case 6: cap = any64(r); cap = cap > CONFIG_BUF ? CONFIG_BUF : cap; break;
+  default: cap = known + 1 + u8(r); break;
+  }
+  if (cap > CONFIG_BUF && buf) cap = CONFIG_BUF;
+  memset(g_cfgbuf, CANARY, sizeof g_cfgbuf);
+  int64_t needed = SENT;
+  set_call("lmc_config_schema(%s, %s, %" PRId64 ")", null_needed ? "NULL" : "&needed", buf ? "buffer" : "NULL", cap);
+  lmc_status st = lmc_config_schema(null_needed ? NULL : &needed, buf, cap);
+  check_status(st);
+  lmc_status expect;
+  if (null_needed || cap < 0 || (!buf && cap > 0)) expect = LMC_E_INVALID_ARGUMENT;
+  else if (g_schema_needed && cap < g_schema_needed) expect = LMC_E_BUFFER_TOO_SMALL;
+  else if (g_schema_needed) expect = LMC_OK;
+  else expect = st == LMC_OK || st == LMC_E_BUFFER_TOO_SMALL ? st : LMC_OK; /* size not known yet */
+  if (st != expect) die("returned %s, expected %s", sname(st), sname(expect));
+  if (st != LMC_OK)
+    for (size_t i = 0; i < sizeof g_cfgbuf; i++)
+      if ((uint8_t)g_cfgbuf[i] != CANARY) die("wrote byte %zu of the buffer on %s", i, sname(st));
+  if (st == LMC_OK || st == LMC_E_BUFFER_TOO_SMALL) {
+    if (needed < 2) die("needed %" PRId64, needed);
+    if (g_schema_needed && needed != g_schema_needed) die("needed %" PRId64 ", earlier %" PRId64, needed, g_schema_needed);
+    g_schema_needed = needed;
+    if (st == LMC_E_BUFFER_TOO_SMALL && needed <= cap) die("BUFFER_TOO_SMALL with needed %" PRId64 " and capacity %" PRId64, needed, cap);
+  } else if (!null_needed && needed != SENT) die("needed_out written on %s", sname(st));
+  if (st == LMC_OK) {
+    if (needed > cap) die("LMC_OK with needed %" PRId64 " and capacity %" PRId64, needed, cap);
+    for (size_t i = (size_t)needed; i < sizeof g_cfgbuf; i++)
+      if ((uint8_t)g_cfgbuf[i] != CANARY) die("wrote byte %zu past needed %" PRId64, i, needed);
+    if (g_cfgbuf[needed - 1] != 0 || strlen(g_cfgbuf) != (size_t)needed - 1 || g_cfgbuf[0] != '[' || g_cfgbuf[needed - 2] != ']' ||
+        !strstr(g_cfgbuf, "\"chunk_size\"") || !strstr(g_cfgbuf, "\"name\""))
+      die("the schema is not a NUL-terminated JSON array of %" PRId64 " bytes naming chunk_size", needed);
+  }
 }
 
 static uint8_t g_statbuf[STRUCT_BUF + 64] __attribute__((aligned(16)));
@@ -1563,7 +2215,6 @@ static void op_misc(reader *r) {
     lmc_stats stt;
     memset(&stt, 0, sizeof stt);
     stt.struct_size = sizeof stt;
-    int64_t out = SENT;
     lmc_status st;
     set_call("lmc_engine_get_stats(job 0x%" PRIx64 ")", job);
     st = lmc_engine_get_stats((lmc_engine *)(uintptr_t)job, &stt);
@@ -1577,15 +2228,64 @@ static void op_misc(reader *r) {
     st = lmc_lookup_server_stop((lmc_engine *)(uintptr_t)job);
     check_status(st);
     check_handle_status(st, job, 1);
-    set_call("lmc_lookup(job 0x%" PRIx64 ")", job);
-    st = lmc_lookup(&out, (lmc_engine *)(uintptr_t)job, NULL, 0, NULL, 0);
+    /* the request functions with a well-formed request: nothing may run on a job handle */
+    lmc_request q;
+    memset(&q, 0, sizeof q);
+    q.struct_size = sizeof q;
+    q.tokens = g_tokens;
+    q.num_tokens = 4;
+    q.slot_mapping = g_slots;
+    for (int i = 0; i < 4; i++) g_tokens[i] = i, g_slots[i] = i;
+    lmc_lookup_result lr;
+    memset(&lr, CANARY, sizeof lr);
+    lr.struct_size = sizeof lr;
+    set_call("lmc_lookup(&result, job 0x%" PRIx64 ", request)", job);
+    st = lmc_lookup(&lr, (lmc_engine *)(uintptr_t)job, &q);
     check_status(st);
     check_handle_status(st, job, 1);
-    set_call("lmc_job_wait(engine 0x%" PRIx64 ", 0)", eng);
-    out = SENT;
-    st = lmc_job_wait(&out, (lmc_job *)(uintptr_t)eng, 0);
+    for (int op = OP_STORE; op <= OP_RETRIEVE; op++)
+      for (int as_job = 0; as_job < 2; as_job++) {
+        lmc_transfer_result tr;
+        memset(&tr, CANARY, sizeof tr);
+        tr.struct_size = sizeof tr;
+        lmc_job *jo = (lmc_job *)(uintptr_t)SENT;
+        set_call("%s(&result, job 0x%" PRIx64 ", request, %s)", k_op_names[op], job, as_job ? "&job" : "NULL");
+        st = op == OP_STORE ? lmc_store(&tr, (lmc_engine *)(uintptr_t)job, &q, as_job ? &jo : NULL)
+                            : lmc_retrieve(&tr, (lmc_engine *)(uintptr_t)job, &q, as_job ? &jo : NULL);
+        check_status(st);
+        check_handle_status(st, job, 1);
+        if (st == LMC_OK) { /* a live engine after all (no job was live): keep what it made */
+          if (as_job) add_job(jo, job, op, 4, 0, engine_bpt(slot_of(job)));
+          if (as_job && slot_of(job)) slot_of(job)->pending_jobs++;
+        } else if ((uintptr_t)jo != (uintptr_t)SENT) die("job_out written on failure");
+        else if (tr.reserved != 0xCBCBCBCBu) die("result_out written on failure");
+      }
+    lmc_job *pj = (lmc_job *)(uintptr_t)SENT;
+    set_call("lmc_prefetch_start(&job, job 0x%" PRIx64 ", request)", job);
+    st = lmc_prefetch_start(&pj, (lmc_engine *)(uintptr_t)job, &q);
+    check_status(st);
+    check_handle_status(st, job, 1);
+    if (st == LMC_OK) {
+      add_job(pj, job, OP_PREFETCH, 4, 0, 0);
+      if (slot_of(job)) slot_of(job)->pending_jobs++;
+    } else if ((uintptr_t)pj != (uintptr_t)SENT) die("job_out written on failure");
+    lmc_transfer_result jr;
+    memset(&jr, 0, sizeof jr);
+    jr.struct_size = sizeof jr;
+    set_call("lmc_job_wait(&result, engine 0x%" PRIx64 ", 0)", eng);
+    st = lmc_job_wait(&jr, (lmc_job *)(uintptr_t)eng, 0);
     check_status(st);
     check_handle_status(st, eng, 0);
+    set_call("lmc_job_result(&result, engine 0x%" PRIx64 ")", eng);
+    st = lmc_job_result(&jr, (lmc_job *)(uintptr_t)eng);
+    check_status(st);
+    check_handle_status(st, eng, 0);
+    int32_t fin = 0x5A5A5A5A;
+    set_call("lmc_job_poll(&finished, engine 0x%" PRIx64 ")", eng);
+    st = lmc_job_poll(&fin, (lmc_job *)(uintptr_t)eng);
+    check_status(st);
+    check_handle_status(st, eng, 0);
+    if (st != LMC_OK && fin != 0x5A5A5A5A) die("finished_out written on failure");
     if (!is_live_job(eng)) destroy_job_handle(eng);
     if (!is_live_engine(job)) destroy_engine_handle(job);
     check_all_alive("handles of the wrong kind");
@@ -1602,12 +2302,15 @@ static void teardown(void) {
   for (int i = 0; i < MAX_JOBS; i++)
     if (S.jobs[i].live) {
       uint64_t h = (uint64_t)(uintptr_t)S.jobs[i].h;
-      int64_t res = SENT;
-      set_call("teardown: lmc_job_wait(0x%" PRIx64 ", -1)", h);
+      lmc_transfer_result res;
+      memset(&res, 0, sizeof res);
+      res.struct_size = sizeof res;
+      set_call("teardown: lmc_job_wait(&result, 0x%" PRIx64 ", -1)", h);
       lmc_status st = lmc_job_wait(&res, S.jobs[i].h, -1);
       check_status(st);
       if ((st == LMC_E_INVALID_HANDLE && !job_failed_for_its_engine(st, h)) || st == LMC_E_TIMEOUT)
         die("a live job answered %s to a wait without bound", sname(st));
+      check_job_outcome(&S.jobs[i], st, &res, sizeof res, -1);
       set_call("teardown: lmc_job_destroy(0x%" PRIx64 ")", h);
       lmc_job_destroy(S.jobs[i].h);
       S.jobs[i].live = 0;
@@ -1639,24 +2342,26 @@ static void teardown(void) {
   memset(&S, 0, sizeof S);
 }
 
+#define N_OPS 28 /* operation byte % N_OPS; make_corpus.py mirrors the codes */
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   reader r = {data, size};
   memset(&S, 0, sizeof S);
   for (int op = 0; op < MAX_OPS && r.n > 0; op++) {
     uint8_t code = u8(&r);
-    switch (code % 24) {
+    switch (code % N_OPS) {
     case 0: case 1: op_create(&r); break;
     case 2: destroy_engine_handle(pick_handle(&r, 1)); break;
     case 3: case 4: op_register(&r); break;
     case 5: op_lookup(&r); break;
-    case 6: op_store(&r, 0); break;
-    case 7: op_retrieve(&r, 0); break;
+    case 6: op_transfer(&r, OP_STORE, 0); break;
+    case 7: op_transfer(&r, OP_RETRIEVE, 0); break;
     case 8: case 9: op_roundtrip(&r); break;
     case 10: op_prefetch(&r); break;
-    case 11: op_job_wait(&r); break;
+    case 11: op_job_wait(&r, 0); break;
     case 12: destroy_job_handle(pick_handle(&r, 0)); break;
-    case 13: op_store(&r, 1); break;
-    case 14: op_retrieve(&r, 1); break;
+    case 13: op_transfer(&r, OP_STORE, 1); break;
+    case 14: op_transfer(&r, OP_RETRIEVE, 1); break;
     case 15: op_get_config(&r); break;
     case 16: op_stats(&r); break;
     case 17: op_tier_count(&r); break;
@@ -1665,7 +2370,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     case 20: op_clear(&r); break;
     case 21: op_server_start(&r); break;
     case 22: code & 0x80 ? op_server_stop(&r) : op_remote_lookup(&r); break;
-    default: op_misc(&r); break;
+    case 23: op_misc(&r); break;
+    case 24: op_job_poll(&r); break;
+    case 25: op_job_wait(&r, 1); break;
+    case 26: op_config_schema(&r); break;
+    default: op_twin(&r); break;
     }
   }
   teardown();

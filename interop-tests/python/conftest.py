@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,15 @@ for path in (str(PACKAGE_PARENT), str(TESTS_DIR)):
 import kv_oracle  # noqa: E402
 import lmcache_native  # noqa: E402
 from redis_helpers import REDIS_SERVER, RedisServer  # noqa: E402
+
+HEADER = REPO_ROOT / "include" / "lmcache_native.h"
+
+
+def header_statuses() -> dict[str, int]:
+    """The status #defines of include/lmcache_native.h: {"LMC_OK": 0, "LMC_E_INVALID_ARGUMENT": -1, ...}."""
+    text = HEADER.read_text()
+    return {name: int(value) for name, value in re.findall(r"#define (LMC_OK|LMC_E_\w+) \(?(-?\d+)\)?", text)}
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "soak: bounded multi-threaded soak (LMC_SOAK_SECONDS, default 30)")

@@ -11,20 +11,20 @@ import subprocess
 import pytest
 
 import lmcache_native
-from conftest import REPO_ROOT, run_child
+from conftest import HEADER, header_statuses, run_child
 from lmcache_native import _bindings as b
 
-HEADER = REPO_ROOT / "include" / "lmcache_native.h"
 
 
-def header_prototypes() -> dict[str, tuple[str, int]]:
-    """name -> (return type, number of parameters), parsed from the header's LMC_API declarations."""
+def header_prototypes() -> dict[str, tuple[str, list[str]]]:
+    """name -> (return type, parameter types), in header order, parsed from the LMC_API declarations."""
     text = re.sub(r"/\*.*?\*/", "", HEADER.read_text(), flags=re.S)
     prototypes = {}
     for return_type, name, parameters in re.findall(r"LMC_API\s+([^;(]*?)\s*\b(lmc_\w+)\s*\(([^)]*)\)\s*;", text):
         parameters = parameters.strip()
-        count = 0 if parameters in ("", "void") else parameters.count(",") + 1
-        prototypes[name] = (" ".join(return_type.replace("*", " * ").split()), count)
+        types = [] if parameters in ("", "void") else [
+            " ".join(re.sub(r"\w+$", "", p.strip()).replace("*", " * ").split()) for p in parameters.split(",")]
+        prototypes[name] = (" ".join(return_type.replace("*", " * ").split()), types)
     return prototypes
 
 
@@ -32,29 +32,75 @@ def header_define(name: str) -> int:
     return int(re.search(rf"#define {name} \(?(-?\d+)\)?", HEADER.read_text()).group(1))
 
 
+# C parameter type -> the ctypes types a binding may declare for it.
+SCALAR_TYPES = {"int32_t": ctypes.c_int32, "int64_t": ctypes.c_int64, "lmc_status": ctypes.c_int32}
+
+
+def _is_pointer_type(ctype) -> bool:
+    return ctype in (ctypes.c_void_p, ctypes.c_char_p) or issubclass(ctype, ctypes._Pointer)
+
+
 def test_every_header_function_is_bound_with_its_prototype():
     prototypes = header_prototypes()
-    assert len(prototypes) == 26
-    assert set(prototypes) == set(b.ALL_FUNCTION_NAMES)
+    assert len(prototypes) == 27
+    # One table, in header order; the exported-name list is derived from it.
+    assert list(prototypes) == list(b.ALL_FUNCTION_NAMES) == list(b.FUNCTION_SIGNATURES)
     expected_restype = {"lmc_status": ctypes.c_int32, "int32_t": ctypes.c_int32, "const char *": ctypes.c_char_p,
                         "void": None}
-    for name, (return_type, parameter_count) in prototypes.items():
+    for name, (return_type, parameter_types) in prototypes.items():
         function = getattr(b, name)
         assert function.restype is expected_restype[return_type], name
-        assert len(function.argtypes) == parameter_count, name
+        assert [list(function.argtypes), function.restype] == \
+            [list(b.FUNCTION_SIGNATURES[name][0]), b.FUNCTION_SIGNATURES[name][1]], name
+        assert len(function.argtypes) == len(parameter_types), name
+        for index, (c_type, ctype) in enumerate(zip(parameter_types, function.argtypes)):
+            if c_type.endswith("*"):
+                assert _is_pointer_type(ctype), f"{name} parameter {index}: {c_type} bound as {ctype}"
+            else:
+                assert ctype is SCALAR_TYPES[c_type], f"{name} parameter {index}: {c_type} bound as {ctype}"
 
 
-def test_status_constants_match_the_header():
-    for name, value in b.STATUS_NAMES.items():
-        assert header_define(value) == name
+def test_the_library_exports_exactly_the_bound_functions():
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm to list the library's exports")
+    from lmcache_native._lib import LIB_PATH
+
+    output = subprocess.run([nm, "-D", "--defined-only", str(LIB_PATH)], capture_output=True, text=True,
+                            check=True).stdout
+    exported = {line.split()[-1].split("@")[0] for line in output.splitlines() if " T " in line}
+    assert {name for name in exported if name.startswith("lmc_")} == set(b.ALL_FUNCTION_NAMES)
+
+
+def test_statuses_are_read_from_the_library_and_equal_the_header():
+    header = header_statuses()
+    assert header  # the header defines them
+    assert b.STATUS_VALUES == header
+    assert b.STATUS_NAMES == {value: name for name, value in header.items()}
+    assert sorted(b.STATUS_NAMES) == list(range(-(len(header) - 1), 1)), "0, -1, -2, ... without gaps"
+    for name, value in header.items():
+        assert getattr(b, name) == value  # module attributes (b.LMC_OK, ...) keep working
+        assert b.lmc_status_name(value).decode() == name
+        assert b.status_name(value) == name
+    past_the_last = min(header.values()) - 1
+    assert b.lmc_status_name(past_the_last) == b"LMC_E_UNKNOWN"
+    assert b.status_name(past_the_last) == "LMC_E_UNKNOWN"
+    with pytest.raises(AttributeError):
+        b.LMC_E_NO_SUCH_STATUS
+
+
+def test_other_constants_match_the_header():
     assert header_define("LMC_ABI_VERSION") == b.ABI_VERSION
     assert header_define("LMC_DEVICE_HOST") == b.LMC_DEVICE_HOST
     assert header_define("LMC_DEVICE_CUDA") == b.LMC_DEVICE_CUDA
+    assert header_define("LMC_DESTINATION_SLOTS") == b.LMC_DESTINATION_SLOTS
+    assert header_define("LMC_DESTINATION_BLOCK_TABLE") == b.LMC_DESTINATION_BLOCK_TABLE
+    assert header_define("LMC_MAX_TIERS") == b.LMC_MAX_TIERS
 
 
 def test_versions():
     major, minor, patch = (header_define(f"LMC_VERSION_{part}") for part in ("MAJOR", "MINOR", "PATCH"))
-    assert b.lmc_abi_version() == b.ABI_VERSION == 1
+    assert b.lmc_abi_version() == b.ABI_VERSION == 2
     assert b.lmc_version_number() == major * 10000 + minor * 100 + patch
     assert b.lmc_version_string().decode() == f"{major}.{minor}.{patch}" == lmcache_native.__version__
 
@@ -66,36 +112,62 @@ LAYER_DESC_OFFSETS = {
     "base_address": 40, "span_bytes": 48, "kv_stride": 56, "block_stride": 64, "token_stride": 72,
     "head_stride": 80,
 }
+REQUEST_OFFSETS = {
+    "struct_size": 0, "destination_kind": 4, "tokens": 8, "num_tokens": 16, "extra_key": 24, "extra_key_len": 32,
+    "first_token": 40, "slot_mapping": 48, "block_ids": 56, "num_block_ids": 64, "table_block_size": 72,
+    "reserved": 76, "stream": 80,
+}
+TRANSFER_RESULT_OFFSETS = {
+    "struct_size": 0, "reserved": 4, "tokens_matched": 8, "tokens_copied": 16, "bytes_copied": 24,
+    "chunks_skipped_for_space": 32, "chunks_by_tier": 40, "elapsed_ns": 72,
+}
+LOOKUP_RESULT_OFFSETS = {"struct_size": 0, "reserved": 4, "hit_tokens": 8, "tokens_by_tier": 16, "elapsed_ns": 48}
+
+# ctypes struct -> (C name, size)
+STRUCTS = {
+    b.LmcKvLayerDesc: ("lmc_kv_layer_desc", 88),
+    b.LmcStats: ("lmc_stats", 128),
+    b.LmcTierStats: ("lmc_tier_stats", 136),
+    b.LmcRequest: ("lmc_request", 88),
+    b.LmcTransferResult: ("lmc_transfer_result", 80),
+    b.LmcLookupResult: ("lmc_lookup_result", 56),
+}
+
+
+def _offsets(struct) -> dict:
+    return {name: getattr(struct, name).offset for name, _ in struct._fields_}
 
 
 def test_struct_layouts():
-    assert ctypes.sizeof(b.LmcKvLayerDesc) == 88
-    assert {name: getattr(b.LmcKvLayerDesc, name).offset for name, _ in b.LmcKvLayerDesc._fields_} == \
-        LAYER_DESC_OFFSETS
-    assert ctypes.sizeof(b.LmcStats) == 128
+    for struct, (_, size) in STRUCTS.items():
+        assert ctypes.sizeof(struct) == size, struct.__name__
+        assert struct().struct_size == size, struct.__name__  # the constructor sets struct_size
+        assert b.STRUCT_SIZES[struct] == size
+    assert _offsets(b.LmcKvLayerDesc) == LAYER_DESC_OFFSETS
+    assert _offsets(b.LmcRequest) == REQUEST_OFFSETS
+    assert _offsets(b.LmcTransferResult) == TRANSFER_RESULT_OFFSETS
+    assert _offsets(b.LmcLookupResult) == LOOKUP_RESULT_OFFSETS
     assert [name for name, _ in b.LmcStats._fields_][:2] == ["struct_size", "reserved"]
     assert all(getattr(b.LmcStats, name).offset == 8 + 8 * index
                for index, (name, _) in enumerate(b.LmcStats._fields_[2:]))
-    assert b.LmcKvLayerDesc().struct_size == 88 and b.LmcStats().struct_size == 128
+    assert len(b.LmcTransferResult().chunks_by_tier) == len(b.LmcLookupResult().tokens_by_tier) == b.LMC_MAX_TIERS
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to cross-check offsetof")
 def test_struct_layouts_match_the_c_compiler(tmp_path):
-    fields = [name for name, _ in b.LmcKvLayerDesc._fields_]
-    stats_fields = [name for name, _ in b.LmcStats._fields_]
     source = tmp_path / "offsets.c"
-    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "lmcache_native.h"', "int main(void) {",
-             'printf("%zu %zu\\n", sizeof(lmc_kv_layer_desc), sizeof(lmc_stats));']
-    lines += [f'printf("%zu\\n", offsetof(lmc_kv_layer_desc, {f}));' for f in fields]
-    lines += [f'printf("%zu\\n", offsetof(lmc_stats, {f}));' for f in stats_fields]
+    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "lmcache_native.h"', "int main(void) {"]
+    expected = []
+    for struct, (c_name, _) in STRUCTS.items():
+        lines.append(f'printf("%zu\\n", sizeof({c_name}));')
+        expected.append(ctypes.sizeof(struct))
+        for field, _ in struct._fields_:
+            lines.append(f'printf("%zu\\n", offsetof({c_name}, {field}));')
+            expected.append(getattr(struct, field).offset)
     source.write_text("\n".join(lines + ["return 0; }"]))
     subprocess.run(["cc", "-std=c11", f"-I{HEADER.parent}", str(source), "-o", str(tmp_path / "offsets")], check=True)
     output = subprocess.run([str(tmp_path / "offsets")], capture_output=True, text=True, check=True).stdout.split()
-    assert output[:2] == ["88", "128"]
-    c_offsets = [int(x) for x in output[2:]]
-    ctypes_offsets = [getattr(b.LmcKvLayerDesc, f).offset for f in fields] + \
-                     [getattr(b.LmcStats, f).offset for f in stats_fields]
-    assert c_offsets == ctypes_offsets
+    assert [int(x) for x in output] == expected
 
 
 def test_missing_library_gives_an_actionable_import_error(tmp_path):
@@ -106,34 +178,20 @@ def test_missing_library_gives_an_actionable_import_error(tmp_path):
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build a stub library")
 def test_abi_mismatch_refuses_to_import(tmp_path):
-    # A stub exporting every function of the header, whose lmc_abi_version() says 2.
     stub = tmp_path / "stub.c"
+    # A stub whose lmc_abi_version() says 1 (the gate runs before anything else is bound, so the
+    # stub needs no other export: a library of another ABI may lack the functions of this one).
     stub.write_text("""
 #include "lmcache_native.h"
 int32_t lmc_version_number(void) { return 100; }
-int32_t lmc_abi_version(void) { return 2; }
+int32_t lmc_abi_version(void) { return 1; }
 const char *lmc_version_string(void) { return "0.1.0"; }
-const char *lmc_status_name(lmc_status s) { (void)s; return "LMC_OK"; }
-const char *lmc_last_error_message(void) { return ""; }
-lmc_status lmc_engine_create(lmc_engine **o, const char *c, const char *m, int32_t w, int32_t i)
-{ (void)o; (void)c; (void)m; (void)w; (void)i; return -1; }
-void lmc_engine_destroy(lmc_engine *e) { (void)e; }
-lmc_status lmc_engine_get_config(int64_t *n, lmc_engine *e, char *b, int64_t c) { (void)n; (void)e; (void)b; (void)c; return -2; }
-lmc_status lmc_engine_register_layers(lmc_engine *e, const lmc_kv_layer_desc *l, int32_t n) { (void)e; (void)l; (void)n; return -2; }
-lmc_status lmc_lookup(int64_t *o, lmc_engine *e, const int32_t *t, int64_t n, const uint8_t *x, int64_t xl)
-{ (void)o; (void)e; (void)t; (void)n; (void)x; (void)xl; return -2; }
-lmc_status lmc_store(int64_t *o, lmc_engine *e, const int32_t *t, const int64_t *s, int64_t n, int64_t k, const uint8_t *x, int64_t xl)
-{ (void)o; (void)e; (void)t; (void)s; (void)n; (void)k; (void)x; (void)xl; return -2; }
-lmc_status lmc_retrieve(int64_t *o, lmc_engine *e, const int32_t *t, const int64_t *s, int64_t n, int64_t f, const uint8_t *x, int64_t xl)
-{ (void)o; (void)e; (void)t; (void)s; (void)n; (void)f; (void)x; (void)xl; return -2; }
-lmc_status lmc_engine_get_stats(lmc_engine *e, lmc_stats *s) { (void)e; (void)s; return -2; }
-lmc_status lmc_engine_clear(lmc_engine *e) { (void)e; return -2; }
 """)
     library = tmp_path / "libstub.so"
     subprocess.run(["cc", "-shared", "-fPIC", f"-I{HEADER.parent}", str(stub), "-o", str(library)], check=True)
     result = run_child("from lmcache_native import Engine", env={"LMC_LIB_PATH": str(library)})
     assert result.returncode != 0
-    assert "ImportError" in result.stderr and "ABI version 2" in result.stderr
+    assert "ImportError" in result.stderr and "ABI version 1" in result.stderr and "ABI version 2" in result.stderr
 
 
 def test_library_is_loaded_from_a_documented_location():

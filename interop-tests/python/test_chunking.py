@@ -1,7 +1,7 @@
 """Chunking and key semantics: prefix hits, partial hits, save_unfull_chunk, skip_leading_tokens,
 slots -1 at store, extra keys (salt), hash algorithms and the model namespace.
 
-Expected hit lengths come from LMCache's rules (lmcache.md 2.1-2.6): tokens are cut into chunk_size
+Expected hit lengths come from LMCache's rules: tokens are cut into chunk_size
 chunks, each chunk's key chains all earlier tokens, and only a contiguous prefix of cached chunks hits.
 """
 

@@ -14,7 +14,8 @@ import torch
 
 import kv_oracle
 import lmcache_native
-from conftest import run_child_json
+import raw_requests as rr
+from conftest import header_statuses, run_child_json
 from lmcache_native import (
     Engine,
     LmcError,
@@ -273,12 +274,17 @@ from ctypes import byref, c_int64, c_void_p
 from lmcache_native import Engine, _bindings as b
 from lmcache_native.torch_layout import layer_desc_from_tensor
 
+import raw_requests as rr
+
 kv = torch.zeros(2, 4, 16, 2, 8)
 engine = Engine({"chunk_size": 16})
 engine.register_layers([kv], layout="flash_attn")
 tokens = (ctypes.c_int32 * 16)(*range(16))
 slots = (c_int64 * 16)(*range(16))
+block_ids = (ctypes.c_int32 * 1)(0)
 assert engine.store(list(range(16)), list(range(16))) == 16
+request = rr.request(tokens, 16, slots=slots)
+table_request = rr.request(tokens, 16, block_ids=block_ids, block_size=16)
 handle = {handle_expression}
 if {destroy_first}:
     b.lmc_engine_destroy(engine.handle)
@@ -286,10 +292,18 @@ if {destroy_first}:
 desc = (b.LmcKvLayerDesc * 1)(layer_desc_from_tensor(kv, "flash_attn"))
 out = c_int64(-7)
 stats = b.LmcStats()
+lookup_result = b.LmcLookupResult(hit_tokens=-7)
+transfer_result = b.LmcTransferResult(tokens_matched=-7)
+job = c_void_p()
 results = dict(
-    lookup=b.lmc_lookup(byref(out), handle, tokens, 16, None, 0),
-    store=b.lmc_store(byref(out), handle, tokens, slots, 16, 0, None, 0),
-    retrieve=b.lmc_retrieve(byref(out), handle, tokens, slots, 16, 0, None, 0),
+    lookup=b.lmc_lookup(byref(lookup_result), handle, byref(request)),
+    store=b.lmc_store(byref(transfer_result), handle, byref(request), None),
+    retrieve=b.lmc_retrieve(byref(transfer_result), handle, byref(request), None),
+    store_block_table=b.lmc_store(byref(transfer_result), handle, byref(table_request), None),
+    retrieve_block_table=b.lmc_retrieve(byref(transfer_result), handle, byref(table_request), None),
+    store_job=b.lmc_store(None, handle, byref(request), byref(job)),
+    retrieve_job=b.lmc_retrieve(None, handle, byref(request), byref(job)),
+    prefetch=b.lmc_prefetch_start(byref(job), handle, byref(request)),
     get_stats=b.lmc_engine_get_stats(handle, byref(stats)),
     clear=b.lmc_engine_clear(handle),
     get_config=b.lmc_engine_get_config(byref(out), handle, None, 0),
@@ -299,6 +313,7 @@ message = b.lmc_last_error_message().decode()
 b.lmc_engine_destroy(handle)  # destroying again must be a no-op
 b.lmc_engine_destroy(None)
 print(json.dumps(dict(results=results, out=out.value, stats_untouched=stats.lookup_requests == 0,
+                      results_untouched=(lookup_result.hit_tokens, transfer_result.tokens_matched, job.value),
                       message=message)))
 """
 
@@ -316,6 +331,7 @@ def test_raw_calls_with_a_bad_handle_return_invalid_handle(handle_kind):
     assert report["results"] == {name: b.LMC_E_INVALID_HANDLE for name in report["results"]}, report
     assert report["out"] == -7, "an out-parameter was written by a failed call"
     assert report["stats_untouched"]
+    assert report["results_untouched"] == [-7, -7, None], "an out-parameter was written by a failed call"
     assert report["message"], "a failed call must leave a message"
 
 
@@ -325,30 +341,63 @@ def test_null_pointers_return_statuses(make_rig):
     handle = rig.engine.handle
     tokens = (ctypes.c_int32 * 16)(*range(16))
     slots = (ctypes.c_int64 * 16)(*range(16))
+    block_ids = (ctypes.c_int32 * 1)(0)
     out = c_int64(-7)
+    lookup_result = b.LmcLookupResult(hit_tokens=-7)
+    transfer_result = b.LmcTransferResult(tokens_matched=-7)
     invalid = b.LMC_E_INVALID_ARGUMENT
-    engine_out = c_void_p()
+    engine_out, job = c_void_p(), c_void_p()
+    good = rr.request(tokens, 16, slots=slots)
     assert b.lmc_engine_create(None, None, b"", 1, 0) == invalid
     assert b.lmc_engine_create(byref(engine_out), None, None, 1, 0) == invalid
     assert engine_out.value is None
-    assert b.lmc_lookup(None, handle, tokens, 16, None, 0) == invalid
-    assert b.lmc_lookup(byref(out), handle, None, 16, None, 0) == invalid
-    assert b.lmc_lookup(byref(out), handle, tokens, -1, None, 0) == invalid
-    assert b.lmc_lookup(byref(out), handle, tokens, 16, None, 4) == invalid  # NULL extra key, length 4
-    assert b.lmc_lookup(byref(out), handle, tokens, 16, b"abc", -1) == invalid
-    assert b.lmc_store(None, handle, tokens, slots, 16, 0, None, 0) == invalid
-    assert b.lmc_store(byref(out), handle, tokens, None, 16, 0, None, 0) == invalid
-    assert b.lmc_store(byref(out), handle, None, slots, 16, 0, None, 0) == invalid
-    assert b.lmc_retrieve(None, handle, tokens, slots, 16, 0, None, 0) == invalid
-    assert b.lmc_retrieve(byref(out), handle, tokens, None, 16, 0, None, 0) == invalid
+    # lmc_lookup: NULL result, NULL request, NULL tokens, negative length, NULL key with a length.
+    assert b.lmc_lookup(None, handle, byref(good)) == invalid
+    assert b.lmc_lookup(byref(lookup_result), handle, None) == invalid
+    assert rr.lookup(handle, rr.request(None, 16), lookup_result)[0] == invalid
+    assert rr.lookup(handle, rr.request(tokens, -1), lookup_result)[0] == invalid
+    assert rr.lookup(handle, rr.request(tokens, 16, extra_key=None, extra_key_len=4), lookup_result)[0] == invalid
+    assert rr.lookup(handle, rr.request(tokens, 16, extra_key=b"abc", extra_key_len=-1), lookup_result)[0] == invalid
+    assert rr.lookup(handle, rr.request(tokens, 16, first_token=1), lookup_result)[0] == invalid  # must be 0
+    for function in (b.lmc_store, b.lmc_retrieve):
+        # NULL result with job_out NULL (a synchronous call needs it), NULL request.
+        assert function(None, handle, byref(good), None) == invalid
+        assert function(byref(transfer_result), handle, None, None) == invalid
+        assert function(None, handle, None, byref(job)) == invalid
+        # NULL slot mapping, NULL tokens, NULL block table, bad table block size.
+        assert function(byref(transfer_result), handle, byref(rr.request(tokens, 16)), None) == invalid
+        assert function(byref(transfer_result), handle, byref(rr.request(None, 16, slots=slots)), None) == invalid
+        assert function(byref(transfer_result), handle,
+                        byref(rr.request(tokens, 16, block_ids=None, num_block_ids=1, block_size=16)), None) == invalid
+        assert function(byref(transfer_result), handle,
+                        byref(rr.request(tokens, 16, block_ids=block_ids, block_size=0)), None) == invalid
+        assert function(None, handle, byref(rr.request(tokens, 16)), byref(job)) == invalid  # also as a job
+    assert b.lmc_prefetch_start(None, handle, byref(good)) == invalid
+    assert b.lmc_prefetch_start(byref(job), handle, None) == invalid
+    assert job.value is None, "a failed call returned a job"
+    assert b.lmc_job_poll(None, handle) in (invalid, b.LMC_E_INVALID_HANDLE)
     assert b.lmc_engine_get_stats(handle, None) == invalid
     assert b.lmc_engine_get_config(None, handle, None, 0) == invalid
+    assert b.lmc_config_schema(None, None, 0) == invalid
     assert b.lmc_engine_register_layers(handle, None, 1) == invalid
     assert b.lmc_engine_register_layers(handle, None, 0) == invalid  # at least one layer
     assert out.value == -7, "an out-parameter was written by a failed call"
+    assert lookup_result.hit_tokens == -7 and transfer_result.tokens_matched == -7, \
+        "a result was written by a failed call"
     # Zero tokens with NULL pointers are fine and hit nothing.
-    assert b.lmc_lookup(byref(out), handle, None, 0, None, 0) == b.LMC_OK
-    assert out.value == 0
+    status, lookup_result = rr.lookup(handle, rr.request(None, 0))
+    assert status == b.LMC_OK
+    assert lookup_result.hit_tokens == 0 and tuple(lookup_result.tokens_by_tier) == (0, 0, 0, 0)
+
+
+def test_null_out_parameters_of_jobs_are_invalid(make_rig):
+    rig = make_rig()
+    with rig.engine.prefetch(rig.tokens(16)) as job:
+        job.wait()
+        assert b.lmc_job_poll(None, job.handle) == b.LMC_E_INVALID_ARGUMENT
+        assert b.lmc_job_result(None, job.handle) == b.LMC_E_INVALID_ARGUMENT
+        assert b.lmc_job_wait(None, job.handle, 0) == b.LMC_E_INVALID_ARGUMENT
+        assert job.done() and job.result() == 0
 
 
 def test_stats_struct_size_below_eight_is_invalid(make_rig):
@@ -360,26 +409,26 @@ def test_stats_struct_size_below_eight_is_invalid(make_rig):
 # -- messages and status names -------------------------------------------------------------------
 def test_last_error_message_is_empty_after_success(make_rig):
     rig = make_rig()
-    out = c_int64()
-    assert b.lmc_lookup(None, rig.engine.handle, None, 0, None, 0) == b.LMC_E_INVALID_ARGUMENT
+    empty = rr.request(None, 0)
+    assert b.lmc_lookup(None, rig.engine.handle, byref(empty)) == b.LMC_E_INVALID_ARGUMENT
     assert b.lmc_last_error_message() != b""
-    assert b.lmc_lookup(byref(out), rig.engine.handle, None, 0, None, 0) == b.LMC_OK
+    assert rr.lookup(rig.engine.handle, empty)[0] == b.LMC_OK
     assert b.lmc_last_error_message() == b""
 
 
 def test_last_error_message_is_per_thread(make_rig):
     rig = make_rig()
     handle = rig.engine.handle
-    assert b.lmc_lookup(None, handle, None, 0, None, 0) == b.LMC_E_INVALID_ARGUMENT
+    empty = rr.request(None, 0)
+    assert b.lmc_lookup(None, handle, byref(empty)) == b.LMC_E_INVALID_ARGUMENT
     message_here = b.lmc_last_error_message()
     seen_in_other_thread = {}
 
     def other_thread():
-        out = c_int64()
         seen_in_other_thread["before"] = b.lmc_last_error_message()
         seen_in_other_thread["status"] = b.lmc_engine_clear(None)
         seen_in_other_thread["after_failure"] = b.lmc_last_error_message()
-        b.lmc_lookup(byref(out), handle, None, 0, None, 0)
+        rr.lookup(handle, empty)
         seen_in_other_thread["after_success"] = b.lmc_last_error_message()
 
     worker = threading.Thread(target=other_thread)
@@ -402,7 +451,7 @@ def test_exception_carries_the_message_of_its_own_call(make_rig):
 def test_status_names():
     for status, name in b.STATUS_NAMES.items():
         assert b.lmc_status_name(status).decode() == name
-    assert set(b.STATUS_NAMES.values()) == {
+    assert set(b.STATUS_NAMES.values()) == set(header_statuses()) == {
         "LMC_OK", "LMC_E_INVALID_ARGUMENT", "LMC_E_INVALID_HANDLE", "LMC_E_UNSUPPORTED",
         "LMC_E_OUT_OF_MEMORY", "LMC_E_NOT_FOUND", "LMC_E_IO", "LMC_E_CUDA", "LMC_E_NO_DEVICE",
         "LMC_E_BUFFER_TOO_SMALL", "LMC_E_INTERNAL", "LMC_E_TIMEOUT"}
@@ -424,6 +473,7 @@ def test_check_maps_every_status_to_its_exception_type():
         b.LMC_E_NO_DEVICE: (errors.LmcNoDevice,),
         b.LMC_E_BUFFER_TOO_SMALL: (errors.LmcBufferTooSmall,),
         b.LMC_E_INTERNAL: (errors.LmcInternalError,),
+        b.LMC_E_TIMEOUT: (errors.LmcTimeout, TimeoutError),
         -99: (errors.LmcError,),
     }
     errors.check(b.LMC_OK)
@@ -432,3 +482,17 @@ def test_check_maps_every_status_to_its_exception_type():
             errors.check(status)
         assert all(isinstance(caught.value, t) for t in (*types, errors.LmcError))
         assert caught.value.status == status
+
+
+def test_every_status_of_the_library_has_its_exception_class():
+    from lmcache_native import _errors as errors
+
+    for value, name in b.STATUS_NAMES.items():
+        if value == b.LMC_OK:
+            continue
+        assert name in errors.ERROR_CLASS_BY_NAME, f"{name} has no exception class"
+        error = errors.error_for_status(value, "m")
+        assert type(error) is errors.ERROR_CLASS_BY_NAME[name]
+        assert error.status_name == name and error.status == value
+    unknown = errors.error_for_status(min(b.STATUS_NAMES) - 1, "m")
+    assert type(unknown) is errors.LmcError and unknown.status_name == "LMC_E_UNKNOWN"

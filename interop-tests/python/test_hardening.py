@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import raw_requests as rr
 from lmcache_native import Engine, _bindings as b
 
 
@@ -35,9 +36,8 @@ def _tokens(n: int, seed: int = 0) -> np.ndarray:
 
 
 def _lookup(handle: int, tokens: np.ndarray) -> tuple[int, int]:
-    hit = c_int64(-1)
-    status = b.lmc_lookup(byref(hit), handle, tokens.ctypes.data, len(tokens), None, 0)
-    return status, hit.value
+    status, result = rr.lookup(handle, rr.request(tokens), b.LmcLookupResult(hit_tokens=-1))
+    return status, result.hit_tokens
 
 
 # -- handles: unique across kinds, the wrong kind is refused and changes nothing ------------------
@@ -48,10 +48,10 @@ def engine_and_job():
     engine.register_layers([kv])
     tokens = _tokens(64, 1)
     engine.store(tokens, torch.arange(64))
-    job = c_void_p()
-    assert b.lmc_prefetch_start(byref(job), engine.handle, tokens.ctypes.data, 64, None, 0) == b.LMC_OK, _message()
-    yield engine, job.value, tokens
-    b.lmc_job_destroy(job.value)
+    status, job = rr.prefetch(engine.handle, rr.request(tokens))
+    assert status == b.LMC_OK, _message()
+    yield engine, job, tokens
+    b.lmc_job_destroy(job)
     engine.close()
 
 
@@ -61,11 +61,15 @@ def test_a_job_and_an_engine_never_share_a_handle_value(engine_and_job):
     # Several engines and jobs interleaved: all values distinct.
     handles = {engine.handle, job}
     extra_engines = [_raw_engine() for _ in range(3)]
+    kv = torch.zeros(2, 8, 16, 2, 8)
+    from lmcache_native.torch_layout import layer_desc_from_tensor
+    descs = (b.LmcKvLayerDesc * 1)(layer_desc_from_tensor(kv))
     for handle in extra_engines:
-        jobs = c_void_p()
-        assert b.lmc_prefetch_start(byref(jobs), handle, None, 0, None, 0) == b.LMC_OK
-        handles |= {handle, jobs.value}
-        b.lmc_job_destroy(jobs.value)
+        assert b.lmc_engine_register_layers(handle, descs, 1) == b.LMC_OK, _message()  # requests need layers
+        status, extra_job = rr.prefetch(handle, rr.request(None, 0))
+        assert status == b.LMC_OK, _message()
+        handles |= {handle, extra_job}
+        b.lmc_job_destroy(extra_job)
     assert len(handles) == 2 + 2 * len(extra_engines)
     for handle in extra_engines:
         b.lmc_engine_destroy(handle)
@@ -76,10 +80,12 @@ def test_engine_functions_refuse_a_job_handle(engine_and_job):
     status, _ = _lookup(job, tokens)
     assert status == b.LMC_E_INVALID_HANDLE
     assert "job" in _message() and "engine" in _message()
-    stored = c_int64()
     slots = np.arange(64, dtype=np.int64)
-    assert b.lmc_store(byref(stored), job, tokens.ctypes.data, slots.ctypes.data, 64, 0, None, 0) == b.LMC_E_INVALID_HANDLE
-    assert b.lmc_retrieve(byref(stored), job, tokens.ctypes.data, slots.ctypes.data, 64, 0, None, 0) == b.LMC_E_INVALID_HANDLE
+    request = rr.request(tokens, slots=slots)
+    assert rr.store(job, request)[0] == b.LMC_E_INVALID_HANDLE
+    assert rr.retrieve(job, request)[0] == b.LMC_E_INVALID_HANDLE
+    assert rr.store(job, request, job=True) == (b.LMC_E_INVALID_HANDLE, None)
+    assert rr.prefetch(job, request) == (b.LMC_E_INVALID_HANDLE, None)
     assert b.lmc_engine_flush(job, 0) == b.LMC_E_INVALID_HANDLE
 
 
@@ -88,19 +94,20 @@ def test_destroying_a_job_handle_as_an_engine_destroys_nothing(engine_and_job):
     b.lmc_engine_destroy(job)
     assert "job" in _message()
     assert engine.lookup(tokens) == 64, "the engine is alive"
-    result = c_int64()
-    assert b.lmc_job_wait(byref(result), job, 10_000) == b.LMC_OK, "the job is alive"
-    assert result.value == 64
+    status, result = rr.job_wait(job, 10_000)
+    assert status == b.LMC_OK, "the job is alive"
+    assert result.tokens_matched == 64
 
 
 def test_job_functions_refuse_an_engine_handle(engine_and_job):
     engine, job, tokens = engine_and_job
-    result = c_int64()
-    assert b.lmc_job_wait(byref(result), engine.handle, 0) == b.LMC_E_INVALID_HANDLE
+    assert rr.job_wait(engine.handle, 0)[0] == b.LMC_E_INVALID_HANDLE
+    assert rr.job_poll(engine.handle) == (b.LMC_E_INVALID_HANDLE, -7)
+    assert b.lmc_job_result(byref(b.LmcTransferResult()), engine.handle) == b.LMC_E_INVALID_HANDLE
     b.lmc_job_destroy(engine.handle)
     assert "engine" in _message()
     assert engine.lookup(tokens) == 64, "the engine is alive"
-    assert b.lmc_job_wait(byref(result), job, 10_000) == b.LMC_OK
+    assert rr.job_wait(job, 10_000)[0] == b.LMC_OK
 
 
 # -- caller mistakes are LMC_E_INVALID_ARGUMENT with a message, never LMC_E_INTERNAL ---------------
@@ -141,12 +148,13 @@ def test_an_extra_key_over_the_limit_is_an_invalid_argument(length):
         with Engine({"chunk_size": 16}) as engine:
             engine.register_layers([kv])
             tokens = _tokens(32)
-            hit = c_int64()
-            key = ctypes.cast(big.ctypes.data, ctypes.c_char_p)
-            assert b.lmc_lookup(byref(hit), engine.handle, tokens.ctypes.data, 32, key, length) == b.LMC_E_INVALID_ARGUMENT
-            assert "extra_key_len" in _message()
             slots = np.arange(32, dtype=np.int64)
-            assert b.lmc_store(byref(hit), engine.handle, tokens.ctypes.data, slots.ctypes.data, 32, 0, key, length) == b.LMC_E_INVALID_ARGUMENT
+            request = rr.request(tokens, slots=slots, extra_key=big.ctypes.data, extra_key_len=length)
+            assert rr.lookup(engine.handle, request)[0] == b.LMC_E_INVALID_ARGUMENT
+            assert "extra_key_len" in _message()
+            assert rr.store(engine.handle, request)[0] == b.LMC_E_INVALID_ARGUMENT
+            assert rr.retrieve(engine.handle, request, job=True) == (b.LMC_E_INVALID_ARGUMENT, None)
+            assert rr.prefetch(engine.handle, request) == (b.LMC_E_INVALID_ARGUMENT, None)
     finally:
         b.lmc_engine_destroy(handle)
 

@@ -120,8 +120,16 @@ class Worker:
         first_unmapped_chunk = skip_chunk + int(unmapped[0]) // sh.CHUNK if len(unmapped) else full_chunks
         storable_end = min(full_chunks, first_unmapped_chunk)
         self.soak.ledger.announce(keys[skip_chunk:storable_end])
-        stored = self.soak.engine.store(tokens, slots, skip_leading_tokens=skip, extra_key=sh.SALTS[salt])
+        if self.rng.random() < 0.3:  # as a job (ABI v2 job_out): the same result once it finished
+            with self.soak.engine.store_async(tokens, slots, skip_leading_tokens=skip,
+                                              extra_key=sh.SALTS[salt]) as job:
+                stored = job.wait(PREFETCH_TIMEOUT_S)
+            self.counter["store_jobs"] += 1
+        else:
+            stored = self.soak.engine.store(tokens, slots, skip_leading_tokens=skip, extra_key=sh.SALTS[salt])
         self.counter["store"] += 1
+        if not 0 <= stored.tokens_copied <= stored:
+            self._fail("store: impossible tokens_copied", f"{stored!r} for n={n} skip={skip}")
         self.counter["stored_tokens_reported"] += stored
         limit = max(0, storable_end - skip_chunk) * sh.CHUNK
         if not (0 <= stored <= limit) or stored % sh.CHUNK:
@@ -140,7 +148,13 @@ class Worker:
         first = 0 if roll < 0.5 else self.rng.randint(0, n) if roll < 0.75 else sh.CHUNK * self.rng.randint(0, n // sh.CHUNK)
         region = kv[:, :, base:base + sh.SLOTS_PER_REGION]
         region[...] = self.guard
-        hit = self.soak.engine.retrieve(tokens, slots, first_token_to_write=first, extra_key=sh.SALTS[salt])
+        if self.rng.random() < 0.3:  # as a job
+            with self.soak.engine.retrieve_async(tokens, slots, first_token_to_write=first,
+                                                 extra_key=sh.SALTS[salt]) as job:
+                hit = job.wait(PREFETCH_TIMEOUT_S)
+            self.counter["retrieve_jobs"] += 1
+        else:
+            hit = self.soak.engine.retrieve(tokens, slots, first_token_to_write=first, extra_key=sh.SALTS[salt])
         self.counter["retrieve"] += 1
         self.counter["retrieved_tokens"] += hit
         self.counter["retrieve_hit"] += hit > 0
@@ -153,6 +167,9 @@ class Worker:
         expected = sh.expected_kv(tokens, salt)
         expected_region[:, :, slots[written] - base] = expected[written].transpose(1, 2, 0, 3, 4)
         self.counter["written_tokens"] += int(written.sum())
+        if hit.tokens_copied != int(written.sum()):
+            self._fail("retrieve: tokens_copied is not the number of slots written",
+                       f"{hit!r}, expected {int(written.sum())} (n={n} first={first})")
         self.counter["kv_bytes_verified"] += int(written.sum()) * sh.BYTES_PER_TOKEN
         self.counter["guard_bytes_verified"] += (sh.SLOTS_PER_REGION - int(written.sum())) * sh.BYTES_PER_TOKEN
         if not np.array_equal(region, expected_region):
@@ -181,6 +198,8 @@ class Worker:
     def lookup(self, tokens, salt, keys) -> int:
         hit = self.soak.engine.lookup(tokens, sh.SALTS[salt])
         self.counter["lookup"] += 1
+        if sum(hit.tokens_by_tier) != hit:
+            self._fail("lookup: tokens_by_tier do not add up to hit_tokens", repr(hit))
         self.counter["lookup_hit"] += hit > 0
         self._check_prefix("lookup", hit, tokens, salt, keys)
         return hit

@@ -67,12 +67,21 @@ running = [threading.Event() for _ in range(3)]
 def hammer(index):
     # Calls until the handle is gone; signals after 20 successful calls so the destroy below
     # lands while every thread is busy.
-    out = ctypes.c_int64()
+    lookup_result, transfer_result = b.LmcLookupResult(), b.LmcTransferResult()
+    request = b.LmcRequest(tokens=tokens.data_ptr(), num_tokens=512, slot_mapping=slots.data_ptr())
+    job = ctypes.c_void_p()
     for call in range(200000):
         if index == 0:
-            status = b.lmc_lookup(ctypes.byref(out), handle, tokens.data_ptr(), 512, None, 0)
-        else:
-            status = b.lmc_retrieve(ctypes.byref(out), handle, tokens.data_ptr(), slots.data_ptr(), 512, 0, None, 0)
+            status = b.lmc_lookup(ctypes.byref(lookup_result), handle, ctypes.byref(request))
+        elif index == 1:
+            status = b.lmc_retrieve(ctypes.byref(transfer_result), handle, ctypes.byref(request), None)
+        else:  # jobs: started, waited for and destroyed while the engine goes away
+            status = b.lmc_retrieve(None, handle, ctypes.byref(request), ctypes.byref(job))
+            if status == b.LMC_OK:
+                wait_status = b.lmc_job_wait(ctypes.byref(transfer_result), job.value, -1)
+                b.lmc_job_destroy(job.value)
+                if wait_status != b.LMC_OK:  # a started job finishes even when the engine goes away
+                    statuses[index].append(1000 + wait_status)
         statuses[index].append(status)
         if call == 20:
             running[index].set()

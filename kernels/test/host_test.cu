@@ -88,6 +88,26 @@ static_assert(sizeof(lmc_k_layer) == 40, "lmc_k_layer is 40 bytes (C# mirror)");
 static_assert(sizeof(lmc_k_chunk) == 16, "lmc_k_chunk is 16 bytes (C# mirror)");
 static_assert(sizeof(lmc_k_params) == 80, "lmc_k_params is 80 bytes (C# mirror)");
 
+/* One synchronous store or retrieve through the C ABI with a slot mapping; tokens_matched on success. */
+static lmc_status transfer(lmc_status (*call)(lmc_transfer_result *, lmc_engine *, const lmc_request *, lmc_job **),
+                           lmc_engine *e, const int32_t *tokens, const int64_t *slots, int64_t n, int64_t first,
+                           int64_t *matched_out) {
+  lmc_request req;
+  memset(&req, 0, sizeof req);
+  req.struct_size = sizeof req;
+  req.destination_kind = LMC_DESTINATION_SLOTS;
+  req.tokens = tokens;
+  req.num_tokens = n;
+  req.first_token = first;
+  req.slot_mapping = slots;
+  lmc_transfer_result result;
+  memset(&result, 0, sizeof result);
+  result.struct_size = sizeof result;
+  lmc_status status = call(&result, e, &req, NULL);
+  if (status == LMC_OK) *matched_out = result.tokens_matched;
+  return status;
+}
+
 /* ---- reporting ---- */
 static int g_passed, g_failed;
 static void report(bool ok, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -435,7 +455,7 @@ gather_done:
   for (int l = 0; l < m.layers; l++) descs.push_back(A.desc(l));
   int64_t stored = 0, retrieved = 0, retrieved_b = 0;
   if (lmc_engine_register_layers(e, descs.data(), m.layers) != LMC_OK ||
-      lmc_store(&stored, e, tokens.data(), slots_a.data(), n, 0, NULL, 0) != LMC_OK) {
+      transfer(lmc_store, e, tokens.data(), slots_a.data(), n, 0, &stored) != LMC_OK) {
     printf("#   case %ld: register/store: %s (%s)\n", ci, lmc_last_error_message(), desc.c_str());
     tot.lib_errors++;
     lmc_engine_destroy(e);
@@ -472,7 +492,7 @@ gather_done:
     std::vector<int64_t> identity(n);
     for (int64_t i = 0; i < n; i++) identity[i] = i;
     if (lmc_engine_register_layers(e, cd.data(), m.layers) != LMC_OK ||
-        lmc_retrieve(&retrieved, e, tokens.data(), identity.data(), n, 0, NULL, 0) != LMC_OK) {
+        transfer(lmc_retrieve, e, tokens.data(), identity.data(), n, 0, &retrieved) != LMC_OK) {
       printf("#   case %ld: canonical retrieve: %s (%s)\n", ci, lmc_last_error_message(), desc.c_str());
       tot.lib_errors++;
       lmc_engine_destroy(e);
@@ -529,7 +549,7 @@ gather_done:
   descs.clear();
   for (int l = 0; l < m.layers; l++) descs.push_back(B.desc(l));
   if (lmc_engine_register_layers(e, descs.data(), m.layers) != LMC_OK ||
-      lmc_retrieve(&retrieved_b, e, tokens.data(), slots_b.data(), n, first, NULL, 0) != LMC_OK) {
+      transfer(lmc_retrieve, e, tokens.data(), slots_b.data(), n, first, &retrieved_b) != LMC_OK) {
     printf("#   case %ld: retrieve into B: %s (%s)\n", ci, lmc_last_error_message(), desc.c_str());
     tot.lib_errors++;
     lmc_engine_destroy(e);

@@ -3,9 +3,11 @@
     from lmcache_native import Engine
     with Engine({"chunk_size": 256}) as engine:
         engine.register_layers(kv_caches, layout="flash_attn")   # list/dict of torch tensors
-        engine.store(tokens, slot_mapping)
-        hit_tokens = engine.lookup(tokens)
-        engine.retrieve(tokens, slot_mapping)
+        engine.store(tokens, slot_mapping)                    # or block_ids=..., block_size=...
+        hit_tokens = engine.lookup(tokens)                    # LookupResult: an int, per tier too
+        engine.retrieve(tokens, slot_mapping)                 # TransferResult: an int, with details
+        with engine.retrieve_async(tokens, slot_mapping) as job:
+            result = job.wait()
 
 ``import lmcache_native`` (and ``import lmcache_native.vllm_connector``, vLLM's
 ``kv_connector_module_path``) loads nothing: vLLM imports its connector in processes that never use
@@ -23,6 +25,9 @@ from importlib import import_module as _import_module
 _DEFINED_IN = {
     "ABI_VERSION": "_bindings",
     "LmcKvLayerDesc": "_bindings",
+    "LmcLookupResult": "_bindings",
+    "LmcRequest": "_bindings",
+    "LmcTransferResult": "_bindings",
     "LmcStats": "_bindings",
     "LmcTierStats": "_bindings",
     **{name: "_errors" for name in (
@@ -30,8 +35,8 @@ _DEFINED_IN = {
         "LmcInvalidHandle", "LmcIOError", "LmcNoDevice", "LmcNotFound", "LmcOutOfMemory", "LmcTimeout",
         "LmcUnsupported", "check")},
     **{name: "engine" for name in (
-        "Engine", "Job", "SlotBuffer", "TokenBuffer", "as_int32_buffer", "as_int64_buffer", "cuda_device_count",
-        "remote_lookup")},
+        "BlockIdBuffer", "Engine", "Job", "LookupResult", "SlotBuffer", "TokenBuffer", "TransferResult",
+        "as_int32_buffer", "as_int64_buffer", "config_schema", "cuda_device_count", "remote_lookup")},
 }
 
 __all__ = sorted(_DEFINED_IN)

@@ -1,4 +1,4 @@
-"""Raw ctypes bindings of include/lmcache_native.h: one binding per C function, nothing more.
+"""Raw ctypes bindings of include/lmcache_native.h (ABI v2): one binding per C function, nothing more.
 
 Every binding returns exactly what the C function returns (an ``int`` status for ``lmc_status``
 functions, ``bytes`` for ``const char *``); none of them raises on a failed status. The typed wrappers
@@ -13,6 +13,16 @@ Conventions of the argument types:
   * ``const uint8_t *extra_key`` / ``const char *`` inputs are ``c_char_p``: ``bytes`` are passed
     by address without a copy (the length travels separately, so embedded NULs are fine).
   * ``int64_t *`` out-parameters are ``POINTER(c_int64)``; pass ``ctypes.byref(c_int64())``.
+  * Struct pointers (``lmc_request *``, ``lmc_transfer_result *`` ...) are ``c_void_p`` too, so
+    callers pass ``ctypes.byref(struct)``, ``ctypes.addressof(struct)`` or ``None`` (NULL) alike.
+
+Every signature is written once, in ``FUNCTION_SIGNATURES``; the bound functions (module attributes
+named like the C functions) and ``ALL_FUNCTION_NAMES`` are derived from it.
+
+Status codes are not written here: the header promises they run 0, -1, -2, ... without gaps, so the
+bindings ask ``lmc_status_name`` for each until it answers "LMC_E_UNKNOWN" and publish every one as
+a module attribute (``LMC_OK``, ``LMC_E_INVALID_ARGUMENT``, ...) and in ``STATUS_NAMES`` /
+``STATUS_VALUES``.
 """
 
 from __future__ import annotations
@@ -23,42 +33,18 @@ from ctypes import POINTER, c_char, c_char_p, c_int32, c_int64, c_uint32, c_uint
 from ._lib import LIB
 
 # The ABI version these bindings were written against (LMC_ABI_VERSION in the header).
-ABI_VERSION = 1
-
-# ------------------------------------------------------------------------------------------------
-# Status codes (pinned values; see the header).
-# ------------------------------------------------------------------------------------------------
-LMC_OK = 0
-LMC_E_INVALID_ARGUMENT = -1
-LMC_E_INVALID_HANDLE = -2
-LMC_E_UNSUPPORTED = -3
-LMC_E_OUT_OF_MEMORY = -4
-LMC_E_NOT_FOUND = -5
-LMC_E_IO = -6
-LMC_E_CUDA = -7
-LMC_E_NO_DEVICE = -8
-LMC_E_BUFFER_TOO_SMALL = -9
-LMC_E_INTERNAL = -10
-LMC_E_TIMEOUT = -11
-
-STATUS_NAMES = {
-    LMC_OK: "LMC_OK",
-    LMC_E_INVALID_ARGUMENT: "LMC_E_INVALID_ARGUMENT",
-    LMC_E_INVALID_HANDLE: "LMC_E_INVALID_HANDLE",
-    LMC_E_UNSUPPORTED: "LMC_E_UNSUPPORTED",
-    LMC_E_OUT_OF_MEMORY: "LMC_E_OUT_OF_MEMORY",
-    LMC_E_NOT_FOUND: "LMC_E_NOT_FOUND",
-    LMC_E_IO: "LMC_E_IO",
-    LMC_E_CUDA: "LMC_E_CUDA",
-    LMC_E_NO_DEVICE: "LMC_E_NO_DEVICE",
-    LMC_E_BUFFER_TOO_SMALL: "LMC_E_BUFFER_TOO_SMALL",
-    LMC_E_INTERNAL: "LMC_E_INTERNAL",
-    LMC_E_TIMEOUT: "LMC_E_TIMEOUT",
-}
+ABI_VERSION = 2
 
 # Device kinds of lmc_kv_layer_desc.device_kind.
 LMC_DEVICE_HOST = 0
 LMC_DEVICE_CUDA = 1
+
+# Destination kinds of lmc_request.destination_kind.
+LMC_DESTINATION_SLOTS = 0
+LMC_DESTINATION_BLOCK_TABLE = 1
+
+# Entries of the per-tier arrays: [0] the CPU tier, [i] the lower tier i - 1.
+LMC_MAX_TIERS = 4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,31 +146,174 @@ class LmcTierStats(ctypes.Structure):
         return values
 
 
-assert ctypes.sizeof(LmcKvLayerDesc) == 88, ctypes.sizeof(LmcKvLayerDesc)
-assert ctypes.sizeof(LmcTierStats) == 136, ctypes.sizeof(LmcTierStats)
-assert ctypes.sizeof(LmcStats) == 128, ctypes.sizeof(LmcStats)
 
 
-def _bind(name: str, argtypes: list, restype):
-    """Looks up one exported function and pins its signature. A missing restype would silently
-    truncate returned pointers to a C int, so every binding states it."""
+class LmcRequest(ctypes.Structure):
+    """lmc_request: tokens, extra key, first token, destination (slots or block table), stream.
+
+    Pointer fields are ``c_void_p`` (assign an ``int`` address or None), except ``extra_key``, a
+    ``c_char_p`` that takes ``bytes`` directly (the struct keeps the object alive) or an address."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),  # sizeof(lmc_request) == 88
+        ("destination_kind", c_int32),  # LMC_DESTINATION_SLOTS or LMC_DESTINATION_BLOCK_TABLE
+        ("tokens", c_void_p),  # const int32_t *
+        ("num_tokens", c_int64),
+        ("extra_key", c_char_p),  # const uint8_t *
+        ("extra_key_len", c_int64),
+        ("first_token", c_int64),  # store: skip_leading_tokens; retrieve: first_token_to_write
+        ("slot_mapping", c_void_p),  # const int64_t *
+        ("block_ids", c_void_p),  # const int32_t *
+        ("num_block_ids", c_int64),
+        ("table_block_size", c_int32),
+        ("reserved", c_int32),  # must be 0
+        ("stream", c_void_p),  # CUstream; NULL = the library's own
+    ]
+
+    def __init__(self, **fields):
+        fields.setdefault("struct_size", ctypes.sizeof(LmcRequest))
+        super().__init__(**fields)
+
+
+class LmcTransferResult(ctypes.Structure):
+    """lmc_transfer_result: what a store, retrieve or prefetch did."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),  # sizeof(lmc_transfer_result) == 80, set by the caller
+        ("reserved", c_uint32),
+        ("tokens_matched", c_int64),
+        ("tokens_copied", c_int64),
+        ("bytes_copied", c_int64),
+        ("chunks_skipped_for_space", c_int64),
+        ("chunks_by_tier", c_int64 * LMC_MAX_TIERS),
+        ("elapsed_ns", c_int64),
+    ]
+
+    def __init__(self, **fields):
+        fields.setdefault("struct_size", ctypes.sizeof(LmcTransferResult))
+        super().__init__(**fields)
+
+    def as_dict(self) -> dict:
+        values = {name: getattr(self, name) for name, _ in self._fields_[2:]}
+        values["chunks_by_tier"] = tuple(self.chunks_by_tier)
+        return values
+
+
+class LmcLookupResult(ctypes.Structure):
+    """lmc_lookup_result: what a lookup found, and in which tier."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),  # sizeof(lmc_lookup_result) == 56, set by the caller
+        ("reserved", c_uint32),
+        ("hit_tokens", c_int64),
+        ("tokens_by_tier", c_int64 * LMC_MAX_TIERS),
+        ("elapsed_ns", c_int64),
+    ]
+
+    def __init__(self, **fields):
+        fields.setdefault("struct_size", ctypes.sizeof(LmcLookupResult))
+        super().__init__(**fields)
+
+    def as_dict(self) -> dict:
+        values = {name: getattr(self, name) for name, _ in self._fields_[2:]}
+        values["tokens_by_tier"] = tuple(self.tokens_by_tier)
+        return values
+
+
+# Sizes of the header's structs on LP64 (the only data model NativeAOT targets here).
+STRUCT_SIZES = {
+    LmcKvLayerDesc: 88,
+    LmcStats: 128,
+    LmcTierStats: 136,
+    LmcRequest: 88,
+    LmcTransferResult: 80,
+    LmcLookupResult: 56,
+}
+for _struct, _size in STRUCT_SIZES.items():
+    assert ctypes.sizeof(_struct) == _size, (_struct.__name__, ctypes.sizeof(_struct), _size)
+del _struct, _size
+
+
+# ------------------------------------------------------------------------------------------------
+# Every C function of the header, in header order: name -> (argtypes, restype). THE one list of
+# signatures; the bindings and ALL_FUNCTION_NAMES come from it.
+# ------------------------------------------------------------------------------------------------
+_STATUS = c_int32  # lmc_status
+_HANDLE = c_void_p  # lmc_engine * / lmc_job *
+_IN_PTR = c_void_p  # const int32_t * / const int64_t * / const struct *: an int address
+_OUT_PTR = c_void_p  # struct out-parameters: byref(struct) or an address
+
+FUNCTION_SIGNATURES: dict[str, tuple[list, object]] = {
+    # Versions
+    "lmc_version_number": ([], c_int32),
+    "lmc_abi_version": ([], c_int32),
+    "lmc_version_string": ([], c_char_p),
+    # Status codes and errors
+    "lmc_status_name": ([c_int32], c_char_p),
+    "lmc_last_error_message": ([], c_char_p),
+    # Engine
+    # (lmc_engine **engine_out, const char *config_json, const char *model_name, int32_t world_size,
+    #  int32_t worker_id)
+    "lmc_engine_create": ([POINTER(c_void_p), c_char_p, c_char_p, c_int32, c_int32], _STATUS),
+    "lmc_engine_destroy": ([_HANDLE], None),
+    # (int64_t *needed_out, lmc_engine *engine, char *buffer, int64_t capacity)
+    "lmc_engine_get_config": ([POINTER(c_int64), _HANDLE, POINTER(c_char), c_int64], _STATUS),
+    # (int64_t *needed_out, char *buffer, int64_t capacity)
+    "lmc_config_schema": ([POINTER(c_int64), POINTER(c_char), c_int64], _STATUS),
+    # KV layer registration: (lmc_engine *engine, const lmc_kv_layer_desc *layers, int32_t num_layers)
+    "lmc_engine_register_layers": ([_HANDLE, POINTER(LmcKvLayerDesc), c_int32], _STATUS),
+    # Requests
+    # (lmc_lookup_result *result_out, lmc_engine *engine, const lmc_request *request)
+    "lmc_lookup": ([_OUT_PTR, _HANDLE, _IN_PTR], _STATUS),
+    # (lmc_transfer_result *result_out, lmc_engine *engine, const lmc_request *request,
+    #  lmc_job **job_out)
+    "lmc_store": ([_OUT_PTR, _HANDLE, _IN_PTR, POINTER(c_void_p)], _STATUS),
+    "lmc_retrieve": ([_OUT_PTR, _HANDLE, _IN_PTR, POINTER(c_void_p)], _STATUS),
+    # Lookups across processes
+    "lmc_lookup_server_start": ([_HANDLE, c_char_p], _STATUS),
+    "lmc_lookup_server_stop": ([_HANDLE], _STATUS),
+    # (int64_t *hit_tokens_out, const char *socket_path, const int32_t *tokens, int64_t num_tokens,
+    #  const uint8_t *extra_key, int64_t extra_key_len, int64_t timeout_ms)
+    "lmc_remote_lookup": (
+        [POINTER(c_int64), c_char_p, _IN_PTR, c_int64, c_char_p, c_int64, c_int64], _STATUS
+    ),
+    # Asynchronous operations
+    # (lmc_job **job_out, lmc_engine *engine, const lmc_request *request)
+    "lmc_prefetch_start": ([POINTER(c_void_p), _HANDLE, _IN_PTR], _STATUS),
+    # (lmc_transfer_result *result_out, lmc_job *job, int64_t timeout_ms)
+    "lmc_job_wait": ([_OUT_PTR, _HANDLE, c_int64], _STATUS),
+    # (int32_t *finished_out, lmc_job *job)
+    "lmc_job_poll": ([POINTER(c_int32), _HANDLE], _STATUS),
+    # (lmc_transfer_result *result_out, lmc_job *job)
+    "lmc_job_result": ([_OUT_PTR, _HANDLE], _STATUS),
+    "lmc_job_destroy": ([_HANDLE], None),
+    # CUDA
+    "lmc_cuda_device_count": ([POINTER(c_int32)], _STATUS),
+    # Statistics and maintenance
+    "lmc_engine_get_stats": ([_HANDLE, POINTER(LmcStats)], _STATUS),
+    "lmc_engine_tier_count": ([POINTER(c_int32), _HANDLE], _STATUS),
+    "lmc_engine_get_tier_stats": ([_HANDLE, c_int32, POINTER(LmcTierStats)], _STATUS),
+    "lmc_engine_flush": ([_HANDLE, c_int64], _STATUS),
+    "lmc_engine_clear": ([_HANDLE], _STATUS),
+}
+
+# Every C function of the header, for parity checks against the library's exports.
+ALL_FUNCTION_NAMES = tuple(FUNCTION_SIGNATURES)
+
+
+def _bind(name: str):
+    """Looks up one exported function and pins its signature from FUNCTION_SIGNATURES. A missing
+    restype would silently truncate returned pointers to a C int, so every entry states it."""
+    argtypes, restype = FUNCTION_SIGNATURES[name]
     function = getattr(LIB, name)
     function.argtypes = argtypes
     function.restype = restype
     return function
 
 
-# ------------------------------------------------------------------------------------------------
-# Versions
-# ------------------------------------------------------------------------------------------------
-# LMC_API int32_t lmc_version_number(void);
-lmc_version_number = _bind("lmc_version_number", [], c_int32)
-
-# LMC_API int32_t lmc_abi_version(void);
-lmc_abi_version = _bind("lmc_abi_version", [], c_int32)
-
 # The ABI gate runs before any other function is bound: a library of another ABI version may lack
 # some of them, and a silent mismatch would corrupt memory.
+lmc_abi_version = _bind("lmc_abi_version")
 _library_abi_version = lmc_abi_version()
 if _library_abi_version != ABI_VERSION:
     from ._lib import LIB_PATH
@@ -194,183 +323,48 @@ if _library_abi_version != ABI_VERSION:
         f"ABI version {ABI_VERSION}. Rebuild the library and the package from the same checkout."
     )
 
-# LMC_API const char *lmc_version_string(void);
-lmc_version_string = _bind("lmc_version_string", [], c_char_p)
+for _name in ALL_FUNCTION_NAMES:
+    globals()[_name] = _bind(_name)
+del _name
+
 
 # ------------------------------------------------------------------------------------------------
-# Status codes and errors
+# Status codes, read from the library: 0, -1, -2, ... until "LMC_E_UNKNOWN".
 # ------------------------------------------------------------------------------------------------
-# LMC_API const char *lmc_status_name(lmc_status status);
-lmc_status_name = _bind("lmc_status_name", [c_int32], c_char_p)
+UNKNOWN_STATUS_NAME = "LMC_E_UNKNOWN"
+_STATUS_SCAN_LIMIT = 4096  # a library that never says LMC_E_UNKNOWN is broken, not endless
 
-# LMC_API const char *lmc_last_error_message(void);
-lmc_last_error_message = _bind("lmc_last_error_message", [], c_char_p)
 
-# ------------------------------------------------------------------------------------------------
-# Engine
-# ------------------------------------------------------------------------------------------------
-# LMC_API lmc_status lmc_engine_create(lmc_engine **engine_out, const char *config_json,
-#                                      const char *model_name, int32_t world_size, int32_t worker_id);
-lmc_engine_create = _bind(
-    "lmc_engine_create", [POINTER(c_void_p), c_char_p, c_char_p, c_int32, c_int32], c_int32
-)
+def _read_statuses() -> dict[int, str]:
+    names = {}
+    for value in range(0, -_STATUS_SCAN_LIMIT, -1):
+        raw = lmc_status_name(value)  # noqa: F821 (bound from FUNCTION_SIGNATURES above)
+        name = raw.decode("ascii") if raw else UNKNOWN_STATUS_NAME
+        if name == UNKNOWN_STATUS_NAME:
+            break
+        names[value] = name
+    else:
+        raise ImportError(f"lmcache_native: lmc_status_name never answered {UNKNOWN_STATUS_NAME}")
+    if names.get(0) != "LMC_OK":
+        raise ImportError(f"lmcache_native: lmc_status_name(0) is {names.get(0)!r}, not 'LMC_OK'")
+    return names
 
-# LMC_API void lmc_engine_destroy(lmc_engine *engine);
-lmc_engine_destroy = _bind("lmc_engine_destroy", [c_void_p], None)
 
-# LMC_API lmc_status lmc_engine_get_config(int64_t *needed_out, lmc_engine *engine, char *buffer,
-#                                          int64_t capacity);
-lmc_engine_get_config = _bind(
-    "lmc_engine_get_config", [POINTER(c_int64), c_void_p, POINTER(c_char), c_int64], c_int32
-)
+# value -> name and name -> value of every status the library knows.
+STATUS_NAMES: dict[int, str] = _read_statuses()
+STATUS_VALUES: dict[str, int] = {name: value for value, name in STATUS_NAMES.items()}
+globals().update(STATUS_VALUES)  # LMC_OK, LMC_E_INVALID_ARGUMENT, ... as module attributes
 
-# ------------------------------------------------------------------------------------------------
-# KV layer registration
-# ------------------------------------------------------------------------------------------------
-# LMC_API lmc_status lmc_engine_register_layers(lmc_engine *engine, const lmc_kv_layer_desc *layers,
-#                                               int32_t num_layers);
-lmc_engine_register_layers = _bind(
-    "lmc_engine_register_layers", [c_void_p, POINTER(LmcKvLayerDesc), c_int32], c_int32
-)
 
-# ------------------------------------------------------------------------------------------------
-# Lookup, store, retrieve
-# ------------------------------------------------------------------------------------------------
-# LMC_API lmc_status lmc_lookup(int64_t *hit_tokens_out, lmc_engine *engine, const int32_t *tokens,
-#                               int64_t num_tokens, const uint8_t *extra_key, int64_t extra_key_len);
-lmc_lookup = _bind(
-    "lmc_lookup", [POINTER(c_int64), c_void_p, c_void_p, c_int64, c_char_p, c_int64], c_int32
-)
+def status_name(status: int) -> str:
+    """The header name of a status; "LMC_E_UNKNOWN" for values the library does not know."""
+    return STATUS_NAMES.get(status, UNKNOWN_STATUS_NAME)
 
-# LMC_API lmc_status lmc_store(int64_t *stored_tokens_out, lmc_engine *engine, const int32_t *tokens,
-#                              const int64_t *slot_mapping, int64_t num_tokens,
-#                              int64_t skip_leading_tokens, const uint8_t *extra_key,
-#                              int64_t extra_key_len);
-lmc_store = _bind(
-    "lmc_store",
-    [POINTER(c_int64), c_void_p, c_void_p, c_void_p, c_int64, c_int64, c_char_p, c_int64],
-    c_int32,
-)
 
-# LMC_API lmc_status lmc_retrieve(int64_t *retrieved_tokens_out, lmc_engine *engine,
-#                                 const int32_t *tokens, const int64_t *slot_mapping,
-#                                 int64_t num_tokens, int64_t first_token_to_write,
-#                                 const uint8_t *extra_key, int64_t extra_key_len);
-lmc_retrieve = _bind(
-    "lmc_retrieve",
-    [POINTER(c_int64), c_void_p, c_void_p, c_void_p, c_int64, c_int64, c_char_p, c_int64],
-    c_int32,
-)
-
-# ------------------------------------------------------------------------------------------------
-# Lookups across processes
-# ------------------------------------------------------------------------------------------------
-# LMC_API lmc_status lmc_lookup_server_start(lmc_engine *engine, const char *socket_path);
-lmc_lookup_server_start = _bind("lmc_lookup_server_start", [c_void_p, c_char_p], c_int32)
-
-# LMC_API lmc_status lmc_lookup_server_stop(lmc_engine *engine);
-lmc_lookup_server_stop = _bind("lmc_lookup_server_stop", [c_void_p], c_int32)
-
-# LMC_API lmc_status lmc_remote_lookup(int64_t *hit_tokens_out, const char *socket_path,
-#                                      const int32_t *tokens, int64_t num_tokens,
-#                                      const uint8_t *extra_key, int64_t extra_key_len,
-#                                      int64_t timeout_ms);
-lmc_remote_lookup = _bind(
-    "lmc_remote_lookup",
-    [POINTER(c_int64), c_char_p, c_void_p, c_int64, c_char_p, c_int64, c_int64],
-    c_int32,
-)
-
-# ------------------------------------------------------------------------------------------------
-# Asynchronous operations
-# ------------------------------------------------------------------------------------------------
-# LMC_API lmc_status lmc_prefetch_start(lmc_job **job_out, lmc_engine *engine, const int32_t *tokens,
-#                                       int64_t num_tokens, const uint8_t *extra_key,
-#                                       int64_t extra_key_len);
-lmc_prefetch_start = _bind(
-    "lmc_prefetch_start", [POINTER(c_void_p), c_void_p, c_void_p, c_int64, c_char_p, c_int64], c_int32
-)
-
-# LMC_API lmc_status lmc_job_wait(int64_t *result_out, lmc_job *job, int64_t timeout_ms);
-lmc_job_wait = _bind("lmc_job_wait", [POINTER(c_int64), c_void_p, c_int64], c_int32)
-
-# LMC_API void lmc_job_destroy(lmc_job *job);
-lmc_job_destroy = _bind("lmc_job_destroy", [c_void_p], None)
-
-# ------------------------------------------------------------------------------------------------
-# CUDA (stream = torch.cuda.current_stream().cuda_stream, or None for the legacy default stream)
-# ------------------------------------------------------------------------------------------------
-# LMC_API lmc_status lmc_cuda_device_count(int32_t *count_out);
-lmc_cuda_device_count = _bind("lmc_cuda_device_count", [POINTER(c_int32)], c_int32)
-
-# LMC_API lmc_status lmc_store_async(lmc_job **job_out, int64_t *stored_tokens_out, lmc_engine *engine,
-#                                    const int32_t *tokens, const int64_t *slot_mapping,
-#                                    int64_t num_tokens, int64_t skip_leading_tokens,
-#                                    const uint8_t *extra_key, int64_t extra_key_len, void *stream);
-lmc_store_async = _bind(
-    "lmc_store_async",
-    [POINTER(c_void_p), POINTER(c_int64), c_void_p, c_void_p, c_void_p, c_int64, c_int64, c_char_p, c_int64, c_void_p],
-    c_int32,
-)
-
-# LMC_API lmc_status lmc_retrieve_async(lmc_job **job_out, int64_t *retrieved_tokens_out,
-#                                       lmc_engine *engine, const int32_t *tokens,
-#                                       const int64_t *slot_mapping, int64_t num_tokens,
-#                                       int64_t first_token_to_write, const uint8_t *extra_key,
-#                                       int64_t extra_key_len, void *stream);
-lmc_retrieve_async = _bind(
-    "lmc_retrieve_async",
-    [POINTER(c_void_p), POINTER(c_int64), c_void_p, c_void_p, c_void_p, c_int64, c_int64, c_char_p, c_int64, c_void_p],
-    c_int32,
-)
-
-# ------------------------------------------------------------------------------------------------
-# Statistics and maintenance
-# ------------------------------------------------------------------------------------------------
-# LMC_API lmc_status lmc_engine_get_stats(lmc_engine *engine, lmc_stats *stats);
-lmc_engine_get_stats = _bind("lmc_engine_get_stats", [c_void_p, POINTER(LmcStats)], c_int32)
-
-# LMC_API lmc_status lmc_engine_tier_count(int32_t *count_out, lmc_engine *engine);
-lmc_engine_tier_count = _bind("lmc_engine_tier_count", [POINTER(c_int32), c_void_p], c_int32)
-
-# LMC_API lmc_status lmc_engine_get_tier_stats(lmc_engine *engine, int32_t tier_index,
-#                                              lmc_tier_stats *stats);
-lmc_engine_get_tier_stats = _bind(
-    "lmc_engine_get_tier_stats", [c_void_p, c_int32, POINTER(LmcTierStats)], c_int32
-)
-
-# LMC_API lmc_status lmc_engine_flush(lmc_engine *engine, int64_t timeout_ms);
-lmc_engine_flush = _bind("lmc_engine_flush", [c_void_p, c_int64], c_int32)
-
-# LMC_API lmc_status lmc_engine_clear(lmc_engine *engine);
-lmc_engine_clear = _bind("lmc_engine_clear", [c_void_p], c_int32)
-
-# Every C function of the header, for parity checks against the library's exports.
-ALL_FUNCTION_NAMES = (
-    "lmc_version_number",
-    "lmc_abi_version",
-    "lmc_version_string",
-    "lmc_status_name",
-    "lmc_last_error_message",
-    "lmc_engine_create",
-    "lmc_engine_destroy",
-    "lmc_engine_get_config",
-    "lmc_engine_register_layers",
-    "lmc_lookup",
-    "lmc_store",
-    "lmc_retrieve",
-    "lmc_lookup_server_start",
-    "lmc_lookup_server_stop",
-    "lmc_remote_lookup",
-    "lmc_prefetch_start",
-    "lmc_job_wait",
-    "lmc_job_destroy",
-    "lmc_cuda_device_count",
-    "lmc_store_async",
-    "lmc_retrieve_async",
-    "lmc_engine_get_stats",
-    "lmc_engine_tier_count",
-    "lmc_engine_get_tier_stats",
-    "lmc_engine_flush",
-    "lmc_engine_clear",
-)
+def __getattr__(name: str):
+    # Only reached for names not set above: a status the loaded library does not know.
+    if name.startswith("LMC_E_") or name == "LMC_OK":
+        raise AttributeError(
+            f"the loaded library knows no status {name} (it knows {', '.join(STATUS_VALUES)})"
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

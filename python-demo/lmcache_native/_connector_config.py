@@ -6,9 +6,11 @@ Sources, lowest precedence first (a later source overrides an earlier one key by
   2. environment variables ``LMCACHE_<UPPER_KEY>`` (``LMCACHE_CHUNK_SIZE=8``);
   3. vLLM's ``kv_connector_extra_config`` keys prefixed ``lmcache.`` (``"lmcache.chunk_size": 8``).
 
-Keys are LMCache's. A key the library's engine knows is passed to it; a key LMCache has but this build
-ignores, or a key nobody knows, is a warning that names it and is dropped (the library itself refuses
-unknown keys, so they must not reach it). A value of the wrong type or out of range is a ``ValueError``
+Keys are LMCache's, each declared once. The engine's keys (types, ranges, choices, defaults, the values
+this build refuses) come from the library's schema (``config_schema()``, read on first use) and are
+passed to it; the connector's own keys live in ``CONNECTOR_KEYS`` and never reach the engine (it
+refuses them). A key LMCache has but this build ignores, or a key nobody knows, is a warning that
+names it and is dropped (the library refuses unknown keys, so they must not reach it). A value of the wrong type or out of range is a ``ValueError``
 at start-up. Environment values are text and are parsed by the key's type; YAML and extra-config values
 must already have the right type (numbers may be given for floats, and text that parses is accepted).
 
@@ -17,7 +19,8 @@ key -- never another exception type, whatever the input: the YAML file is bounde
 and may not use anchors or aliases (an alias bomb of a few hundred bytes expands to gigabytes), and
 values quoted in messages are shortened and have their credentials hidden (``_redact``).
 
-This module is pure Python: no library load, no torch. The connector and the tests use it alike.
+Importing this module loads nothing (the schema is read when ``resolve`` or ``ENGINE_KEYS`` is first
+used); no torch. The connector and the tests use it alike.
 """
 
 from __future__ import annotations
@@ -43,9 +46,6 @@ NON_KEY_ENV_VARS = frozenset({
     "LMCACHE_CONFIG_FILE", "LMCACHE_LOG_LEVEL", "LMCACHE_FORCE_SKIP_SAVE", "LMCACHE_USE_EXPERIMENTAL",
     "LMCACHE_TRACK_USAGE",
 })
-
-# kv_connector_extra_config keys without the "lmcache." prefix that LMCache's vLLM adapter reads.
-PLAIN_EXTRA_KEYS = frozenset({"discard_partial_chunks", "skip_last_n_tokens", "lmcache_rpc_port"})
 
 
 # Bounds on what a configuration source may hold. Real configurations are a few KiB and 2-3 levels
@@ -222,44 +222,115 @@ class KeySpec:
     parse: Callable[[Any, bool], Any]
     default: Any
     doc: str
+    plain: bool = False  # a kv_connector_extra_config key without the "lmcache." prefix (no env variable)
 
 
-# Keys the library's engine accepts (src/LMCacheNative.Core/Config/EngineConfig.cs). Defaults are the
-# engine's; the connector also reads several of them itself.
-ENGINE_KEYS: dict[str, KeySpec] = {
-    "chunk_size": KeySpec(_int(1, 1 << 20), 256, "tokens per chunk, the unit of keys and storage"),
-    "local_cpu": KeySpec(_bool, True, "keep chunks in host memory (the CPU tier)"),
-    "max_local_cpu_size": KeySpec(_float(0, 1 << 20), 5.0, "CPU tier size in GB (2^30 bytes) per worker"),
-    "save_unfull_chunk": KeySpec(_bool, False, "also store a prompt's trailing partial chunk"),
+# ------------------------------------------------------------------------------------------------
+# The engine's keys: read from the library's published schema (lmc_config_schema), never repeated
+# here. Loaded on first use (the module itself stays free of the library: importing the connector
+# must load nothing).
+# ------------------------------------------------------------------------------------------------
+def _bool_text(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def _unsupported_check(name: str, entry: dict, inner):
+    """Refuses the values the library accepts from LMCache files but does not implement. A string key
+    without ``choices`` marks any value other than its default as unsupported (e.g. ``gds_path``)."""
+    unsupported = entry.get("unsupported_values") or ()
+    if not unsupported:
+        return inner
+    any_value = entry.get("type") == "string" and not entry.get("choices")
+    default = entry.get("default")
+    listed = frozenset(str(value) for value in unsupported)
+
+    def parse(value, from_text):
+        parsed = inner(value, from_text)
+        if parsed is None or parsed == default:
+            return parsed
+        if any_value or _bool_text(parsed) in listed:
+            raise ValueError(f"{_shown(parsed, name)} is not supported by this build of LMCacheNative "
+                             "(LMCacheNative refused the configuration)")
+        return parsed
+
+    return parse
+
+
+def _spec_from_schema(entry: dict) -> KeySpec:
+    name, kind = entry["name"], entry.get("type")
+    if kind == "integer":
+        parse = _int(entry.get("minimum"), entry.get("maximum"))
+    elif kind == "number":
+        parse = _float(entry.get("minimum"), entry.get("maximum"), bool(entry.get("exclusive_minimum")))
+    elif kind == "boolean":
+        parse = _bool
+    elif kind == "string":
+        choices = entry.get("choices")
+        # LMCache's names this build lacks pass the choice check, to be refused by name below
+        parse = _text(frozenset(choices) | frozenset(entry.get("unsupported_values") or ()) if choices else None)
+    elif kind == "object":
+        parse = _json_object
+    else:  # a type this connector does not know: pass text through, the engine validates it
+        parse = _text()
+    if entry.get("nullable") and kind != "object":
+        parse = _optional(parse)
+    parse = _unsupported_check(name, entry, parse)
+    default = entry.get("default")
+    if kind == "number" and isinstance(default, int) and not isinstance(default, bool):
+        default = float(default)
+    return KeySpec(parse, default, str(entry.get("description") or ""))
+
+
+_engine_keys: dict | None = None
+
+
+def engine_keys() -> dict:
+    """{name: KeySpec} of the keys the engine accepts, from ``lmcache_native.config_schema()`` (the
+    library is loaded on the first call)."""
+    global _engine_keys
+    if _engine_keys is None:
+        from . import config_schema  # loads the library
+
+        _engine_keys = {entry["name"]: _spec_from_schema(entry) for entry in config_schema()}
+    return _engine_keys
+
+
+def __getattr__(name: str):
+    """``ENGINE_KEYS`` is computed from the library's schema on first use (PEP 562)."""
+    if name == "ENGINE_KEYS":
+        return engine_keys()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The connector's own keys: one table, one default each. Prefixed keys come from all three sources
+# (file, LMCACHE_<KEY>, "lmcache.<key>"); plain keys only from kv_connector_extra_config, unprefixed,
+# as LMCache's vLLM adapter reads them. None of them reaches the engine (it refuses them).
+# ------------------------------------------------------------------------------------------------
+CONNECTOR_KEYS: dict[str, KeySpec] = {
     "save_decode_cache": KeySpec(_bool, False, "keep storing chunks completed during decode"),
-    "pre_caching_hash_algorithm": KeySpec(
-        _text({"builtin", "sha256", "sha256_cbor", "sha256_cbor_64bit", "xxh3_128", "xxhash"}), "sha256",
-        "chunk hash chain; builtin/sha256* mean SHA-256 here (seed-free), xxh3_128 is faster"),
-    "cache_policy": KeySpec(_text(), "LRU", "eviction policy of the CPU tier (only LRU)"),
     "min_retrieve_tokens": KeySpec(_int(0, 2**31 - 1), 0, "below this many tokens to load, do not load"),
-    "enable_async_loading": KeySpec(_bool, None, "load asynchronously (vLLM load_kv_async); default: on"),
+    "enable_async_loading": KeySpec(_bool, True, "load asynchronously (vLLM load_kv_async); false: every "
+                                                 "load is synchronous"),
     "lookup_timeout_ms": KeySpec(_float(0, 3_600_000, exclusive_minimum=True), 3000.0,
                                  "bound of a cross-process lookup; a timeout is a miss"),
-    "blocking_timeout_secs": KeySpec(_float(0, 3600, exclusive_minimum=True), 10.0,
-                                     "bound of remote-tier operations and of the flush at shutdown"),
-    "local_disk": KeySpec(_optional(_text()), None, "directory of the local disk tier (file:// allowed)"),
-    "max_local_disk_size": KeySpec(_float(0, 1 << 30), 0.0, "disk tier size in GB"),
-    "remote_url": KeySpec(_optional(_text()), None, "remote tier, redis://host:port/db or rediss://"),
-    "remote_serde": KeySpec(_text(), "naive", "serialisation of remote records (only naive)"),
     "priority_limit": KeySpec(_optional(_int(-(2**31), 2**31 - 1)), None,
                               "requests with a priority above this are not stored"),
-    "extra_config": KeySpec(_json_object, None, "free-form LMCache extra_config object"),
-    "gds_path": KeySpec(_optional(_text()), None, "GPU-direct storage (not in this build: null only)"),
-    "use_layerwise": KeySpec(_bool, False, "layer-wise pipelining (not in this build: false only)"),
-    "enable_blending": KeySpec(_bool, False, "CacheBlend (not in this build: false only)"),
-    "enable_pd": KeySpec(_bool, False, "disaggregated prefill (not in this build: false only)"),
-    "enable_p2p": KeySpec(_bool, False, "P2P sharing (not in this build: false only)"),
-    "enable_controller": KeySpec(_bool, False, "LMCache controller (not in this build: false only)"),
-    "local_cpu_use_hugepages": KeySpec(_bool, False, "huge pages for the CPU tier (false only)"),
-    "enable_lazy_memory_allocator": KeySpec(_bool, False, "LMCache's lazy allocator (false only; the "
-                                                          "pool here always grows on demand)"),
-    "use_gpu_connector_v3": KeySpec(_bool, False, "LMCache GPU connector v3 (false only)"),
+    "async_saving": KeySpec(_bool, True, "stores run as jobs; request_finished delays freeing the blocks "
+                                         "while they read them (false: stores finish inside wait_for_save)"),
+    "discard_partial_chunks": KeySpec(_bool, False, "never store a partial chunk (overrides save_unfull_chunk)",
+                                      plain=True),
+    "skip_last_n_tokens": KeySpec(_int(0, 2**31 - 1), 0, "leave the last n tokens of a prompt out of lookups",
+                                  plain=True),
+    "lmcache_rpc_port": KeySpec(_int(0, 2**31 - 1), 0, "names the lookup sockets (several vLLM instances on one "
+                                                       "machine need different values)", plain=True),
 }
+
+# kv_connector_extra_config keys without the "lmcache." prefix (a view of CONNECTOR_KEYS).
+PLAIN_EXTRA_SPECS: dict[str, KeySpec] = {key: spec for key, spec in CONNECTOR_KEYS.items() if spec.plain}
+PLAIN_EXTRA_KEYS = frozenset(PLAIN_EXTRA_SPECS)
+# Prefixed keys the connector reads itself (a view of CONNECTOR_KEYS).
+PREFIXED_CONNECTOR_KEYS: dict[str, KeySpec] = {key: spec for key, spec in CONNECTOR_KEYS.items() if not spec.plain}
 
 # Keys of LMCache's configuration (lmcache/v1/config.py) that this build does not implement: they are
 # accepted with a warning naming them and otherwise ignored, so LMCache configuration files load.
@@ -291,21 +362,13 @@ IGNORED_LMCACHE_KEYS = frozenset({
     "distributed_url", "error_handling", "weka_path",
 })
 
-# kv_connector_extra_config keys of LMCache's vLLM adapter (no prefix), read by the connector.
-PLAIN_EXTRA_SPECS: dict[str, KeySpec] = {
-    "discard_partial_chunks": KeySpec(_bool, False, "never store a partial chunk (overrides save_unfull_chunk)"),
-    "skip_last_n_tokens": KeySpec(_int(0, 2**31 - 1), 0, "leave the last n tokens of a prompt out of lookups"),
-    "lmcache_rpc_port": KeySpec(_int(0, 2**31 - 1), 0, "names the lookup sockets (several vLLM instances "
-                                                       "on one machine need different values)"),
-}
-
-
 @dataclass
 class ResolvedConfig:
     """The outcome of :func:`resolve`."""
 
     engine: dict = field(default_factory=dict)  # keys to pass to the engine (explicitly set ones)
-    values: dict = field(default_factory=dict)  # every engine key with its effective value
+    connector: dict = field(default_factory=dict)  # prefixed connector keys explicitly set
+    values: dict = field(default_factory=dict)  # every engine and prefixed connector key, effective value
     plain: dict = field(default_factory=dict)  # PLAIN_EXTRA_SPECS values
     sources: dict = field(default_factory=dict)  # key -> "file" | "env" | "extra_config"
     warnings: list = field(default_factory=list)  # the warnings logged, for tests
@@ -450,8 +513,11 @@ def resolve(extra_config: Mapping | None, environ: Mapping | None = None, *,
 
     raw: dict[str, tuple[Any, bool, str]] = {}  # key -> (value, from_text, source description)
 
+    engine_specs = engine_keys()
+    specs = {**engine_specs, **PREFIXED_CONNECTOR_KEYS}
+
     def offer(key: str, value, from_text: bool, source: str) -> None:
-        if key in ENGINE_KEYS:
+        if key in specs:
             raw[key] = (value, from_text, source)
         elif key in IGNORED_LMCACHE_KEYS:
             warning(f"LMCache config key '{key}' (from {source}) is not supported by LMCacheNative and is ignored")
@@ -477,17 +543,17 @@ def resolve(extra_config: Mapping | None, environ: Mapping | None = None, *,
 
     for key, (value, from_text, source) in raw.items():
         try:
-            parsed = ENGINE_KEYS[key].parse(value, from_text)
+            parsed = specs[key].parse(value, from_text)
         except ValueError as error:
             raise ConfigError(f"LMCache config key '{key}' (from {source}): {error}, "
                               f"got {_shown(value, key)}") from None
         except Exception as error:  # a value no parser foresaw: still a configuration error
             raise ConfigError(f"LMCache config key '{key}' (from {source}): invalid value "
                               f"({type(error).__name__}), got {_shown(value, key)}") from None
-        result.engine[key] = parsed
+        (result.engine if key in engine_specs else result.connector)[key] = parsed
         result.sources[key] = source
-    for key, spec in ENGINE_KEYS.items():
-        result.values[key] = result.engine.get(key, spec.default)
+    for key, spec in specs.items():
+        result.values[key] = result.engine[key] if key in result.engine else result.connector.get(key, spec.default)
 
     for key, spec in PLAIN_EXTRA_SPECS.items():
         value = extra_config.get(key, spec.default)

@@ -19,7 +19,7 @@ class LmcError(Exception):
 
     def __init__(self, status: int, message: str):
         self.status = status
-        self.status_name = _b.STATUS_NAMES.get(status, "LMC_E_UNKNOWN")
+        self.status_name = _b.status_name(status)
         message = redact_text(message) if message else message
         self.message = message
         super().__init__(f"{self.status_name} ({status}): {message}" if message else self.status_name)
@@ -30,7 +30,8 @@ class LmcInvalidArgument(LmcError, ValueError):
 
 
 class LmcInvalidHandle(LmcError):
-    """LMC_E_INVALID_HANDLE: NULL, unknown or destroyed engine (also: a closed ``Engine``)."""
+    """LMC_E_INVALID_HANDLE: NULL, unknown, destroyed or other-kind handle (also: a closed ``Engine``
+    or ``Job``)."""
 
 
 class LmcUnsupported(LmcError, NotImplementedError):
@@ -76,23 +77,32 @@ class LmcTimeout(LmcError, TimeoutError):
     """LMC_E_TIMEOUT: a wait ended before the work did; the work goes on."""
 
 
+# Status NAME -> exception class. The values come from the library (``_bindings.STATUS_VALUES``);
+# a status the library adds later and this table lacks raises plain ``LmcError``.
+ERROR_CLASS_BY_NAME = {
+    "LMC_E_INVALID_ARGUMENT": LmcInvalidArgument,
+    "LMC_E_INVALID_HANDLE": LmcInvalidHandle,
+    "LMC_E_UNSUPPORTED": LmcUnsupported,
+    "LMC_E_OUT_OF_MEMORY": LmcOutOfMemory,
+    "LMC_E_NOT_FOUND": LmcNotFound,
+    "LMC_E_IO": LmcIOError,
+    "LMC_E_CUDA": LmcCudaError,
+    "LMC_E_NO_DEVICE": LmcNoDevice,
+    "LMC_E_BUFFER_TOO_SMALL": LmcBufferTooSmall,
+    "LMC_E_INTERNAL": LmcInternalError,
+    "LMC_E_TIMEOUT": LmcTimeout,
+}
+
+# Status value -> exception class, for the statuses the loaded library reports.
 _ERROR_CLASS_BY_STATUS = {
-    _b.LMC_E_INVALID_ARGUMENT: LmcInvalidArgument,
-    _b.LMC_E_INVALID_HANDLE: LmcInvalidHandle,
-    _b.LMC_E_UNSUPPORTED: LmcUnsupported,
-    _b.LMC_E_OUT_OF_MEMORY: LmcOutOfMemory,
-    _b.LMC_E_NOT_FOUND: LmcNotFound,
-    _b.LMC_E_IO: LmcIOError,
-    _b.LMC_E_CUDA: LmcCudaError,
-    _b.LMC_E_NO_DEVICE: LmcNoDevice,
-    _b.LMC_E_BUFFER_TOO_SMALL: LmcBufferTooSmall,
-    _b.LMC_E_INTERNAL: LmcInternalError,
-    _b.LMC_E_TIMEOUT: LmcTimeout,
+    value: ERROR_CLASS_BY_NAME[name]
+    for value, name in _b.STATUS_NAMES.items()
+    if name in ERROR_CLASS_BY_NAME
 }
 
 
 def error_for_status(status: int, message: str) -> LmcError:
-    """The exception object for a failed status (LmcError itself for unknown values)."""
+    """The exception object for a failed status (LmcError itself for values without a class)."""
     return _ERROR_CLASS_BY_STATUS.get(status, LmcError)(status, message)
 
 

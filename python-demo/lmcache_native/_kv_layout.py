@@ -1,8 +1,8 @@
 """Derives each vLLM KV tensor's layout from its shape, strides and the model's dimensions, and the
 engine namespace that makes cached KV of another model, dtype or layer set a miss.
 
-vLLM registers logical views of flat buffers whose strides encode NHD or HND (vllm-connector.md
-§4); which backend produced a tensor is never assumed. Shapes:
+vLLM registers logical views of flat buffers whose strides encode NHD or HND; which backend
+produced a tensor is never assumed. Shapes:
 
   3-D  [B, N, C]              MLA
   4-D  [B, 1, N, C]           MLA, the 2026 standard layout (when the model uses MLA)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import ctypes
 import json
+import operator
 import os
 import struct
 import sys
@@ -83,6 +84,19 @@ class _IntBuffer:
         return cls(address, length, converted)
 
     @classmethod
+    def _check_range(cls, values) -> None:
+        """Refuses integers that do not fit the buffer's width before a narrowing cast would wrap
+        them (one vectorised min/max, no per-element Python work)."""
+        if len(values) == 0:
+            return
+        limit = 1 << (8 * cls.itemsize - 1)
+        low, high = int(values.min()), int(values.max())
+        if low < -limit or high >= limit:
+            raise OverflowError(
+                f"{cls.__name__}: values in [{low}, {high}] do not fit int{8 * cls.itemsize}"
+            )
+
+    @classmethod
     def _from_numpy(cls, values) -> "_IntBuffer":
         import numpy  # only reached when the caller already uses numpy
 
@@ -91,6 +105,8 @@ class _IntBuffer:
                 _b.LMC_E_INVALID_ARGUMENT, f"expected a 1-D array, got shape {values.shape}"
             )
         if values.dtype != numpy.dtype(cls.numpy_dtype_name) or not values.flags.c_contiguous:
+            if values.dtype.kind in "iu" and values.dtype.itemsize >= cls.itemsize:
+                cls._check_range(values)
             values = numpy.ascontiguousarray(values, dtype=cls.numpy_dtype_name)
         return cls(values.__array_interface__["data"][0], values.shape[0], values)
 
@@ -104,7 +120,10 @@ class _IntBuffer:
             )
         wanted_dtype = getattr(torch, cls.torch_dtype_name)
         if values.device.type != "cpu" or values.dtype != wanted_dtype or not values.is_contiguous():
-            values = values.to(device="cpu", dtype=wanted_dtype).contiguous()
+            values = values.to(device="cpu")
+            if values.dtype == torch.int64 and cls.itemsize < 8:
+                cls._check_range(values)
+            values = values.to(dtype=wanted_dtype).contiguous()
         return cls(values.data_ptr(), values.shape[0], values)
 
 
@@ -126,6 +145,26 @@ class SlotBuffer(_IntBuffer):
     typecode = _INT64_TYPECODE
     numpy_dtype_name = "int64"
     torch_dtype_name = "int64"
+
+
+class BlockIdBuffer(_IntBuffer):
+    """A block table as contiguous int32 (``const int32_t *block_ids``); -1 = no block."""
+
+    __slots__ = ()
+    itemsize = 4
+    typecode = _INT32_TYPECODE
+    numpy_dtype_name = "int32"
+    torch_dtype_name = "int32"
+
+    @classmethod
+    def from_values(cls, values) -> "BlockIdBuffer":
+        if type(values) is list or type(values) is tuple:
+            # Block tables are short (tokens / block_size entries); array.array converts at C speed
+            # and raises OverflowError on ids that do not fit int32.
+            converted = array.array(cls.typecode, values)
+            address, length = converted.buffer_info()
+            return cls(address, length, converted)
+        return super().from_values(values)
 
 
 def as_int32_buffer(tokens) -> TokenBuffer:
@@ -150,22 +189,148 @@ def _closed_engine_error() -> LmcInvalidHandle:
     return LmcInvalidHandle(_b.LMC_E_INVALID_HANDLE, "the engine is closed")
 
 
-def _check_lengths(tokens: TokenBuffer, slots: SlotBuffer) -> None:
-    # The C call takes one length for both arrays, so a shorter slot mapping would be read past its
-    # end. This is the one check that must happen on the Python side.
-    if slots.length != tokens.length:
-        raise LmcInvalidArgument(
-            _b.LMC_E_INVALID_ARGUMENT,
-            f"slot_mapping has {slots.length} entries but tokens has {tokens.length}",
-        )
+_INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
-def _transfer_args(tokens, slot_mapping, extra_key) -> tuple[TokenBuffer, SlotBuffer, bytes]:
-    """The converted arguments of a store or retrieve, their lengths checked against each other."""
-    tokens = TokenBuffer.from_values(tokens)
-    slots = SlotBuffer.from_values(slot_mapping)
-    _check_lengths(tokens, slots)
-    return tokens, slots, _as_key_bytes(extra_key)
+class TransferResult(int):
+    """What a store, retrieve or prefetch did (lmc_transfer_result). Its int value is
+    ``tokens_matched`` (store: tokens from the rounded-down skip point now cached; retrieve: the
+    cached prefix length; prefetch: leading tokens now in the CPU tier), so it compares like the
+    token count the v1 calls returned. ``chunks_by_tier[0]`` is the CPU tier, ``[i]`` the lower tier
+    i - 1 (store: ``[0]`` = chunks already cached)."""
+
+    tokens_matched: int
+    tokens_copied: int
+    bytes_copied: int
+    chunks_skipped_for_space: int
+    chunks_by_tier: tuple
+    elapsed_ns: int
+
+    @classmethod
+    def _from_c(cls, result: "_b.LmcTransferResult") -> "TransferResult":
+        value = int.__new__(cls, result.tokens_matched)
+        value.tokens_matched = result.tokens_matched
+        value.tokens_copied = result.tokens_copied
+        value.bytes_copied = result.bytes_copied
+        value.chunks_skipped_for_space = result.chunks_skipped_for_space
+        value.chunks_by_tier = tuple(result.chunks_by_tier)
+        value.elapsed_ns = result.elapsed_ns
+        return value
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in (
+            "tokens_matched", "tokens_copied", "bytes_copied", "chunks_skipped_for_space",
+            "chunks_by_tier", "elapsed_ns")}
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
+        return f"TransferResult({inner})"
+
+    __str__ = int.__repr__  # str(), f"{result}" and "%d" read like the plain count
+
+    def __reduce__(self):
+        return (_transfer_result_from_dict, (self.as_dict(),))
+
+
+def _transfer_result_from_dict(values: dict) -> TransferResult:
+    result = _b.LmcTransferResult()
+    for name, value in values.items():
+        if name == "chunks_by_tier":
+            result.chunks_by_tier[:] = list(value)
+        else:
+            setattr(result, name, value)
+    return TransferResult._from_c(result)
+
+
+class LookupResult(int):
+    """What a lookup found (lmc_lookup_result). Its int value is ``hit_tokens``; ``tokens_by_tier``
+    says how many of them each tier holds ([0] CPU, [i] lower tier i - 1; they add up)."""
+
+    hit_tokens: int
+    tokens_by_tier: tuple
+    elapsed_ns: int
+
+    @classmethod
+    def _from_c(cls, result: "_b.LmcLookupResult") -> "LookupResult":
+        value = int.__new__(cls, result.hit_tokens)
+        value.hit_tokens = result.hit_tokens
+        value.tokens_by_tier = tuple(result.tokens_by_tier)
+        value.elapsed_ns = result.elapsed_ns
+        return value
+
+    def as_dict(self) -> dict:
+        return {"hit_tokens": self.hit_tokens, "tokens_by_tier": self.tokens_by_tier,
+                "elapsed_ns": self.elapsed_ns}
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
+        return f"LookupResult({inner})"
+
+    __str__ = int.__repr__  # str(), f"{result}" and "%d" read like the plain count
+
+    def __reduce__(self):
+        return (_lookup_result_from_dict, (self.as_dict(),))
+
+
+def _lookup_result_from_dict(values: dict) -> LookupResult:
+    result = _b.LmcLookupResult(hit_tokens=values["hit_tokens"], elapsed_ns=values["elapsed_ns"])
+    result.tokens_by_tier[:] = list(values["tokens_by_tier"])
+    return LookupResult._from_c(result)
+
+
+def _check_int(name: str, value, low: int, high: int) -> int:
+    # ctypes stores integers into struct fields modulo 2**bits without complaint; refuse instead.
+    if not low <= value <= high:
+        raise OverflowError(f"{name}={value} is outside [{low}, {high}]")
+    return value
+
+
+def _request(tokens, extra_key, first_token: int = 0, slot_mapping=None, block_ids=None,
+             block_size=None, stream=0, destination_required: bool = True):
+    """Builds an lmc_request. Returns (request, owners): the converted buffers the request points
+    into, which the caller holds until the call has returned."""
+    if type(tokens) is not TokenBuffer:
+        tokens = TokenBuffer.from_values(tokens)
+    if type(extra_key) is not bytes:
+        extra_key = _as_key_bytes(extra_key)
+    request = _b.LmcRequest()
+    request.tokens = tokens.address
+    request.num_tokens = tokens.length
+    if extra_key:
+        request.extra_key = extra_key
+        request.extra_key_len = len(extra_key)
+    if first_token:
+        request.first_token = _check_int("first_token", operator.index(first_token), _INT64_MIN,
+                                         _INT64_MAX)
+    if stream:
+        request.stream = operator.index(stream)
+    destination = None
+    if block_ids is not None or block_size is not None:
+        if slot_mapping is not None:
+            raise TypeError("pass either slot_mapping or block_ids (with block_size), not both")
+        if block_ids is None or block_size is None:
+            raise TypeError("block_ids and block_size go together: pass both")
+        destination = BlockIdBuffer.from_values(block_ids)
+        request.destination_kind = _b.LMC_DESTINATION_BLOCK_TABLE
+        request.block_ids = destination.address
+        request.num_block_ids = destination.length
+        # Values < 1 go to the library, which refuses them (LmcInvalidArgument, a ValueError).
+        request.table_block_size = _check_int("block_size", operator.index(block_size), _INT32_MIN,
+                                              _INT32_MAX)
+    elif slot_mapping is not None:
+        destination = SlotBuffer.from_values(slot_mapping)
+        # The request carries one length for tokens and slots, so a shorter slot mapping would be
+        # read past its end. This is the one check that must happen on the Python side.
+        if destination.length != tokens.length:
+            raise LmcInvalidArgument(
+                _b.LMC_E_INVALID_ARGUMENT,
+                f"slot_mapping has {destination.length} entries but tokens has {tokens.length}",
+            )
+        request.slot_mapping = destination.address
+    elif destination_required:
+        raise TypeError("pass slot_mapping or block_ids (with block_size)")
+    return request, (tokens, destination, extra_key)
 
 
 class Engine:
@@ -274,67 +439,62 @@ class Engine:
         return self._bytes_per_token
 
     # -- lookup, store, retrieve ------------------------------------------------------------------
-    def lookup(self, tokens, extra_key=b"") -> int:
-        """Number of leading tokens whose KV is cached. Pass a ``TokenBuffer`` to skip conversion."""
+    def lookup(self, tokens, extra_key=b"") -> LookupResult:
+        """How many leading tokens are cached (the int value) and in which tier. Pass a
+        ``TokenBuffer`` to skip conversion."""
         handle = self._handle
         if handle is None:
             raise _closed_engine_error()
-        if type(tokens) is not TokenBuffer:
-            tokens = TokenBuffer.from_values(tokens)
-        if type(extra_key) is not bytes:
-            extra_key = _as_key_bytes(extra_key)
-        hit_tokens = c_int64()
-        status = _b.lmc_lookup(byref(hit_tokens), handle, tokens.address, tokens.length,
-                               extra_key, len(extra_key))
+        request, owners = _request(tokens, extra_key, destination_required=False)
+        result = _b.LmcLookupResult()
+        status = _b.lmc_lookup(byref(result), handle, byref(request))
         if status:
             check(status)
-        return hit_tokens.value
+        return LookupResult._from_c(result)
 
-    def store(self, tokens, slot_mapping, skip_leading_tokens: int = 0, extra_key=b"") -> int:
-        """Stores the KV of ``tokens`` found at ``slot_mapping``; returns the tokens from the
-        rounded-down skip point whose chunks are cached after the call."""
+    def _transfer(self, function, tokens, slot_mapping, first_token, extra_key, block_ids,
+                  block_size, stream, asynchronous: bool):
         handle = self.handle
-        tokens, slots, extra_key = _transfer_args(tokens, slot_mapping, extra_key)
-        stored_tokens = c_int64()
-        check(_b.lmc_store(byref(stored_tokens), handle, tokens.address, slots.address,
-                           tokens.length, skip_leading_tokens, extra_key, len(extra_key)))
-        return stored_tokens.value
+        request, owners = _request(tokens, extra_key, first_token, slot_mapping, block_ids,
+                                   block_size, stream)
+        if asynchronous:
+            job = c_void_p()
+            check(function(None, handle, byref(request), byref(job)))
+            return Job(job.value, self)
+        result = _b.LmcTransferResult()
+        check(function(byref(result), handle, byref(request), None))
+        return TransferResult._from_c(result)
 
-    def retrieve(self, tokens, slot_mapping, first_token_to_write: int = 0, extra_key=b"") -> int:
-        """Writes the longest cached prefix into the registered layers at ``slot_mapping`` (only
-        tokens from ``first_token_to_write`` on, and not slots -1); returns the prefix length."""
-        handle = self.handle
-        tokens, slots, extra_key = _transfer_args(tokens, slot_mapping, extra_key)
-        retrieved_tokens = c_int64()
-        check(_b.lmc_retrieve(byref(retrieved_tokens), handle, tokens.address, slots.address,
-                              tokens.length, first_token_to_write, extra_key, len(extra_key)))
-        return retrieved_tokens.value
+    def store(self, tokens, slot_mapping=None, skip_leading_tokens: int = 0, extra_key=b"", *,
+              block_ids=None, block_size=None, stream=0) -> TransferResult:
+        """Stores the KV of ``tokens`` found at ``slot_mapping`` (or in the block table
+        ``block_ids`` of ``block_size`` tokens per block). The result's int value is the number of
+        tokens from the rounded-down skip point whose chunks are cached after the call."""
+        return self._transfer(_b.lmc_store, tokens, slot_mapping, skip_leading_tokens, extra_key,
+                              block_ids, block_size, stream, False)
 
-    def store_async(self, tokens, slot_mapping, skip_leading_tokens: int = 0, extra_key=b"",
-                    stream: int = 0) -> tuple["Job", int]:
-        """``store`` with the copy enqueued on the CUDA ``stream`` of the registered device layers
-        (``torch.cuda.current_stream().cuda_stream``; 0 = the legacy default stream). Returns the job
-        (its ``wait()`` gives the stored tokens once the device is done) and the tokens that will be
-        cached when it succeeds. With host layers the copy is done when this returns."""
-        handle = self.handle
-        tokens, slots, extra_key = _transfer_args(tokens, slot_mapping, extra_key)
-        job, stored_tokens = c_void_p(), c_int64()
-        check(_b.lmc_store_async(byref(job), byref(stored_tokens), handle, tokens.address, slots.address,
-                                 tokens.length, skip_leading_tokens, extra_key, len(extra_key), stream))
-        return Job(job.value), stored_tokens.value
+    def retrieve(self, tokens, slot_mapping=None, first_token_to_write: int = 0, extra_key=b"", *,
+                 block_ids=None, block_size=None, stream=0) -> TransferResult:
+        """Writes the longest cached prefix into the registered layers at ``slot_mapping`` (or the
+        block table ``block_ids``), only tokens from ``first_token_to_write`` on and never slots -1.
+        The result's int value is the prefix length."""
+        return self._transfer(_b.lmc_retrieve, tokens, slot_mapping, first_token_to_write,
+                              extra_key, block_ids, block_size, stream, False)
 
-    def retrieve_async(self, tokens, slot_mapping, first_token_to_write: int = 0, extra_key=b"",
-                       stream: int = 0) -> tuple["Job", int]:
-        """``retrieve`` with the copy into the layers enqueued on the CUDA ``stream``: work enqueued on
-        that stream afterwards sees the KV; other streams and the host must ``wait()`` for the job.
-        Returns the job and the length of the prefix being retrieved."""
-        handle = self.handle
-        tokens, slots, extra_key = _transfer_args(tokens, slot_mapping, extra_key)
-        job, retrieved_tokens = c_void_p(), c_int64()
-        check(_b.lmc_retrieve_async(byref(job), byref(retrieved_tokens), handle, tokens.address,
-                                    slots.address, tokens.length, first_token_to_write, extra_key,
-                                    len(extra_key), stream))
-        return Job(job.value), retrieved_tokens.value
+    def store_async(self, tokens, slot_mapping=None, skip_leading_tokens: int = 0, extra_key=b"", *,
+                    block_ids=None, block_size=None, stream=0) -> "Job":
+        """``store`` in the background (the request is copied, so the buffers may be reused at
+        once): on the engine's workers for host layers, on the CUDA ``stream`` (0 = the library's
+        own) for device layers. ``Job.wait()`` gives the ``TransferResult`` ``store`` would have."""
+        return self._transfer(_b.lmc_store, tokens, slot_mapping, skip_leading_tokens, extra_key,
+                              block_ids, block_size, stream, True)
+
+    def retrieve_async(self, tokens, slot_mapping=None, first_token_to_write: int = 0, extra_key=b"",
+                       *, block_ids=None, block_size=None, stream=0) -> "Job":
+        """``retrieve`` in the background. For CUDA layers work enqueued on ``stream`` afterwards
+        sees the KV; other streams and the host must wait for the job first."""
+        return self._transfer(_b.lmc_retrieve, tokens, slot_mapping, first_token_to_write,
+                              extra_key, block_ids, block_size, stream, True)
 
     # -- statistics and maintenance ---------------------------------------------------------------
     def stats(self) -> dict:
@@ -371,14 +531,13 @@ class Engine:
 
     def prefetch(self, tokens, extra_key=b"") -> "Job":
         """Starts bringing the cached prefix of ``tokens`` from disk or remote into the CPU tier in
-        the background; ``Job.wait()`` returns the leading tokens then in memory."""
+        the background; ``Job.wait()`` gives a ``TransferResult`` whose value is the leading tokens
+        then in memory and whose ``chunks_by_tier`` says where they were found."""
         handle = self.handle
-        tokens = TokenBuffer.from_values(tokens)
-        extra_key = _as_key_bytes(extra_key)
+        request, owners = _request(tokens, extra_key, destination_required=False)
         job = c_void_p()
-        check(_b.lmc_prefetch_start(byref(job), handle, tokens.address, tokens.length, extra_key,
-                                    len(extra_key)))
-        return Job(job.value)
+        check(_b.lmc_prefetch_start(byref(job), handle, byref(request)))
+        return Job(job.value, self)
 
     def clear(self) -> None:
         """Drops every chunk of the CPU tier that is not being read; lower tiers keep their records
@@ -406,32 +565,78 @@ def remote_lookup(socket_path: str, tokens, extra_key=b"", timeout_s: float | No
     return hit_tokens.value
 
 
+_config_schema_cache = None
+
+
+def config_schema() -> list[dict]:
+    """The configuration keys ``Engine`` accepts (lmc_config_schema), one dict per key with "name",
+    "type", "default", "nullable", "description" and, where they apply, "minimum", "maximum",
+    "exclusive_minimum", "choices", "unsupported_values". Read once per process; each call returns a
+    fresh copy."""
+    global _config_schema_cache
+    if _config_schema_cache is None:
+        needed = c_int64(0)
+        status = _b.lmc_config_schema(byref(needed), None, 0)
+        if status not in (_b.LMC_OK, _b.LMC_E_BUFFER_TOO_SMALL):
+            raise error_for_status(status, last_error_message())
+        buffer = ctypes.create_string_buffer(max(needed.value, 1))
+        check(_b.lmc_config_schema(byref(needed), buffer, len(buffer)))
+        _config_schema_cache = buffer.value.decode("utf-8")
+    return json.loads(_config_schema_cache)
+
+
 class Job:
-    """A background operation (lmc_job). ``wait`` returns its result; ``close`` (idempotent, also on
-    ``__exit__``) releases the handle, and a job still running then goes on unobserved."""
+    """A background operation (lmc_job): ``done()`` polls, ``wait()`` / ``result()`` give its
+    ``TransferResult``; ``close()`` (idempotent, also on ``__exit__`` and ``__del__``) releases the
+    handle, and a job still running then goes on unobserved. The job keeps its engine object alive
+    (an engine waits for its jobs when destroyed anyway)."""
 
-    def __init__(self, handle: int):
+    def __init__(self, handle: int, engine: "Engine | None" = None):
         self._handle = handle
+        self._engine = engine
 
-    def wait(self, timeout_s: float | None = None) -> int:
+    @property
+    def handle(self) -> int:
+        """The raw lmc_job address, for the raw bindings."""
+        if self._handle is None:
+            raise _closed_job_error()
+        return self._handle
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    def wait(self, timeout_s: float | None = None) -> TransferResult:
         """The job's result; raises ``LmcTimeout`` if it is still running after ``timeout_s``
         (None waits as long as it takes), or the error the job failed with."""
-        if self._handle is None:
-            raise LmcInvalidHandle(_b.LMC_E_INVALID_HANDLE, "the job has been closed")
+        handle = self.handle
         timeout_ms = -1 if timeout_s is None else max(0, int(timeout_s * 1000))
-        result = c_int64()
-        check(_b.lmc_job_wait(byref(result), self._handle, timeout_ms))
-        return result.value
+        result = _b.LmcTransferResult()
+        check(_b.lmc_job_wait(byref(result), handle, timeout_ms))
+        return TransferResult._from_c(result)
+
+    def result(self) -> TransferResult:
+        """The result of a finished job without waiting; ``LmcTimeout`` while it runs, or the error
+        the job failed with."""
+        handle = self.handle
+        result = _b.LmcTransferResult()
+        check(_b.lmc_job_result(byref(result), handle))
+        return TransferResult._from_c(result)
 
     def done(self) -> bool:
-        """Whether the job has finished (successfully or not)."""
-        if self._handle is None:
+        """Whether the job has finished, successfully or not (lmc_job_poll); True once closed."""
+        handle = self._handle
+        if handle is None:
             return True
-        result = c_int64()
-        return _b.lmc_job_wait(byref(result), self._handle, 0) != _b.LMC_E_TIMEOUT
+        finished = c_int32()
+        status = _b.lmc_job_poll(byref(finished), handle)
+        if status:
+            check(status)
+        return finished.value != 0
 
     def close(self) -> None:
         handle, self._handle = self._handle, None
+        self._engine = None
         if handle is not None:
             _b.lmc_job_destroy(handle)
 
@@ -444,3 +649,11 @@ class Job:
     def __del__(self):
         if not sys.is_finalizing():
             self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._handle is None else hex(self._handle)
+        return f"<lmcache_native.Job {state}>"
+
+
+def _closed_job_error() -> LmcInvalidHandle:
+    return LmcInvalidHandle(_b.LMC_E_INVALID_HANDLE, "the job has been closed")

@@ -19,7 +19,6 @@ public class ConfigTests
         Assert.That(c.SaveUnfullChunk, Is.False);
         Assert.That(c.HashAlgorithm, Is.EqualTo(ChunkHashAlgorithm.Sha256));
         Assert.That(c.BlockingTimeoutSecs, Is.EqualTo(10));
-        Assert.That(c.LookupTimeoutMs, Is.EqualTo(3000));
     }
 
     [Test]
@@ -27,12 +26,11 @@ public class ConfigTests
     {
         var c = EngineConfig.Parse("""
             {"chunk_size": 64, "local_cpu": true, "max_local_cpu_size": 0.5, "save_unfull_chunk": true,
-             "pre_caching_hash_algorithm": "xxh3_128", "save_decode_cache": true, "min_retrieve_tokens": 32,
-             "enable_async_loading": true, "cache_policy": "lru", "local_disk": null, "remote_url": null,
-             "use_layerwise": false, "extra_config": {"anything": [1, 2]}, "priority_limit": 3}
+             "pre_caching_hash_algorithm": "xxh3_128", "cache_policy": "lru", "local_disk": null, "remote_url": null,
+             "use_layerwise": false, "extra_config": {"anything": [1, 2]}}
             """);
         Assert.That((c.ChunkSize, c.MaxLocalCpuBytes, c.SaveUnfullChunk, c.HashAlgorithm), Is.EqualTo((64, 1L << 29, true, ChunkHashAlgorithm.Xxh3_128)));
-        Assert.That((c.SaveDecodeCache, c.MinRetrieveTokens, c.EnableAsyncLoading, c.CachePolicy, c.PriorityLimit), Is.EqualTo((true, 32, true, "LRU", (int?)3)));
+        Assert.That(c.CachePolicy, Is.EqualTo("LRU"));
         Assert.That(c.ExtraConfigJson, Does.Contain("anything"));
     }
 
@@ -56,7 +54,7 @@ public class ConfigTests
     public void InvalidKeysAndValues_AreRefused_NamingTheKey(string json, string key)
     {
         var error = Assert.Throws<LmcException>(() => EngineConfig.Parse(json))!;
-        Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.InvalidArgument));
+        Assert.That(error.Kind, Is.EqualTo(LmcStatus.InvalidArgument));
         Assert.That(error.Message, Does.Contain($"\"{key}\""));
     }
 
@@ -64,7 +62,7 @@ public class ConfigTests
     [TestCase("{\"chunk_size\": }")]
     [TestCase("chunk_size: 256")]
     public void NonObjects_AreRefused(string json) =>
-        Assert.That(Assert.Throws<LmcException>(() => EngineConfig.Parse(json))!.Kind, Is.EqualTo(LmcErrorKind.InvalidArgument));
+        Assert.That(Assert.Throws<LmcException>(() => EngineConfig.Parse(json))!.Kind, Is.EqualTo(LmcStatus.InvalidArgument));
 
     [TestCase("{\"gds_path\": \"/mnt/gds\"}", "gds_path")]
     [TestCase("{\"use_layerwise\": true}", "use_layerwise")]
@@ -73,7 +71,7 @@ public class ConfigTests
     public void FeaturesNotInThisBuild_AreUnsupported_NamingTheKey(string json, string key)
     {
         var error = Assert.Throws<LmcException>(() => EngineConfig.Parse(json))!;
-        Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.Unsupported));
+        Assert.That(error.Kind, Is.EqualTo(LmcStatus.Unsupported));
         Assert.That(error.Message, Does.Contain(key));
     }
 
@@ -136,5 +134,38 @@ public class ConfigTests
     [TestCase("{\"cache_policy\": \"\\ud800x\"}")]
     [TestCase("{\"extra_config\": {\"a\": [[[\"\\ud800\"]]]}}")]
     public void LoneSurrogates_AreInvalidArguments(string json) =>
-        Assert.That(Assert.Throws<LmcException>(() => EngineConfig.Parse(json))!.Kind, Is.EqualTo(LmcErrorKind.InvalidArgument));
+        Assert.That(Assert.Throws<LmcException>(() => EngineConfig.Parse(json))!.Kind, Is.EqualTo(LmcStatus.InvalidArgument));
+
+    /// <summary>Keys only the vLLM connector reads belong to the connector: the engine refuses them like any unknown key.</summary>
+    [TestCase("save_decode_cache")]
+    [TestCase("min_retrieve_tokens")]
+    [TestCase("enable_async_loading")]
+    [TestCase("lookup_timeout_ms")]
+    [TestCase("priority_limit")]
+    public void ConnectorKeys_AreNotTheEngines(string key) =>
+        Assert.That(Assert.Throws<LmcException>(() => EngineConfig.Parse($"{{\"{key}\": null}}"))!.Message, Does.Contain("unknown key"));
+
+    [Test]
+    public void TheSchema_ListsEveryKeyOnce_WithDefaultsThatParseBack()
+    {
+        using var schema = System.Text.Json.JsonDocument.Parse(EngineConfig.SchemaJson);
+        var keys = schema.RootElement.EnumerateArray().ToList();
+        var names = keys.Select(k => k.GetProperty("name").GetString()!).ToList();
+        Assert.That(names, Is.Unique);
+        using var resolved = System.Text.Json.JsonDocument.Parse(new EngineConfig().ToJson());
+        Assert.That(names, Is.EquivalentTo(resolved.RootElement.EnumerateObject().Select(p => p.Name)));
+        // Every key's default, given back, is accepted and yields the default configuration.
+        string defaults = "{" + string.Join(", ", keys.Select(k => $"\"{k.GetProperty("name").GetString()}\": {k.GetProperty("default").GetRawText()}")) + "}";
+        Assert.That(EngineConfig.Parse(defaults).ToJson(), Is.EqualTo(new EngineConfig().ToJson()));
+        var chunk = keys.Single(k => k.GetProperty("name").GetString() == "chunk_size");
+        Assert.That((chunk.GetProperty("type").GetString(), chunk.GetProperty("default").GetInt32(), chunk.GetProperty("minimum").GetDouble()), Is.EqualTo(("integer", 256, 1.0)));
+        // The advertised bounds are the enforced ones.
+        foreach (var key in keys.Where(k => k.TryGetProperty("maximum", out _)))
+        {
+            string name = key.GetProperty("name").GetString()!;
+            double max = key.GetProperty("maximum").GetDouble();
+            Assert.That(() => EngineConfig.Parse($"{{\"{name}\": {max}}}"), Throws.Nothing, name);
+            Assert.That(Assert.Throws<LmcException>(() => EngineConfig.Parse($"{{\"{name}\": {max * 2 + 1}}}"))!.Message, Does.Contain(name));
+        }
+    }
 }

@@ -67,7 +67,7 @@ public class DiskTierTests
 
         engine.Clear();
         Assert.That(engine.GetStats().CachedChunks, Is.EqualTo(0));
-        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(36), "found on disk");
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(36), "found on disk");
 
         RetrieveAndCheck(engine, tokens, 36);
         Assert.That(Disk(engine).Hits, Is.EqualTo(5));
@@ -85,10 +85,10 @@ public class DiskTierTests
         engine.Flush(TimeSpan.FromSeconds(10));
         engine.Clear();
         // Bring the first two chunks back into memory only: CPU holds [0, 16), disk holds all.
-        Assert.That(engine.Prefetch(tokens.AsSpan(0, 16), default), Is.EqualTo(16));
+        Assert.That(engine.Prefetch(tokens.AsSpan(0, 16), default).TokensMatched, Is.EqualTo(16));
         Assert.That(engine.GetStats().CachedChunks, Is.EqualTo(2));
 
-        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(32));
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(32));
         RetrieveAndCheck(engine, tokens, 32);
         Assert.That(Disk(engine).Hits, Is.EqualTo(4), "2 by the prefetch, 2 by the retrieve");
     }
@@ -103,7 +103,7 @@ public class DiskTierTests
         } // dispose finishes the queued writes
 
         using var second = DiskEngine();
-        Assert.That(second.Lookup(tokens, default), Is.EqualTo(24));
+        Assert.That(second.Lookup(tokens, default).HitTokens, Is.EqualTo(24));
         RetrieveAndCheck(second, tokens, 24);
     }
 
@@ -136,7 +136,7 @@ public class DiskTierTests
         RetrieveAndCheck(reader, tokens, expected);
         Assert.That(File.Exists(victim), Is.False, "the damaged record is deleted");
         Assert.That(Disk(reader).CorruptRecords, Is.EqualTo(1));
-        Assert.That(reader.Lookup(tokens, default), Is.EqualTo(16));
+        Assert.That(reader.Lookup(tokens, default).HitTokens, Is.EqualTo(16));
     }
 
     [Test]
@@ -173,7 +173,7 @@ public class DiskTierTests
         Assert.That(RecordFiles(), Has.Length.EqualTo(3));
         Assert.That(Disk(engine).Evictions, Is.EqualTo(2));
         Assert.That(Disk(engine).UsedBytes, Is.EqualTo(3 * RecordBytes));
-        Assert.That(requests.Select(t => engine.Lookup(t, default)), Is.EqualTo(new long[] { 0, 0, 8, 8, 8 }));
+        Assert.That(requests.Select(t => engine.Lookup(t, default).HitTokens), Is.EqualTo(new long[] { 0, 0, 8, 8, 8 }));
     }
 
     [Test]
@@ -181,10 +181,10 @@ public class DiskTierTests
     {
         using var engine = DiskEngine(diskGb: 100.0 / (1L << 30));
         int[] tokens = Tokens(16, 6);
-        Assert.That(engine.Store(tokens, _slots.AsSpan(0, 16), 0, default).TokensInCache, Is.EqualTo(16));
+        Assert.That(engine.Store(tokens, _slots.AsSpan(0, 16), 0, default).TokensMatched, Is.EqualTo(16));
         engine.Flush(TimeSpan.FromSeconds(10));
         Assert.That(RecordFiles(), Is.Empty);
-        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(16));
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(16));
         RetrieveAndCheck(engine, tokens, 16);
     }
 
@@ -202,12 +202,12 @@ public class DiskTierTests
             using var engine = DiskEngine(diskGb: 1.0, cpuGb: 1.0);
             int[] tokens = Tokens(8 * 100, 7); // 100 records of 1.1 KiB: more than 64 KiB
             long[] slots = Enumerable.Range(0, 800).Select(i => (long)(i % 128)).ToArray();
-            Assert.That(engine.Store(tokens, slots, 0, default).TokensInCache, Is.EqualTo(800));
+            Assert.That(engine.Store(tokens, slots, 0, default).TokensMatched, Is.EqualTo(800));
             engine.Flush(TimeSpan.FromSeconds(30));
             var disk = Disk(engine);
             Assert.That(disk.Errors, Is.GreaterThan(0), "writes failed with ENOSPC");
             Assert.That(disk.Writes, Is.GreaterThan(0).And.LessThan(100));
-            Assert.That(engine.Lookup(tokens, default), Is.EqualTo(800), "the CPU tier still has everything");
+            Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(800), "the CPU tier still has everything");
         }
         finally
         {
@@ -241,7 +241,7 @@ public class DiskTierTests
         using var other = new CacheEngine(EngineConfig.Parse(
             $"{{\"chunk_size\": 8, \"local_disk\": \"{_directory}\", \"max_local_disk_size\": 1}}"), "another-model", 1, 0);
         other.RegisterLayers(_source.Describe());
-        Assert.That(other.Lookup(tokens, default), Is.EqualTo(0));
+        Assert.That(other.Lookup(tokens, default).HitTokens, Is.EqualTo(0));
         Assert.That(RecordFiles(), Has.Length.EqualTo(2), "not deleted either");
     }
 
@@ -300,11 +300,11 @@ public class DiskTierTests
         File.CreateSymbolicLink(records[2], target);
 
         // The engine still indexes all three (no rescan): reading them must not block on the FIFO.
-        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(24));
-        long inMemory = WithinSeconds(() => engine.Prefetch(tokens, default), "reading a record that became a FIFO");
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(24));
+        long inMemory = WithinSeconds(() => engine.Prefetch(tokens, default).TokensMatched, "reading a record that became a FIFO");
         Assert.That(inMemory, Is.EqualTo(8), "only the first chunk is a regular file");
         Assert.That(Disk(engine).CorruptRecords, Is.InRange(1, 2), "the FIFO is counted (and the link, if the parallel read reached it)");
-        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(8), "the FIFO's chunk left the index");
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(8), "the FIFO's chunk left the index");
         Assert.That(File.Exists(target) && File.Exists(records[1]), Is.True, "neither the FIFO nor the link's target is deleted");
         WithinSeconds(() => { engine.Dispose(); return true; }, "destroying the engine");
         using var restarted = DiskEngine();
@@ -351,7 +351,7 @@ public class DiskTierTests
         using var reader = new CacheEngine(EngineConfig.Parse(json), "model-c", 1, 0);
         reader.RegisterLayers(_source.Describe());
         reader.Clear();
-        Assert.That(reader.Lookup(lastTokens[2], default), Is.EqualTo(8));
+        Assert.That(reader.Lookup(lastTokens[2], default).HitTokens, Is.EqualTo(8));
     }
 
     [Test]

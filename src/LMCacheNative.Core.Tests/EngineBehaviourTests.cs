@@ -32,7 +32,7 @@ public class EngineBehaviourTests
     }
 
     private long Store(CacheEngine engine, int[] tokens, long skip = 0, byte[]? extra = null) =>
-        engine.Store(tokens, _slots.AsSpan(0, tokens.Length), skip, extra).TokensInCache;
+        engine.Store(tokens, _slots.AsSpan(0, tokens.Length), skip, extra).TokensMatched;
 
     [Test]
     public void Lookup_IsChunkGranular_WithoutSaveUnfullChunk()
@@ -40,9 +40,9 @@ public class EngineBehaviourTests
         using var engine = Registered("{\"chunk_size\": 8}");
         int[] tokens = Tokens(37, 1);
         Assert.That(Store(engine, tokens), Is.EqualTo(32), "the trailing 5 tokens are not stored");
-        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(32));
-        Assert.That(engine.Lookup(tokens.AsSpan(0, 20), default), Is.EqualTo(16), "a shorter prompt hits its whole chunks");
-        Assert.That(engine.Lookup(tokens.Concat(Tokens(30, 2)).ToArray(), default), Is.EqualTo(32), "a longer prompt hits the shared prefix");
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(32));
+        Assert.That(engine.Lookup(tokens.AsSpan(0, 20), default).HitTokens, Is.EqualTo(16), "a shorter prompt hits its whole chunks");
+        Assert.That(engine.Lookup(tokens.Concat(Tokens(30, 2)).ToArray(), default).HitTokens, Is.EqualTo(32), "a longer prompt hits the shared prefix");
     }
 
     [Test]
@@ -51,10 +51,10 @@ public class EngineBehaviourTests
         using var engine = Registered("{\"chunk_size\": 8, \"save_unfull_chunk\": true}");
         int[] tokens = Tokens(37, 1);
         Assert.That(Store(engine, tokens), Is.EqualTo(37));
-        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(37));
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(37));
         // Tokens [32, 36) hash differently from the stored partial chunk [32, 37).
-        Assert.That(engine.Lookup(tokens.AsSpan(0, 36), default), Is.EqualTo(32));
-        Assert.That(engine.Lookup(tokens.Concat(new[] { 7 }).ToArray(), default), Is.EqualTo(32));
+        Assert.That(engine.Lookup(tokens.AsSpan(0, 36), default).HitTokens, Is.EqualTo(32));
+        Assert.That(engine.Lookup(tokens.Concat(new[] { 7 }).ToArray(), default).HitTokens, Is.EqualTo(32));
     }
 
     [Test]
@@ -65,9 +65,9 @@ public class EngineBehaviourTests
         Store(engine, tokens);
         int[] changed = (int[])tokens.Clone();
         changed[20] = -5;
-        Assert.That(engine.Lookup(changed, default), Is.EqualTo(16));
+        Assert.That(engine.Lookup(changed, default).HitTokens, Is.EqualTo(16));
         changed[3] = -5;
-        Assert.That(engine.Lookup(changed, default), Is.EqualTo(0));
+        Assert.That(engine.Lookup(changed, default).HitTokens, Is.EqualTo(0));
     }
 
     [Test]
@@ -78,10 +78,10 @@ public class EngineBehaviourTests
         long inCache = Store(engine, tokens, skip: 20);
         Assert.That(inCache, Is.EqualTo(40 - 16), "from chunk [16, 24) on");
         Assert.That(engine.GetStats().StoredTokens, Is.EqualTo(24));
-        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(0), "the skipped prefix chunks are not in the cache");
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(0), "the skipped prefix chunks are not in the cache");
 
         Store(engine, tokens.AsSpan(0, 16).ToArray());
-        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(40), "once the prefix is stored the later chunks hit");
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(40), "once the prefix is stored the later chunks hit");
         Assert.That(engine.GetStats().StoredTokens, Is.EqualTo(40));
     }
 
@@ -92,7 +92,7 @@ public class EngineBehaviourTests
         int[] tokens = Tokens(32, 1);
         Store(engine, tokens.AsSpan(0, 16).ToArray());
         var result = engine.Store(tokens, _slots.AsSpan(0, 32), 0, default);
-        Assert.That(result.TokensInCache, Is.EqualTo(32));
+        Assert.That(result.TokensMatched, Is.EqualTo(32));
         Assert.That(result.TokensCopied, Is.EqualTo(16));
         Assert.That(result.BytesCopied, Is.EqualTo(16 * engine.BytesPerToken));
     }
@@ -104,8 +104,8 @@ public class EngineBehaviourTests
         int[] tokens = Tokens(32, 1);
         long[] slots = _slots.AsSpan(0, 32).ToArray();
         slots[18] = -1;
-        Assert.That(engine.Store(tokens, slots, 0, default).TokensInCache, Is.EqualTo(16));
-        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(16));
+        Assert.That(engine.Store(tokens, slots, 0, default).TokensMatched, Is.EqualTo(16));
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(16));
     }
 
     [Test]
@@ -118,10 +118,10 @@ public class EngineBehaviourTests
         byte[] lastByteDiffers = (byte[])salt.Clone();
         lastByteDiffers[^1] ^= 1;
 
-        Assert.That(engine.Lookup(tokens, salt), Is.EqualTo(16));
-        Assert.That(engine.Lookup(tokens, lastByteDiffers), Is.EqualTo(0));
-        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(0));
-        Assert.That(engine.Retrieve(tokens, _slots.AsSpan(0, 16), 0, lastByteDiffers).RetrievedTokens, Is.EqualTo(0));
+        Assert.That(engine.Lookup(tokens, salt).HitTokens, Is.EqualTo(16));
+        Assert.That(engine.Lookup(tokens, lastByteDiffers).HitTokens, Is.EqualTo(0));
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(0));
+        Assert.That(engine.Retrieve(tokens, _slots.AsSpan(0, 16), 0, lastByteDiffers).TokensMatched, Is.EqualTo(0));
     }
 
     [Test]
@@ -130,12 +130,12 @@ public class EngineBehaviourTests
         int[] tokens = Tokens(16, 1);
         using var engine = Registered("{\"chunk_size\": 8}");
         Store(engine, tokens);
-        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(16));
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(16));
 
         // Re-registering the same shape keeps the cache; a different model shape starts afresh.
         using var otherHeads = new TestModelCache(TestLayout.FlashNhd, 2, 32, 4, 1, 16, 2);
         engine.RegisterLayers(otherHeads.Describe());
-        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(0));
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(0));
         Assert.That(engine.GetStats().CachedChunks, Is.EqualTo(0));
     }
 
@@ -149,15 +149,15 @@ public class EngineBehaviourTests
 
         int[] first = Tokens(40, 1);
         var stored = engine.Store(first, _slots.AsSpan(0, 40), 0, default);
-        Assert.That(stored.TokensInCache, Is.EqualTo(24), "only three chunks fit; a store never evicts its own prefix");
+        Assert.That(stored.TokensMatched, Is.EqualTo(24), "only three chunks fit; a store never evicts its own prefix");
         Assert.That(stored.ChunksSkippedForSpace, Is.EqualTo(2));
 
         int[] second = Tokens(16, 2);
-        Assert.That(engine.Store(second, _slots.AsSpan(40, 16), 0, default).TokensInCache, Is.EqualTo(16));
+        Assert.That(engine.Store(second, _slots.AsSpan(40, 16), 0, default).TokensMatched, Is.EqualTo(16));
 
         // The first request's suffix chunks were least recently used: its prefix survives.
-        Assert.That(engine.Lookup(first, default), Is.EqualTo(8));
-        Assert.That(engine.Lookup(second, default), Is.EqualTo(16));
+        Assert.That(engine.Lookup(first, default).HitTokens, Is.EqualTo(8));
+        Assert.That(engine.Lookup(second, default).HitTokens, Is.EqualTo(16));
         var stats = engine.GetStats();
         Assert.That(stats.EvictedChunks, Is.EqualTo(2));
         Assert.That(stats.StoreSkippedChunks, Is.EqualTo(2));
@@ -171,7 +171,7 @@ public class EngineBehaviourTests
         using var engine = Registered("{\"chunk_size\": 8, \"local_cpu\": false}");
         int[] tokens = Tokens(16, 1);
         Assert.That(Store(engine, tokens), Is.EqualTo(0));
-        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(0));
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(0));
     }
 
     [Test]
@@ -195,7 +195,7 @@ public class EngineBehaviourTests
         engine.Clear();
         Assert.That(engine.GetStats().CachedChunks, Is.EqualTo(0));
         Assert.That(engine.GetStats().PoolUsedBytes, Is.EqualTo(0));
-        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(0));
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(0));
         Assert.That(engine.GetStats().StoredTokens, Is.EqualTo(24), "clear keeps the counters");
     }
 
@@ -203,9 +203,9 @@ public class EngineBehaviourTests
     public void BadInput_IsRefusedWithAMessage_OnEveryMethod()
     {
         using var unregistered = NewEngine();
-        Assert.That(Kind(() => unregistered.Lookup(Tokens(8, 1), default)), Is.EqualTo(LmcErrorKind.InvalidArgument));
-        Assert.That(Kind(() => unregistered.Store(Tokens(8, 1), new long[8], 0, default)), Is.EqualTo(LmcErrorKind.InvalidArgument));
-        Assert.That(Kind(() => unregistered.Retrieve(Tokens(8, 1), new long[8], 0, default)), Is.EqualTo(LmcErrorKind.InvalidArgument));
+        Assert.That(Kind(() => unregistered.Lookup(Tokens(8, 1), default)), Is.EqualTo(LmcStatus.InvalidArgument));
+        Assert.That(Kind(() => unregistered.Store(Tokens(8, 1), new long[8], 0, default)), Is.EqualTo(LmcStatus.InvalidArgument));
+        Assert.That(Kind(() => unregistered.Retrieve(Tokens(8, 1), new long[8], 0, default)), Is.EqualTo(LmcStatus.InvalidArgument));
 
         using var engine = Registered("{\"chunk_size\": 8}");
         int[] tokens = Tokens(16, 1);
@@ -216,19 +216,19 @@ public class EngineBehaviourTests
         long[] negative = _slots.AsSpan(0, 16).ToArray();
         negative[3] = -2;
         Assert.That(Message(() => engine.Store(tokens, negative, 0, default)), Does.Contain("slot_mapping[3] = -2"));
-        Assert.That(Kind(() => engine.RegisterLayers([])), Is.EqualTo(LmcErrorKind.InvalidArgument));
+        Assert.That(Kind(() => engine.RegisterLayers([])), Is.EqualTo(LmcStatus.InvalidArgument));
         Assert.That(engine.GetStats().StoreRequests, Is.EqualTo(0), "failed calls change nothing");
 
-        Assert.That(Kind(() => new CacheEngine(new EngineConfig(), "m", 0, 0)), Is.EqualTo(LmcErrorKind.InvalidArgument));
-        Assert.That(Kind(() => new CacheEngine(new EngineConfig(), "m", 2, 2)), Is.EqualTo(LmcErrorKind.InvalidArgument));
-        Assert.That(Kind(() => new CacheEngine(new EngineConfig(), "m", 2, -1)), Is.EqualTo(LmcErrorKind.InvalidArgument));
+        Assert.That(Kind(() => new CacheEngine(new EngineConfig(), "m", 0, 0)), Is.EqualTo(LmcStatus.InvalidArgument));
+        Assert.That(Kind(() => new CacheEngine(new EngineConfig(), "m", 2, 2)), Is.EqualTo(LmcStatus.InvalidArgument));
+        Assert.That(Kind(() => new CacheEngine(new EngineConfig(), "m", 2, -1)), Is.EqualTo(LmcStatus.InvalidArgument));
 
         var noRemoteBackend = Assert.Throws<LmcException>(() => new CacheEngine(EngineConfig.Parse("{\"remote_url\": \"lm://host:1\"}"), "m", 1, 0))!;
-        Assert.That(noRemoteBackend.Kind, Is.EqualTo(LmcErrorKind.Unsupported));
+        Assert.That(noRemoteBackend.Kind, Is.EqualTo(LmcStatus.Unsupported));
         Assert.That(noRemoteBackend.Message, Does.Contain("remote_url"));
 
         var cuda = _cache.Describe().Select(l => l with { Device = DeviceKind.Cuda }).ToArray();
-        Assert.That(Kind(() => engine.RegisterLayers(cuda)), Is.EqualTo(LmcErrorKind.Unsupported));
+        Assert.That(Kind(() => engine.RegisterLayers(cuda)), Is.EqualTo(LmcStatus.Unsupported));
     }
 
     [Test]
@@ -237,12 +237,12 @@ public class EngineBehaviourTests
         var engine = Registered("{\"chunk_size\": 8}");
         engine.Dispose();
         engine.Dispose();
-        Assert.That(Kind(() => engine.Lookup(Tokens(8, 1), default)), Is.EqualTo(LmcErrorKind.InvalidHandle));
-        Assert.That(Kind(() => engine.Store(Tokens(8, 1), new long[8], 0, default)), Is.EqualTo(LmcErrorKind.InvalidHandle));
-        Assert.That(Kind(() => engine.Retrieve(Tokens(8, 1), new long[8], 0, default)), Is.EqualTo(LmcErrorKind.InvalidHandle));
-        Assert.That(Kind(() => engine.GetStats()), Is.EqualTo(LmcErrorKind.InvalidHandle));
-        Assert.That(Kind(() => engine.Clear()), Is.EqualTo(LmcErrorKind.InvalidHandle));
-        Assert.That(Kind(() => engine.RegisterLayers(_cache.Describe())), Is.EqualTo(LmcErrorKind.InvalidHandle));
+        Assert.That(Kind(() => engine.Lookup(Tokens(8, 1), default)), Is.EqualTo(LmcStatus.InvalidHandle));
+        Assert.That(Kind(() => engine.Store(Tokens(8, 1), new long[8], 0, default)), Is.EqualTo(LmcStatus.InvalidHandle));
+        Assert.That(Kind(() => engine.Retrieve(Tokens(8, 1), new long[8], 0, default)), Is.EqualTo(LmcStatus.InvalidHandle));
+        Assert.That(Kind(() => engine.GetStats()), Is.EqualTo(LmcStatus.InvalidHandle));
+        Assert.That(Kind(() => engine.Clear()), Is.EqualTo(LmcStatus.InvalidHandle));
+        Assert.That(Kind(() => engine.RegisterLayers(_cache.Describe())), Is.EqualTo(LmcStatus.InvalidHandle));
     }
 
     [Test]
@@ -269,7 +269,7 @@ public class EngineBehaviourTests
                         engine.Store(tokens, slots, 0, default);
                         break;
                     case 1:
-                        long hit = engine.Lookup(tokens, default);
+                        long hit = engine.Lookup(tokens, default).HitTokens;
                         if (hit % 8 != 0 || hit > 32) failures.Add($"lookup {hit}");
                         break;
                     default:
@@ -306,7 +306,7 @@ public class EngineBehaviourTests
             Parallel.For(0, 4, new ParallelOptions { MaxDegreeOfParallelism = 4 }, i =>
             {
                 start.SignalAndWait();
-                results[i] = engine.Store(tokens, _slots.AsSpan(0, 64), 0, default).TokensInCache;
+                results[i] = engine.Store(tokens, _slots.AsSpan(0, 64), 0, default).TokensMatched;
             });
             Assert.That(results, Is.All.EqualTo(64), $"round {round}");
             Assert.That(engine.GetStats().StoredTokens - storedBefore, Is.EqualTo(64), $"round {round}");
@@ -314,6 +314,6 @@ public class EngineBehaviourTests
         Assert.That(engine.GetStats().StoreSkippedChunks, Is.EqualTo(0));
     }
 
-    private static LmcErrorKind Kind(Action action) => Assert.Throws<LmcException>(action)!.Kind;
+    private static LmcStatus Kind(Action action) => Assert.Throws<LmcException>(action)!.Kind;
     private static string Message(Action action) => Assert.Throws<LmcException>(action)!.Message;
 }

@@ -48,7 +48,7 @@ public class EngineTransferTests
         int[] tokens = Tokens(numTokens, 1);
         long[] sourceSlots = RandomSlots(random, source.NumSlots, numTokens);
         engine.RegisterLayers(source.Describe());
-        Assert.That(engine.Store(tokens, sourceSlots, 0, default).TokensInCache, Is.EqualTo(numTokens));
+        Assert.That(engine.Store(tokens, sourceSlots, 0, default).TokensMatched, Is.EqualTo(numTokens));
 
         engine.RegisterLayers(destination.Describe());
         long[] destinationSlots = RandomSlots(random, destination.NumSlots, numTokens, minusOneEvery: 7);
@@ -59,11 +59,11 @@ public class EngineTransferTests
 
         var result = engine.Retrieve(tokens, destinationSlots, firstTokenToWrite, default);
 
-        Assert.That(result.RetrievedTokens, Is.EqualTo(numTokens));
+        Assert.That(result.TokensMatched, Is.EqualTo(numTokens));
         var actual = destination.Snapshot();
         for (int l = 0; l < Layers; l++) Assert.That(actual[l], Is.EqualTo(expected[l]), $"layer {l}");
         int written = Enumerable.Range(firstTokenToWrite, numTokens - firstTokenToWrite).Count(t => destinationSlots[t] >= 0);
-        Assert.That(result.BytesWritten, Is.EqualTo((long)written * engine.BytesPerToken));
+        Assert.That(result.BytesCopied, Is.EqualTo((long)written * engine.BytesPerToken));
     }
 
     [Test]
@@ -85,7 +85,7 @@ public class EngineTransferTests
         for (int t = 0; t < 40; t++)
             if (destinationSlots[t] >= 0) destination.ExpectCopied(expected, source, sourceSlots[t], destinationSlots[t]);
 
-        Assert.That(engine.Retrieve(tokens, destinationSlots, 0, default).RetrievedTokens, Is.EqualTo(40));
+        Assert.That(engine.Retrieve(tokens, destinationSlots, 0, default).TokensMatched, Is.EqualTo(40));
         var actual = destination.Snapshot();
         for (int l = 0; l < 3; l++) Assert.That(actual[l], Is.EqualTo(expected[l]));
     }
@@ -116,7 +116,7 @@ public class EngineTransferTests
         for (int t = 0; t < numTokens; t++)
             if (destinationSlots[t] >= 0) destination.ExpectCopied(expected, source, sourceSlots[t], destinationSlots[t]);
 
-        Assert.That(engine.Retrieve(tokens, destinationSlots, 0, default).RetrievedTokens, Is.EqualTo(numTokens));
+        Assert.That(engine.Retrieve(tokens, destinationSlots, 0, default).TokensMatched, Is.EqualTo(numTokens));
         var actual = destination.Snapshot();
         for (int l = 0; l < 2; l++) Assert.That(actual[l].AsSpan().SequenceEqual(expected[l]), Is.True, $"layer {l}");
     }
@@ -141,7 +141,7 @@ public class EngineTransferTests
         var expected = destination.Snapshot();
         for (int t = 0; t < 16; t++) destination.ExpectCopied(expected, cache, slots[t], slots[t]);
 
-        Assert.That(engine.Retrieve(request, slots, 0, default).RetrievedTokens, Is.EqualTo(16));
+        Assert.That(engine.Retrieve(request, slots, 0, default).TokensMatched, Is.EqualTo(16));
         var actual = destination.Snapshot();
         for (int l = 0; l < Layers; l++) Assert.That(actual[l], Is.EqualTo(expected[l]));
     }
@@ -162,7 +162,7 @@ public class EngineTransferTests
 
         var error = Assert.Throws<LmcException>(() => engine.Retrieve(tokens, slots, 0, default))!;
 
-        Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.InvalidArgument));
+        Assert.That(error.Kind, Is.EqualTo(LmcStatus.InvalidArgument));
         Assert.That(error.Message, Does.Contain("slot_mapping[15]"));
         var after = cache.Snapshot();
         for (int l = 0; l < Layers; l++) Assert.That(after[l], Is.EqualTo(before[l]));

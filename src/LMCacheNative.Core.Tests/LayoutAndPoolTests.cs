@@ -29,7 +29,7 @@ public class LayoutValidationTests
     private static string Refusal(params KvLayerLayout[] layers)
     {
         var error = Assert.Throws<LmcException>(() => LayoutValidator.Validate(layers))!;
-        Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.InvalidArgument));
+        Assert.That(error.Kind, Is.EqualTo(LmcStatus.InvalidArgument));
         return error.Message;
     }
 

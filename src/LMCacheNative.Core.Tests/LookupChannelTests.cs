@@ -23,9 +23,15 @@ public class LookupChannelTests
         _engine.RegisterLayers(_cache.Describe());
     }
 
+    private LookupServer? _server;
+
+    /// <summary>Serves <see cref="_engine"/> on the test's socket until the test ends.</summary>
+    private void Serve() => _server = new LookupServer(_engine, _socketPath);
+
     [TearDown]
     public void TearDown()
     {
+        _server?.Dispose();
         _engine.Dispose();
         _cache.Dispose();
         if (File.Exists(_socketPath)) File.Delete(_socketPath);
@@ -37,10 +43,10 @@ public class LookupChannelTests
         int[] stored = Tokens(29, 1);
         byte[] salt = [1, 2, 3];
         _engine.Store(stored, RandomSlots(new Random(1), _cache.NumSlots, 29), 0, salt);
-        _engine.StartLookupServer(_socketPath);
+        Serve();
 
         foreach (var (tokens, key) in new[] { (stored, salt), (stored[..20], salt), (stored.Concat(Tokens(5, 2)).ToArray(), salt), (stored, Array.Empty<byte>()) })
-            Assert.That(LookupClient.Lookup(_socketPath, tokens, key, TimeSpan.FromSeconds(5)), Is.EqualTo(_engine.Lookup(tokens, key)));
+            Assert.That(LookupClient.Lookup(_socketPath, tokens, key, TimeSpan.FromSeconds(5)), Is.EqualTo(_engine.Lookup(tokens, key).HitTokens));
         Assert.That(LookupClient.Lookup(_socketPath, stored, salt, TimeSpan.FromSeconds(5)), Is.EqualTo(29));
         Assert.That(LookupClient.Lookup(_socketPath, [], [], TimeSpan.FromSeconds(5)), Is.EqualTo(0));
 
@@ -51,13 +57,12 @@ public class LookupChannelTests
     [Test]
     public void NoServer_IsAnIoError_AndAStoppedServerRemovesItsSocket()
     {
-        _engine.StartLookupServer(_socketPath);
-        Assert.That(Assert.Throws<LmcException>(() => _engine.StartLookupServer(_socketPath + "2"))!.Message, Does.Contain("already serves"));
-        _engine.StopLookupServer();
-        _engine.StopLookupServer();
+        Serve();
+        _server!.Dispose();
+        _server.Dispose();
         Assert.That(File.Exists(_socketPath), Is.False);
         var error = Assert.Throws<LmcException>(() => LookupClient.Lookup(_socketPath, Tokens(8, 1), [], TimeSpan.FromSeconds(1)))!;
-        Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.Io));
+        Assert.That(error.Kind, Is.EqualTo(LmcStatus.Io));
     }
 
     [Test]
@@ -69,16 +74,16 @@ public class LookupChannelTests
         silent.Listen(4);
         var watch = Stopwatch.StartNew();
         var error = Assert.Throws<LmcException>(() => LookupClient.Lookup(_socketPath, Tokens(8, 1), [], TimeSpan.FromMilliseconds(300)))!;
-        Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.Timeout));
+        Assert.That(error.Kind, Is.EqualTo(LmcStatus.Timeout));
         Assert.That(watch.Elapsed, Is.LessThan(TimeSpan.FromSeconds(3)));
-        Assert.That(Assert.Throws<LmcException>(() => _engine.StartLookupServer(_socketPath))!.Message, Does.Contain("in use"));
+        Assert.That(Assert.Throws<LmcException>(() => new LookupServer(_engine, _socketPath))!.Message, Does.Contain("in use"));
     }
 
     [Test]
     public void GarbageFromOnePeer_DropsOnlyThatConnection()
     {
         _engine.Store(Tokens(16, 3), RandomSlots(new Random(2), _cache.NumSlots, 16), 0, default);
-        _engine.StartLookupServer(_socketPath);
+        Serve();
         using (var rogue = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
         {
             rogue.Connect(new UnixDomainSocketEndPoint(_socketPath));
@@ -102,7 +107,7 @@ public class LookupChannelTests
         var dead = Process.Start("/usr/bin/python3", ["-c", $"import socket; socket.socket(socket.AF_UNIX).bind('{_socketPath}')"])!;
         dead.WaitForExit();
         Assert.That(Posix.Inspect(_socketPath).Kind, Is.EqualTo(Posix.FileKind.Socket));
-        _engine.StartLookupServer(_socketPath);
+        Serve();
         Assert.That(LookupClient.Lookup(_socketPath, Tokens(8, 9), [], TimeSpan.FromSeconds(5)), Is.EqualTo(0));
     }
 
@@ -110,13 +115,13 @@ public class LookupChannelTests
     public void ARegularFileOrDirectoryAtTheSocketPath_IsRefused_AndKept()
     {
         File.WriteAllText(_socketPath, "the user's file");
-        var error = Assert.Throws<LmcException>(() => _engine.StartLookupServer(_socketPath))!;
-        Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.InvalidArgument));
+        var error = Assert.Throws<LmcException>(() => new LookupServer(_engine, _socketPath))!;
+        Assert.That(error.Kind, Is.EqualTo(LmcStatus.InvalidArgument));
         Assert.That(error.Message, Does.Contain("not a socket"));
         Assert.That(File.ReadAllText(_socketPath), Is.EqualTo("the user's file"));
         File.Delete(_socketPath);
         Directory.CreateDirectory(_socketPath);
-        Assert.Throws<LmcException>(() => _engine.StartLookupServer(_socketPath));
+        Assert.Throws<LmcException>(() => new LookupServer(_engine, _socketPath));
         Assert.That(Directory.Exists(_socketPath), Is.True);
         Directory.Delete(_socketPath);
     }
@@ -124,7 +129,7 @@ public class LookupChannelTests
     [Test]
     public void TheSocketFile_IsOnlyForItsUser()
     {
-        _engine.StartLookupServer(_socketPath);
+        Serve();
         Assert.That(File.GetUnixFileMode(_socketPath), Is.EqualTo(UnixFileMode.UserRead | UnixFileMode.UserWrite));
     }
 
@@ -180,16 +185,16 @@ public class LookupChannelTests
         using (listener)
         {
             var error = Assert.Throws<LmcException>(() => LookupClient.Lookup(_socketPath, Tokens(100, 1), [], TimeSpan.FromSeconds(5)))!;
-            Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.Io));
+            Assert.That(error.Kind, Is.EqualTo(LmcStatus.Io));
             Assert.That(error.Message, Does.Contain("protocol error"));
         }
     }
 
-    [TestCase(-10, LmcErrorKind.Io)]
-    [TestCase(-999, LmcErrorKind.Io)]
-    [TestCase(7, LmcErrorKind.Io)]
-    [TestCase(-1, LmcErrorKind.InvalidArgument)]
-    public void ARemoteFailureStatus_MapsToAKnownKind_NeverInternal(int status, LmcErrorKind expected)
+    [TestCase(-10, LmcStatus.Io)]
+    [TestCase(-999, LmcStatus.Io)]
+    [TestCase(7, LmcStatus.Io)]
+    [TestCase(-1, LmcStatus.InvalidArgument)]
+    public void ARemoteFailureStatus_MapsToAKnownKind_NeverInternal(int status, LmcStatus expected)
     {
         FakeServer(peer => peer.Send(Response(status, 0)), out var listener);
         using (listener)
@@ -212,7 +217,7 @@ public class LookupChannelTests
         {
             var watch = Stopwatch.StartNew();
             var error = Assert.Throws<LmcException>(() => LookupClient.Lookup(_socketPath, Tokens(10, 1), [], TimeSpan.FromMilliseconds(500)))!;
-            Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.Timeout));
+            Assert.That(error.Kind, Is.EqualTo(LmcStatus.Timeout));
             Assert.That(watch.Elapsed, Is.LessThan(TimeSpan.FromMilliseconds(1200)), "bounded by the 500 ms deadline, not 16 reads of 500 ms");
         }
     }
@@ -239,7 +244,7 @@ public class LookupChannelTests
     {
         int[] stored = Tokens(16, 3);
         _engine.Store(stored, RandomSlots(new Random(2), _cache.NumSlots, 16), 0, default);
-        _engine.StartLookupServer(_socketPath);
+        Serve();
         var hostile = new List<Socket>();
         try
         {
@@ -275,7 +280,7 @@ public class LookupChannelTests
     [Test]
     public void ADripFeedingPeer_IsCutOffAtTheRequestDeadline()
     {
-        _engine.StartLookupServer(_socketPath);
+        Serve();
         using var drip = ConnectRaw();
         var request = RequestHeader(0, 4).Concat(new byte[16]).ToArray();
         var watch = Stopwatch.StartNew();
@@ -303,7 +308,7 @@ public class LookupChannelTests
     [Test]
     public void AnnouncedBodies_AreNotAllocated_AndOversizedRequestsAreRefused()
     {
-        _engine.StartLookupServer(_socketPath);
+        Serve();
         // Larger than the wire allows: dropped at the header.
         using (var huge = ConnectRaw())
         {
@@ -329,7 +334,7 @@ public class LookupChannelTests
     [Test]
     public void AFloodOfConnections_IsCapped_AndTheNewestAreServed()
     {
-        _engine.StartLookupServer(_socketPath);
+        Serve();
         var idle = Enumerable.Range(0, LookupServer.MaxConnections * 3).Select(_ => ConnectRaw()).ToList();
         try
         {
@@ -351,7 +356,7 @@ public class LookupChannelTests
         // process's prefetch jobs (thread-pool work) timed out behind them.
         int[] stored = Tokens(16, 4);
         _engine.Store(stored, RandomSlots(new Random(3), _cache.NumSlots, 16), 0, default);
-        _engine.StartLookupServer(_socketPath);
+        Serve();
         var held = Enumerable.Range(0, 128).Select(i =>
         {
             var socket = ConnectRaw();
@@ -362,7 +367,7 @@ public class LookupChannelTests
         {
             Thread.Sleep(200);
             var watch = Stopwatch.StartNew();
-            var jobs = Enumerable.Range(0, 16).Select(_ => Task.Run(() => _engine.Prefetch(stored, default))).ToArray();
+            var jobs = Enumerable.Range(0, 16).Select(_ => Task.Run(() => _engine.Prefetch(stored, default).TokensMatched)).ToArray();
             Assert.That(Task.WaitAll(jobs, TimeSpan.FromSeconds(3)), Is.True, "prefetch jobs finish while peers hold connections");
             Assert.That(jobs.Select(j => j.Result), Is.All.EqualTo(16));
             Assert.That(watch.Elapsed, Is.LessThan(TimeSpan.FromSeconds(3)));
@@ -388,7 +393,7 @@ public class LookupChannelTests
     [Test]
     public void APeerOfAnotherUser_IsNotServed()
     {
-        _engine.StartLookupServer(_socketPath);
+        Serve();
         File.SetUnixFileMode(_socketPath, (UnixFileMode)0x1B6); // 0666: let the other user reach the check itself
         using var client = RunAsNobody($$"""
             import socket, struct
@@ -431,7 +436,7 @@ public class LookupChannelTests
             if (squatter is null) Assert.Ignore("needs root and setpriv to run a peer as another user");
             Assert.That(squatter.StandardOutput.ReadLine(), Is.EqualTo("ready"), () => squatter.StandardError.ReadToEnd());
             var error = Assert.Throws<LmcException>(() => LookupClient.Lookup(path, Tokens(8, 1), [], TimeSpan.FromSeconds(2)))!;
-            Assert.That(error.Kind, Is.EqualTo(LmcErrorKind.Io));
+            Assert.That(error.Kind, Is.EqualTo(LmcStatus.Io));
             Assert.That(error.Message, Does.Contain("65534"));
             squatter.Kill();
         }
@@ -445,6 +450,6 @@ public class LookupChannelTests
     public void BadSocketPaths_AreInvalidArguments()
     {
         foreach (var path in new[] { "", new string('x', 200) })
-            Assert.That(Assert.Throws<LmcException>(() => LookupClient.Lookup(path, Tokens(8, 1), [], TimeSpan.FromSeconds(1)))!.Kind, Is.EqualTo(LmcErrorKind.InvalidArgument));
+            Assert.That(Assert.Throws<LmcException>(() => LookupClient.Lookup(path, Tokens(8, 1), [], TimeSpan.FromSeconds(1)))!.Kind, Is.EqualTo(LmcStatus.InvalidArgument));
     }
 }

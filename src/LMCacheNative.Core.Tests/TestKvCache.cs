@@ -162,7 +162,7 @@ public sealed class TestModelCache : IDisposable
         engine.RegisterLayers(destination.Describe());
         var expected = destination.Snapshot();
         for (int t = 0; t < expectedTokens; t++) destination.ExpectCopied(expected, this, slots[t], slots[t]);
-        long retrieved = engine.Retrieve(tokens, slots.AsSpan(0, tokens.Length), 0, default).RetrievedTokens;
+        long retrieved = engine.Retrieve(tokens, slots.AsSpan(0, tokens.Length), 0, default).TokensMatched;
         engine.RegisterLayers(Describe());
         NUnit.Framework.Assert.That(retrieved, NUnit.Framework.Is.EqualTo(expectedTokens));
         var actual = destination.Snapshot();

@@ -57,7 +57,7 @@ public class WriteBehindTests
 
         int[] tokens = Tokens(48, 1); // 6 chunks
         var watch = System.Diagnostics.Stopwatch.StartNew();
-        Assert.That(engine.Store(tokens, slots, 0, default).TokensInCache, Is.EqualTo(48));
+        Assert.That(engine.Store(tokens, slots, 0, default).TokensMatched, Is.EqualTo(48));
         Assert.That(watch.Elapsed, Is.LessThan(TimeSpan.FromSeconds(5)), "the store does not wait for the tier");
         Assert.That(engine.Flush(TimeSpan.FromMilliseconds(100)), Is.False, "the tier's writes are still held");
 
@@ -71,7 +71,7 @@ public class WriteBehindTests
 
         // Pins were released: the whole pool can be reused by another request.
         engine.Clear();
-        Assert.That(engine.Store(Tokens(64, 2), RandomSlots(new Random(3), cache.NumSlots, 64), 0, default).TokensInCache, Is.EqualTo(64));
+        Assert.That(engine.Store(Tokens(64, 2), RandomSlots(new Random(3), cache.NumSlots, 64), 0, default).TokensMatched, Is.EqualTo(64));
     }
 
     [Test]
@@ -91,7 +91,7 @@ public class WriteBehindTests
         Assert.That(engine.Flush(TimeSpan.FromSeconds(10)), Is.True);
         Assert.That(tier.Records.Count, Is.EqualTo(2));
         Assert.That(engine.GetStats().CachedChunks, Is.EqualTo(0), "written down, then dropped from the staging pool");
-        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(16));
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(16));
 
         var before = cache.Snapshot();
         using var destination = new TestModelCache(TestLayout.FlashNhd, 2, 32, 4, 2, 8, 2);
@@ -99,7 +99,7 @@ public class WriteBehindTests
         engine.RegisterLayers(destination.Describe());
         var expected = destination.Snapshot();
         for (int t = 0; t < 16; t++) destination.ExpectCopied(expected, cache, slots[t], slots[t]);
-        Assert.That(engine.Retrieve(tokens, slots, 0, default).RetrievedTokens, Is.EqualTo(16));
+        Assert.That(engine.Retrieve(tokens, slots, 0, default).TokensMatched, Is.EqualTo(16));
         var actual = destination.Snapshot();
         for (int l = 0; l < 2; l++) Assert.That(actual[l], Is.EqualTo(expected[l]));
         Assert.That(engine.GetStats().CachedChunks, Is.EqualTo(0));

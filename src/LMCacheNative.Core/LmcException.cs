@@ -1,11 +1,14 @@
 namespace LMCacheNative.Core;
 
 /// <summary>
-/// The kinds of failure the engine reports. The numeric values are the C ABI's pinned status codes
-/// (include/lmcache_native.h); the exports layer passes them through unchanged.
+/// The C ABI's status codes (include/lmcache_native.h), declared once: the engine's failures carry
+/// one, the exports return them unchanged, and lmc_status_name derives each name from its member
+/// name (InvalidArgument → "LMC_E_INVALID_ARGUMENT"). Pinned: never renumber; append only, without
+/// gaps, below the last.
 /// </summary>
-public enum LmcErrorKind
+public enum LmcStatus
 {
+    Ok = 0,
     InvalidArgument = -1,
     InvalidHandle = -2,
     Unsupported = -3,
@@ -20,10 +23,11 @@ public enum LmcErrorKind
 }
 
 /// <summary>An expected failure with a message meant for the caller (it names the bad key, field or argument).</summary>
-public sealed class LmcException(LmcErrorKind kind, string message) : Exception(message)
+public sealed class LmcException(LmcStatus kind, string message) : Exception(message)
 {
-    public LmcErrorKind Kind { get; } = kind;
+    /// <summary>The status the C ABI reports; never <see cref="LmcStatus.Ok"/>.</summary>
+    public LmcStatus Kind { get; } = kind;
 
-    public static LmcException InvalidArgument(string message) => new(LmcErrorKind.InvalidArgument, message);
-    public static LmcException Unsupported(string message) => new(LmcErrorKind.Unsupported, message);
+    public static LmcException InvalidArgument(string message) => new(LmcStatus.InvalidArgument, message);
+    public static LmcException Unsupported(string message) => new(LmcStatus.Unsupported, message);
 }

@@ -105,8 +105,8 @@ public class EmulatedGpuTests
         int launches = FakeCuda.LaunchCalls;
         var hostStore = host.Store(tokens, slots, 0, "k"u8);
         var cudaStore = cuda.Store(tokens, slots, 0, "k"u8);
-        Assert.That(cudaStore, Is.EqualTo(hostStore));
-        Assert.That(hostStore.TokensInCache, Is.EqualTo(24));
+        Assert.That(cudaStore with { ElapsedNanoseconds = 0 }, Is.EqualTo(hostStore with { ElapsedNanoseconds = 0 }));
+        Assert.That(hostStore.TokensMatched, Is.EqualTo(24));
         Assert.That(FakeCuda.LaunchCalls - launches, Is.EqualTo(1), "one launch moves the whole request");
 
         host.RegisterLayers(dstHost.Describe());
@@ -116,8 +116,8 @@ public class EmulatedGpuTests
         {
             var hostRetrieve = host.Retrieve(tokens, slots2, first, "k"u8);
             var cudaRetrieve = cuda.Retrieve(tokens, slots2, first, "k"u8);
-            Assert.That(cudaRetrieve, Is.EqualTo(hostRetrieve), $"first {first}");
-            Assert.That(hostRetrieve.RetrievedTokens, Is.EqualTo(24));
+            Assert.That(cudaRetrieve with { ElapsedNanoseconds = 0 }, Is.EqualTo(hostRetrieve with { ElapsedNanoseconds = 0 }), $"first {first}");
+            Assert.That(hostRetrieve.TokensMatched, Is.EqualTo(24));
             var expected = dstHost.Snapshot();
             var actual = dstDevice.Snapshot();
             for (int l = 0; l < expected.Length; l++) Assert.That(actual[l], Is.EqualTo(expected[l]), $"layer {l}, first {first}");
@@ -142,10 +142,10 @@ public class EmulatedGpuTests
             using var engine = new CacheEngine(EngineConfig.Parse(Config), "m", 1, 0, deviceBackend: backend);
             engine.RegisterLayers(Cuda(src));
             int dtoh = FakeCuda.DtoHAsyncCalls;
-            Assert.That(engine.Store(tokens, slots, 0, default).TokensInCache, Is.EqualTo(24));
+            Assert.That(engine.Store(tokens, slots, 0, default).TokensMatched, Is.EqualTo(24));
             Assert.That(FakeCuda.DtoHAsyncCalls - dtoh, Is.EqualTo(options.StagingMinBytes == 0 ? 3 : 0), "one cuMemcpyDtoHAsync per staged chunk");
             engine.RegisterLayers(Cuda(dst));
-            Assert.That(engine.Retrieve(tokens, slots, 0, default).RetrievedTokens, Is.EqualTo(24));
+            Assert.That(engine.Retrieve(tokens, slots, 0, default).TokensMatched, Is.EqualTo(24));
         }
         var a = dstA.Snapshot();
         var b = dstB.Snapshot();
@@ -190,22 +190,38 @@ public class EmulatedGpuTests
         long[] slots = Enumerable.Range(0, 16).Select(i => (long)i).ToArray();
         FakeCuda.EventGate = new ManualResetEventSlim(false);
         const nint stream = 0x5EA;
-        var store = engine.StoreAsync(tokens, slots, 0, default, stream, out long planned);
-        Assert.That(planned, Is.EqualTo(16));
+        var store = engine.StoreAsync(new OwnedKvRequest(tokens, [], slots, 0, stream));
         Thread.Sleep(50);
         Assert.That(store.IsCompleted, Is.False, "the device has not passed the event");
-        Assert.That(engine.Lookup(tokens, default), Is.Zero, "chunks are published only when the copy is done");
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.Zero, "chunks are published only when the copy is done");
         FakeCuda.EventGate.Set();
         Assert.That(store.Wait(TimeSpan.FromSeconds(10)), Is.True);
-        Assert.That(store.Result.TokensInCache, Is.EqualTo(16));
-        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(16));
+        Assert.That(store.Result.TokensMatched, Is.EqualTo(16));
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(16));
         Assert.That(FakeCuda.StreamLog.Select(e => e.Stream).Distinct(), Is.EqualTo(new[] { stream }), "everything enqueued on the caller's stream");
         Assert.That(FakeCuda.StreamLog.Select(e => e.Call), Is.EqualTo(new[] { "cuMemcpyHtoDAsync", "cuLaunchKernel", "cuEventRecord" }));
 
-        var retrieve = engine.RetrieveAsync(tokens, slots, 0, default, stream, out long retrieved);
-        Assert.That(retrieved, Is.EqualTo(16));
+        var retrieve = engine.RetrieveAsync(new OwnedKvRequest(tokens, [], slots, 0, stream));
         Assert.That(retrieve.Wait(TimeSpan.FromSeconds(10)), Is.True);
-        Assert.That(retrieve.Result.RetrievedTokens, Is.EqualTo(16));
+        Assert.That(retrieve.Result.TokensMatched, Is.EqualTo(16));
+        Assert.That(retrieve.Result.ChunksByTier[0], Is.EqualTo(2), "both chunks of 8 tokens from the CPU tier");
+    }
+
+    [Test]
+    public void RequestsWithoutAStream_RunOnTheLibrarysOwnStream()
+    {
+        var src = DeviceCache(TestLayout.FlashNhd, 10, 16, 2);
+        using var engine = new CacheEngine(EngineConfig.Parse(Config), "m", 1, 0, deviceBackend: FakeCuda.Backend());
+        engine.RegisterLayers(Cuda(src));
+        int[] tokens = Enumerable.Range(1, 16).ToArray();
+        long[] slots = Enumerable.Range(0, 16).Select(i => (long)i).ToArray();
+        Assert.That(engine.Store(new KvRequest(tokens, [], slots)).TokensMatched, Is.EqualTo(16));
+        Assert.That(engine.RetrieveAsync(new OwnedKvRequest(tokens, [], slots, 0, 0)).Wait(TimeSpan.FromSeconds(10)), Is.True);
+        var launches = FakeCuda.StreamLog.Where(e => e.Call == "cuLaunchKernel").Select(e => e.Stream).ToList();
+        Assert.That(launches, Has.Count.EqualTo(2));
+        Assert.That(launches, Is.All.Not.EqualTo((nint)0), "never the legacy default stream");
+        Assert.That(FakeCuda.CreatedStreams, Does.Contain(launches[0]));
+        Assert.That(launches.Distinct().Count(), Is.EqualTo(1), "one own stream per device");
     }
 
     [Test]
@@ -218,12 +234,12 @@ public class EmulatedGpuTests
         long[] slots = Enumerable.Range(0, 16).Select(i => (long)i).ToArray();
         FakeCuda.EventGate = new ManualResetEventSlim(false);
         var stores = Enumerable.Range(0, 4)
-            .Select(i => engine.StoreAsync(tokens, slots, 0, BitConverter.GetBytes(i), 0x100 + i, out _)).ToArray();
+            .Select(i => engine.StoreAsync(new OwnedKvRequest(tokens, BitConverter.GetBytes(i), slots, 0, 0x100 + i))).ToArray();
         Thread.Sleep(50);
         Assert.That(stores.Any(t => t.IsCompleted), Is.False);
         FakeCuda.EventGate.Set();
         Assert.That(Task.WaitAll(stores, TimeSpan.FromSeconds(10)), Is.True);
-        for (int i = 0; i < 4; i++) Assert.That(engine.Lookup(tokens, BitConverter.GetBytes(i)), Is.EqualTo(16));
+        for (int i = 0; i < 4; i++) Assert.That(engine.Lookup(tokens, BitConverter.GetBytes(i)).HitTokens, Is.EqualTo(16));
         Assert.That(FakeCuda.StreamLog.Where(e => e.Call == "cuLaunchKernel").Select(e => (long)e.Stream), Is.EqualTo(new long[] { 0x100, 0x101, 0x102, 0x103 }));
     }
 
@@ -234,7 +250,7 @@ public class EmulatedGpuTests
         var engine = new CacheEngine(EngineConfig.Parse(Config), "m", 1, 0, deviceBackend: FakeCuda.Backend());
         engine.RegisterLayers(Cuda(src));
         FakeCuda.EventGate = new ManualResetEventSlim(false);
-        var store = engine.StoreAsync(Enumerable.Range(1, 16).ToArray(), Enumerable.Range(0, 16).Select(i => (long)i).ToArray(), 0, default, 0, out _);
+        var store = engine.StoreAsync(new OwnedKvRequest(Enumerable.Range(1, 16).ToArray(), [], Enumerable.Range(0, 16).Select(i => (long)i).ToArray(), 0, 0));
         var dispose = Task.Run(engine.Dispose);
         Assert.That(dispose.Wait(200), Is.False, "destroy waits while the device still writes the pool");
         FakeCuda.EventGate.Set();
@@ -252,14 +268,14 @@ public class EmulatedGpuTests
         long[] slots = Enumerable.Range(0, 16).Select(i => (long)i).ToArray();
         FakeCuda.LaunchResult = FakeCuda.ErrorLaunchFailed;
         var e = Assert.Throws<LmcException>(() => engine.Store(tokens, slots, 0, default))!;
-        Assert.That(e.Kind, Is.EqualTo(LmcErrorKind.Cuda));
+        Assert.That(e.Kind, Is.EqualTo(LmcStatus.Cuda));
         Assert.That(e.Message, Does.Contain("cuLaunchKernel").And.Contain("CUDA_ERROR_LAUNCH_FAILED (719)"));
-        Assert.That(engine.Lookup(tokens, default), Is.Zero);
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.Zero);
         Assert.That(engine.GetStats().PoolUsedBytes, Is.Zero, "reserved chunks were returned");
         Assert.That(FakeCuda.ContextDepthOfThisThread, Is.Zero);
 
         FakeCuda.LaunchResult = 0;
-        Assert.That(engine.Store(tokens, slots, 0, default).TokensInCache, Is.EqualTo(16), "the engine works again");
+        Assert.That(engine.Store(tokens, slots, 0, default).TokensMatched, Is.EqualTo(16), "the engine works again");
     }
 
     [Test]
@@ -271,11 +287,11 @@ public class EmulatedGpuTests
         int[] tokens = Enumerable.Range(1, 16).ToArray();
         long[] slots = Enumerable.Range(0, 16).Select(i => (long)i).ToArray();
         FakeCuda.EventSyncResult = FakeCuda.ErrorIllegalAddress;
-        var store = engine.StoreAsync(tokens, slots, 0, default, 0x10, out _);
+        var store = engine.StoreAsync(new OwnedKvRequest(tokens, [], slots, 0, 0x10));
         var e = Assert.Throws<AggregateException>(() => store.Wait(TimeSpan.FromSeconds(10)))!.InnerException as LmcException;
-        Assert.That(e?.Kind, Is.EqualTo(LmcErrorKind.Cuda));
+        Assert.That(e?.Kind, Is.EqualTo(LmcStatus.Cuda));
         Assert.That(e!.Message, Does.Contain("CUDA_ERROR_ILLEGAL_ADDRESS"));
-        Assert.That(engine.Lookup(tokens, default), Is.Zero);
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.Zero);
         Assert.That(engine.GetStats().PoolUsedBytes, Is.Zero);
     }
 
@@ -291,15 +307,15 @@ public class EmulatedGpuTests
         engine.RegisterLayers(host.Describe());
         engine.Store(tokens, slots, 0, default);
         Assert.That(FakeCuda.HostAllocCalls, Is.Zero, "host layers: plain host memory");
-        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(16));
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(16));
 
         engine.RegisterLayers(Cuda(device));
-        Assert.That(engine.Lookup(tokens, default), Is.Zero, "host -> CUDA layers: a new (pinned) pool");
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.Zero, "host -> CUDA layers: a new (pinned) pool");
         engine.Store(tokens, slots, 0, default);
         Assert.That(FakeCuda.HostAllocCalls, Is.GreaterThanOrEqualTo(2), "chunk slabs (and argument buffers) from cuMemHostAlloc");
 
         engine.RegisterLayers(Cuda(device));
-        Assert.That(engine.Lookup(tokens, default), Is.EqualTo(16), "CUDA -> CUDA on the same device keeps the cache");
+        Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(16), "CUDA -> CUDA on the same device keeps the cache");
     }
 
     [Test]
@@ -308,13 +324,13 @@ public class EmulatedGpuTests
         var host = HostCache(TestLayout.FlashNhd, 10, 16, 2);
         using var engine = new CacheEngine(EngineConfig.Parse(Config), "m", 1, 0, deviceBackend: FakeCuda.Backend());
         var e = Assert.Throws<LmcException>(() => engine.RegisterLayers(Cuda(host)))!;
-        Assert.That(e.Kind, Is.EqualTo(LmcErrorKind.InvalidArgument));
+        Assert.That(e.Kind, Is.EqualTo(LmcStatus.InvalidArgument));
         Assert.That(e.Message, Does.Contain("layer 0").And.Contain("is not CUDA memory"));
 
         var device = DeviceCache(TestLayout.FlashNhd, 10, 16, 2);
         var wrongOrdinal = Cuda(device).Select(l => l with { DeviceIndex = 1 }).ToArray();
         e = Assert.Throws<LmcException>(() => engine.RegisterLayers(wrongOrdinal))!;
-        Assert.That(e.Kind, Is.EqualTo(LmcErrorKind.InvalidArgument));
+        Assert.That(e.Kind, Is.EqualTo(LmcStatus.InvalidArgument));
         Assert.That(e.Message, Does.Contain("device_index 1 does not exist"));
         Assert.That(engine.IsRegistered, Is.False);
     }

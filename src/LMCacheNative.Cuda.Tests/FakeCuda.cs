@@ -142,7 +142,6 @@ internal static unsafe class FakeCuda
         "cuModuleLoadData" => (nint)(delegate* unmanaged<nint*, void*, int>)&CuModuleLoadData,
         "cuModuleUnload" => (nint)(delegate* unmanaged<nint, int>)&CuModuleUnload,
         "cuModuleGetFunction" => (nint)(delegate* unmanaged<nint*, nint, byte*, int>)&CuModuleGetFunction,
-        "cuFuncGetAttribute" => (nint)(delegate* unmanaged<int*, int, nint, int>)&CuFuncGetAttribute,
         "cuLaunchKernel" => (nint)(delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int>)&CuLaunchKernel,
         "cuMemAlloc_v2" => (nint)(delegate* unmanaged<ulong*, nuint, int>)&CuMemAlloc,
         "cuMemFree_v2" => (nint)(delegate* unmanaged<ulong, int>)&CuMemFree,
@@ -152,6 +151,8 @@ internal static unsafe class FakeCuda
         "cuMemcpyHtoD_v2" => (nint)(delegate* unmanaged<ulong, void*, nuint, int>)&CuMemcpyHtoD,
         "cuMemcpyHtoDAsync_v2" => (nint)(delegate* unmanaged<ulong, void*, nuint, nint, int>)&CuMemcpyHtoDAsync,
         "cuMemcpyDtoHAsync_v2" => (nint)(delegate* unmanaged<void*, ulong, nuint, nint, int>)&CuMemcpyDtoHAsync,
+        "cuStreamCreate" => (nint)(delegate* unmanaged<nint*, uint, int>)&CuStreamCreate,
+        "cuStreamDestroy_v2" => (nint)(delegate* unmanaged<nint, int>)&CuStreamDestroy,
         "cuEventCreate" => (nint)(delegate* unmanaged<nint*, uint, int>)&CuEventCreate,
         "cuEventRecord" => (nint)(delegate* unmanaged<nint, nint, int>)&CuEventRecord,
         "cuEventQuery" => (nint)(delegate* unmanaged<nint, int>)&CuEventQuery,
@@ -298,12 +299,6 @@ internal static unsafe class FakeCuda
         return 0;
     }
 
-    [UnmanagedCallersOnly]
-    private static int CuFuncGetAttribute(int* value, int attribute, nint function)
-    {
-        *value = attribute == CudaDriver.FuncAttributeNumRegs ? 32 : 0;
-        return 0;
-    }
 
     [UnmanagedCallersOnly]
     private static int CuLaunchKernel(nint function, uint gx, uint gy, uint gz, uint bx, uint by, uint bz, uint shared, nint stream, void** parameters, void** extra)
@@ -392,6 +387,19 @@ internal static unsafe class FakeCuda
         Buffer.MemoryCopy((void*)source, destination, bytes, bytes);
         return 0;
     }
+
+    /// <summary>Streams the library created for itself (its own stream per device).</summary>
+    public static readonly ConcurrentQueue<nint> CreatedStreams = new();
+
+    [UnmanagedCallersOnly]
+    private static int CuStreamCreate(nint* stream, uint flags)
+    {
+        *stream = NextHandle();
+        CreatedStreams.Enqueue(*stream);
+        return 0;
+    }
+
+    [UnmanagedCallersOnly] private static int CuStreamDestroy(nint stream) => 0;
 
     [UnmanagedCallersOnly]
     private static int CuEventCreate(nint* ev, uint flags)

@@ -22,7 +22,7 @@ public class NoGpuPathTests
     [SetUp]
     public void SetUp() => FakeCuda.Reset();
 
-    private static LmcErrorKind Kind(Action action)
+    private static LmcStatus Kind(Action action)
     {
         var e = Assert.Throws<LmcException>(action)!;
         TestContext.Out.WriteLine($"{e.Kind}: {e.Message}");
@@ -54,7 +54,7 @@ public class NoGpuPathTests
             Environment.SetEnvironmentVariable(CudaDriver.LibraryEnvironmentVariable, "/nonexistent");
             var backend = new CudaBackend();
             var e = Assert.Throws<LmcException>(() => backend.DeviceCount())!;
-            Assert.That(e.Kind, Is.EqualTo(LmcErrorKind.NoDevice));
+            Assert.That(e.Kind, Is.EqualTo(LmcStatus.NoDevice));
             Assert.That(e.Message, Does.Contain("/nonexistent"));
         }
         finally
@@ -104,7 +104,7 @@ public class NoGpuPathTests
         FakeCuda.InitResult = CudaDriver.ErrorNoDevice;
         var backend = FakeCuda.Backend();
         var e = Assert.Throws<LmcException>(() => backend.DeviceCount())!;
-        Assert.That(e.Kind, Is.EqualTo(LmcErrorKind.NoDevice));
+        Assert.That(e.Kind, Is.EqualTo(LmcStatus.NoDevice));
         Assert.That(e.Message, Does.Contain("cuInit failed with CUDA_ERROR_NO_DEVICE (100)"));
     }
 
@@ -112,7 +112,7 @@ public class NoGpuPathTests
     public void ZeroDevices_IsNoDevice()
     {
         FakeCuda.DeviceCountValue = 0;
-        Assert.That(Kind(() => FakeCuda.Backend().DeviceCount()), Is.EqualTo(LmcErrorKind.NoDevice));
+        Assert.That(Kind(() => FakeCuda.Backend().DeviceCount()), Is.EqualTo(LmcStatus.NoDevice));
     }
 
     [Test]
@@ -124,16 +124,16 @@ public class NoGpuPathTests
         {
             using var engine = new CacheEngine(EngineConfig.Parse("{\"chunk_size\": 4}"), "m", 1, 0, deviceBackend: backend);
             var cuda = cache.Describe().Select(l => l with { Device = DeviceKind.Cuda }).ToArray();
-            Assert.That(Kind(() => engine.RegisterLayers(cuda)), Is.EqualTo(LmcErrorKind.NoDevice));
+            Assert.That(Kind(() => engine.RegisterLayers(cuda)), Is.EqualTo(LmcStatus.NoDevice));
             Assert.That(engine.IsRegistered, Is.False);
 
             engine.RegisterLayers(cache.Describe());
             int[] tokens = Enumerable.Range(100, 12).ToArray();
             long[] slots = Enumerable.Range(3, 12).Select(i => (long)i).ToArray();
-            Assert.That(engine.Store(tokens, slots, 0, default).TokensInCache, Is.EqualTo(12));
+            Assert.That(engine.Store(tokens, slots, 0, default).TokensMatched, Is.EqualTo(12));
             var stored = cache.Snapshot();
             cache.Fill(0);
-            Assert.That(engine.Retrieve(tokens, slots, 0, default).RetrievedTokens, Is.EqualTo(12));
+            Assert.That(engine.Retrieve(tokens, slots, 0, default).TokensMatched, Is.EqualTo(12));
             // Every retrieved slot holds the stored bytes again.
             var after = cache.Snapshot();
             for (int l = 0; l < 2; l++)
@@ -166,6 +166,6 @@ public class NoGpuPathTests
         using var cache = new TestModelCache(TestLayout.FlashNhd, 1, 4, 4, 1, 8, 2);
         using var engine = new CacheEngine(EngineConfig.Parse(null), "m", 1, 0);
         Assert.That(Kind(() => engine.RegisterLayers(cache.Describe().Select(l => l with { Device = DeviceKind.Cuda }).ToArray())),
-            Is.EqualTo(LmcErrorKind.Unsupported));
+            Is.EqualTo(LmcStatus.Unsupported));
     }
 }

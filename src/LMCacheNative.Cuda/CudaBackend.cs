@@ -9,7 +9,7 @@ namespace LMCacheNative.Cuda;
 /// The CUDA implementation of the engine's <see cref="IDeviceBackend"/>. Creating it costs nothing:
 /// the driver is loaded and initialised on first use (a registration of CUDA layers or a device
 /// query), once per backend, and devices are set up on first use each. Without a driver or a GPU
-/// every device operation reports <see cref="LmcErrorKind.NoDevice"/> and the CPU path is untouched.
+/// every device operation reports <see cref="LmcStatus.NoDevice"/> and the CPU path is untouched.
 /// </summary>
 public sealed class CudaBackend : IDeviceBackend
 {
@@ -30,7 +30,7 @@ public sealed class CudaBackend : IDeviceBackend
 
     internal CudaAvailability Availability => _availability.Value;
 
-    /// <summary>Number of CUDA devices, or <see cref="LmcErrorKind.NoDevice"/> saying why there is none usable.</summary>
+    /// <summary>Number of CUDA devices, or <see cref="LmcStatus.NoDevice"/> saying why there is none usable.</summary>
     public int DeviceCount()
     {
         var availability = Availability;
@@ -38,7 +38,7 @@ public sealed class CudaBackend : IDeviceBackend
         return availability.DeviceCount;
     }
 
-    public IDeviceKvTransfer Attach(IReadOnlyList<KvLayerLayout> layers)
+    public IKvTransfer Attach(IReadOnlyList<KvLayerLayout> layers)
     {
         var availability = Availability;
         if (!availability.IsAvailable) throw NoDevice(availability);
@@ -71,5 +71,5 @@ public sealed class CudaBackend : IDeviceBackend
     }
 
     private static LmcException NoDevice(CudaAvailability availability) =>
-        new(LmcErrorKind.NoDevice, $"the CUDA path is not available on this machine: {availability.Reason}");
+        new(LmcStatus.NoDevice, $"the CUDA path is not available on this machine: {availability.Reason}");
 }

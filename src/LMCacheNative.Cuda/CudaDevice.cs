@@ -63,10 +63,6 @@ internal sealed unsafe class CudaDevice
                     byte[] utf8 = Encoding.ASCII.GetBytes(kernel + "\0");
                     fixed (byte* n = utf8) driver.Check(driver.cuModuleGetFunction(&function, module, n), $"cuModuleGetFunction({kernel})");
                     _kernels[kernel] = function;
-                    int registers = 0, local = 0;
-                    driver.cuFuncGetAttribute(&registers, CudaDriver.FuncAttributeNumRegs, function);
-                    driver.cuFuncGetAttribute(&local, CudaDriver.FuncAttributeLocalSizeBytes, function);
-                    KernelResources[kernel] = (registers, local);
                 }
             }
         }
@@ -90,9 +86,6 @@ internal sealed unsafe class CudaDevice
     public nint Module { get; }
     public PinnedHostAllocator PinnedAllocator { get; }
 
-    /// <summary>Registers and local (spill) bytes per kernel, as the driver reports them for this device.</summary>
-    public Dictionary<string, (int Registers, int LocalBytes)> KernelResources { get; } = new();
-
     public nint Kernel(bool gather, int vectorWidth) => _kernels[KernelAbi.KernelName(gather, vectorWidth)];
 
     /// <summary>Pushes the primary context for a scope; the previous current context is restored on dispose.</summary>
@@ -108,6 +101,28 @@ internal sealed unsafe class CudaDevice
         {
             nint popped;
             driver.cuCtxPopCurrent_v2(&popped);
+        }
+    }
+
+    private nint _ownStream;
+    private readonly object _ownStreamLock = new();
+
+    /// <summary>
+    /// The library's own stream on this device (non-blocking: it does not wait for the legacy default
+    /// stream), for requests that name none. Created on first use; lives as long as the process.
+    /// </summary>
+    public nint OwnStream
+    {
+        get
+        {
+            lock (_ownStreamLock)
+            {
+                if (_ownStream != 0) return _ownStream;
+                using var scope = Enter();
+                nint stream;
+                Driver.Check(Driver.cuStreamCreate(&stream, CudaDriver.StreamNonBlocking), "cuStreamCreate");
+                return _ownStream = stream;
+            }
         }
     }
 

@@ -27,13 +27,12 @@ internal sealed unsafe class CudaDriver
     public const int ErrorNotReady = 600;
     public const uint MemHostAllocPortable = 0x01;
     public const uint MemHostAllocDeviceMap = 0x02;
+    public const uint StreamNonBlocking = 0x1;
     public const uint EventBlockingSync = 0x1;
     public const uint EventDisableTiming = 0x2;
     public const int PointerAttributeMemoryType = 2;
     public const int PointerAttributeDeviceOrdinal = 9;
     public const int MemoryTypeDevice = 2;
-    public const int FuncAttributeLocalSizeBytes = 3;
-    public const int FuncAttributeNumRegs = 4;
     public const int DeviceAttributeMultiprocessorCount = 16;
     public const int DeviceAttributeCanMapHostMemory = 19;
     public const int DeviceAttributeUnifiedAddressing = 41;
@@ -56,7 +55,6 @@ internal sealed unsafe class CudaDriver
     public delegate* unmanaged<nint*, void*, int> cuModuleLoadData;
     public delegate* unmanaged<nint, int> cuModuleUnload;
     public delegate* unmanaged<nint*, nint, byte*, int> cuModuleGetFunction;
-    public delegate* unmanaged<int*, int, nint, int> cuFuncGetAttribute;
     public delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int> cuLaunchKernel;
     public delegate* unmanaged<ulong*, nuint, int> cuMemAlloc_v2;
     public delegate* unmanaged<ulong, int> cuMemFree_v2;
@@ -66,6 +64,8 @@ internal sealed unsafe class CudaDriver
     public delegate* unmanaged<ulong, void*, nuint, int> cuMemcpyHtoD_v2;
     public delegate* unmanaged<ulong, void*, nuint, nint, int> cuMemcpyHtoDAsync_v2;
     public delegate* unmanaged<void*, ulong, nuint, nint, int> cuMemcpyDtoHAsync_v2;
+    public delegate* unmanaged<nint*, uint, int> cuStreamCreate;
+    public delegate* unmanaged<nint, int> cuStreamDestroy_v2;
     public delegate* unmanaged<nint*, uint, int> cuEventCreate;
     public delegate* unmanaged<nint, nint, int> cuEventRecord;
     public delegate* unmanaged<nint, int> cuEventQuery;
@@ -79,9 +79,9 @@ internal sealed unsafe class CudaDriver
         "cuInit", "cuDriverGetVersion", "cuGetErrorName", "cuGetErrorString", "cuDeviceGetCount", "cuDeviceGet",
         "cuDeviceGetName", "cuDeviceGetAttribute", "cuDevicePrimaryCtxRetain", "cuDevicePrimaryCtxRelease_v2",
         "cuCtxPushCurrent_v2", "cuCtxPopCurrent_v2", "cuModuleLoadData", "cuModuleUnload", "cuModuleGetFunction",
-        "cuFuncGetAttribute", "cuLaunchKernel", "cuMemAlloc_v2", "cuMemFree_v2", "cuMemHostAlloc", "cuMemFreeHost",
+        "cuLaunchKernel", "cuMemAlloc_v2", "cuMemFree_v2", "cuMemHostAlloc", "cuMemFreeHost",
         "cuMemHostGetDevicePointer_v2", "cuMemcpyHtoD_v2", "cuMemcpyHtoDAsync_v2", "cuMemcpyDtoHAsync_v2",
-        "cuEventCreate", "cuEventRecord", "cuEventQuery", "cuEventSynchronize", "cuEventDestroy_v2", "cuPointerGetAttribute",
+        "cuStreamCreate", "cuStreamDestroy_v2", "cuEventCreate", "cuEventRecord", "cuEventQuery", "cuEventSynchronize", "cuEventDestroy_v2", "cuPointerGetAttribute",
     ];
 
     private CudaDriver() { }
@@ -114,7 +114,6 @@ internal sealed unsafe class CudaDriver
             cuModuleLoadData = (delegate* unmanaged<nint*, void*, int>)Get("cuModuleLoadData"),
             cuModuleUnload = (delegate* unmanaged<nint, int>)Get("cuModuleUnload"),
             cuModuleGetFunction = (delegate* unmanaged<nint*, nint, byte*, int>)Get("cuModuleGetFunction"),
-            cuFuncGetAttribute = (delegate* unmanaged<int*, int, nint, int>)Get("cuFuncGetAttribute"),
             cuLaunchKernel = (delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int>)Get("cuLaunchKernel"),
             cuMemAlloc_v2 = (delegate* unmanaged<ulong*, nuint, int>)Get("cuMemAlloc_v2"),
             cuMemFree_v2 = (delegate* unmanaged<ulong, int>)Get("cuMemFree_v2"),
@@ -124,6 +123,8 @@ internal sealed unsafe class CudaDriver
             cuMemcpyHtoD_v2 = (delegate* unmanaged<ulong, void*, nuint, int>)Get("cuMemcpyHtoD_v2"),
             cuMemcpyHtoDAsync_v2 = (delegate* unmanaged<ulong, void*, nuint, nint, int>)Get("cuMemcpyHtoDAsync_v2"),
             cuMemcpyDtoHAsync_v2 = (delegate* unmanaged<void*, ulong, nuint, nint, int>)Get("cuMemcpyDtoHAsync_v2"),
+            cuStreamCreate = (delegate* unmanaged<nint*, uint, int>)Get("cuStreamCreate"),
+            cuStreamDestroy_v2 = (delegate* unmanaged<nint, int>)Get("cuStreamDestroy_v2"),
             cuEventCreate = (delegate* unmanaged<nint*, uint, int>)Get("cuEventCreate"),
             cuEventRecord = (delegate* unmanaged<nint, nint, int>)Get("cuEventRecord"),
             cuEventQuery = (delegate* unmanaged<nint, int>)Get("cuEventQuery"),
@@ -179,13 +180,13 @@ internal sealed unsafe class CudaDriver
         return t.Length > 0 ? $"{n} ({result}): {t}" : $"{n} ({result})";
     }
 
-    /// <summary>Throws <see cref="LmcErrorKind.Cuda"/> naming the call and the driver's error unless <paramref name="result"/> is success.</summary>
+    /// <summary>Throws <see cref="LmcStatus.Cuda"/> naming the call and the driver's error unless <paramref name="result"/> is success.</summary>
     public void Check(int result, string call)
     {
         if (result != Success) throw Error(result, call);
     }
 
-    public LmcException Error(int result, string call) => new(LmcErrorKind.Cuda, $"{call} failed: {Describe(result)}");
+    public LmcException Error(int result, string call) => new(LmcStatus.Cuda, $"{call} failed: {Describe(result)}");
 }
 
 /// <summary>Whether the CUDA path can run here, and why not.</summary>

@@ -41,11 +41,11 @@ internal sealed record CudaTransferOptions(long StagingMinBytes, long StagingMax
 /// At registration: the layer pointers are checked to be memory of the device, and the layer table
 /// (base address and byte strides per layer, <see cref="KLayer"/>) is uploaded to device memory once.
 /// Per transfer: the chunk table and the request's slots are packed into a pinned argument buffer and
-/// copied to the device on the caller's stream, then the kernel is launched on that stream, then an
+/// copied to the device on the request's stream (or the device's own one), then the kernel is launched on that stream, then an
 /// event is recorded; the completion thread releases the buffers and completes the task when the
 /// event has passed. Nothing synchronises the device or the stream.
 /// </summary>
-internal sealed unsafe class CudaKvTransfer : IDeviceKvTransfer
+internal sealed unsafe class CudaKvTransfer : IKvTransfer
 {
     private readonly CudaDevice _device;
     private readonly CudaDriver _driver;
@@ -123,21 +123,15 @@ internal sealed unsafe class CudaKvTransfer : IDeviceKvTransfer
             }
         }
         _layerTable = deviceTable;
-        BytesPerToken = _rowBytes * _numLayers * _kvCount;
+        Shape = KvShape.Of(layers);
     }
 
-    /// <summary>The vector width every launch of this registration can use at most (chunk addresses may lower it).</summary>
-    public int LayoutVectorWidth => KernelAbi.VectorWidth(_layoutBits);
+    public KvShape Shape { get; }
 
-    public long BytesPerToken { get; }
+    private long BytesPerToken => Shape.BytesPerToken;
 
-    public IHostMemoryAllocator HostAllocator => _device.PinnedAllocator;
-
-    /// <summary>Launches and completions of this registration, for tests and diagnostics.</summary>
-    public long Launches;
-
-    /// <summary>Gathers that went through the staging buffer.</summary>
-    public long StagedLaunches;
+    /// <summary>Chunk objects live in pinned, device-mapped host memory that the kernels read and write directly.</summary>
+    public IHostMemoryAllocator? PoolAllocator => _device.PinnedAllocator;
 
     /// <summary>Both ends of each layer must be memory of this device (cuPointerGetAttribute), so a host pointer or another GPU's is refused here and never faults a kernel.</summary>
     private void CheckDeviceMemory(int index, KvLayerLayout layer)
@@ -158,13 +152,11 @@ internal sealed unsafe class CudaKvTransfer : IDeviceKvTransfer
         }
     }
 
-    public long Transfer(TransferDirection direction, ReadOnlySpan<ChunkTransfer> chunks, ReadOnlySpan<long> slotMapping) =>
-        TransferAsync(direction, chunks, slotMapping, 0).GetAwaiter().GetResult();
-
-    public Task<long> TransferAsync(TransferDirection direction, ReadOnlySpan<ChunkTransfer> chunks, ReadOnlySpan<long> slotMapping, nint stream)
+    public Task<long> CopyAsync(TransferDirection direction, ReadOnlySpan<ChunkTransfer> chunks, ReadOnlySpan<long> slotMapping, nint stream)
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         if (chunks.Length == 0) return Task.FromResult(0L);
+        if (stream == 0) stream = _device.OwnStream;
         bool gather = direction == TransferDirection.Gather;
 
         // ---- plan: slot range, tokens per chunk, the first token to write, bytes moved ----
@@ -185,7 +177,7 @@ internal sealed unsafe class CudaKvTransfer : IDeviceKvTransfer
         {
             bool consistent = c.FirstTokenToCopy > c.FirstToken ? c.FirstTokenToCopy == firstToWrite : firstToWrite <= c.FirstToken;
             if (!consistent)
-                throw new LmcException(LmcErrorKind.Internal, "CUDA transfer: chunks with different first tokens to copy cannot share a launch");
+                throw new LmcException(LmcStatus.Internal, "CUDA transfer: chunks with different first tokens to copy cannot share a launch");
         }
         long gridX = (long)chunks.Length * chunkTokens;
         if (gridX > int.MaxValue) throw LmcException.Unsupported($"CUDA transfer: {gridX} token blocks exceed one launch");
@@ -237,7 +229,7 @@ internal sealed unsafe class CudaKvTransfer : IDeviceKvTransfer
         int threads = KernelAbi.BlockThreads((long)parameters.SegsPerRow * parameters.UnitsPerSeg);
         var completion = new TaskCompletionSource<long>();
 
-        // ---- enqueue on the caller's stream: arguments, kernel, staging copies, event ----
+        // ---- enqueue on the stream: arguments, kernel, staging copies, event ----
         bool enqueued = false;
         try
         {
@@ -265,8 +257,6 @@ internal sealed unsafe class CudaKvTransfer : IDeviceKvTransfer
                 _driver.cuEventDestroy_v2(ev);
                 _driver.Check(recorded, "cuEventRecord");
             }
-            Interlocked.Increment(ref Launches);
-            if (staged) Interlocked.Increment(ref StagedLaunches);
             _device.WhenComplete(ev, result =>
             {
                 ReturnArguments(arguments);
@@ -367,7 +357,7 @@ internal sealed unsafe class CudaKvTransfer : IDeviceKvTransfer
             if (_staging != 0) _driver.cuMemFree_v2(_staging);
             lock (_buffersLock)
             {
-                // Buffers still rented belong to abandoned work (see TransferAsync) and are left alone.
+                // Buffers still rented belong to abandoned work (see CopyAsync) and are left alone.
                 foreach (var buffer in _freeArguments)
                 {
                     _driver.cuMemFreeHost((void*)buffer.Host);

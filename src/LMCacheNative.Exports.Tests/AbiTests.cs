@@ -38,32 +38,42 @@ public class AbiTests
         Assert.That(Marshal.OffsetOf<NativeTierStats>(nameof(NativeTierStats.Hits)), Is.EqualTo((nint)40));
         Assert.That(Marshal.OffsetOf<NativeTierStats>(nameof(NativeTierStats.CapacityBytes)), Is.EqualTo((nint)128));
         Assert.That(Marshal.OffsetOf<NativeStats>(nameof(NativeStats.PoolCapacityBytes)), Is.EqualTo((nint)120));
+        Assert.That(Marshal.SizeOf<NativeRequest>(), Is.EqualTo(NativeRequest.SizeV1).And.EqualTo(88));
+        Assert.That(Marshal.OffsetOf<NativeRequest>(nameof(NativeRequest.FirstToken)), Is.EqualTo((nint)40));
+        Assert.That(Marshal.OffsetOf<NativeRequest>(nameof(NativeRequest.TableBlockSize)), Is.EqualTo((nint)72));
+        Assert.That(Marshal.OffsetOf<NativeRequest>(nameof(NativeRequest.Stream)), Is.EqualTo((nint)80));
+        Assert.That(Marshal.SizeOf<NativeTransferResult>(), Is.EqualTo(NativeTransferResult.SizeV1).And.EqualTo(80));
+        Assert.That(Marshal.OffsetOf<NativeTransferResult>(nameof(NativeTransferResult.ElapsedNs)), Is.EqualTo((nint)72));
+        Assert.That(Marshal.SizeOf<NativeLookupResult>(), Is.EqualTo(NativeLookupResult.SizeV1).And.EqualTo(56));
+        Assert.That(Marshal.OffsetOf<NativeLookupResult>(nameof(NativeLookupResult.ElapsedNs)), Is.EqualTo((nint)48));
     }
 
     [Test]
     public void StructFields_FollowTheHeadersFieldOrder()
     {
-        foreach (var (cName, type) in new[] { ("lmc_kv_layer_desc", typeof(NativeKvLayerDesc)), ("lmc_stats", typeof(NativeStats)), ("lmc_tier_stats", typeof(NativeTierStats)) })
+        foreach (var (cName, type) in new[]
+                 {
+                     ("lmc_kv_layer_desc", typeof(NativeKvLayerDesc)), ("lmc_stats", typeof(NativeStats)), ("lmc_tier_stats", typeof(NativeTierStats)),
+                     ("lmc_request", typeof(NativeRequest)), ("lmc_transfer_result", typeof(NativeTransferResult)), ("lmc_lookup_result", typeof(NativeLookupResult)),
+                 })
         {
             var body = Regex.Match(Header, @"typedef struct " + cName + @" \{(.*?)\} " + cName + ";", RegexOptions.Singleline).Groups[1].Value;
-            var headerFields = Regex.Matches(body, @"^\s*\w+\s+(\w+)(\[\d+\])?;", RegexOptions.Multiline).Select(m => m.Groups[1].Value.Replace("_", "")).ToList();
+            var headerFields = Regex.Matches(body, @"^\s*(?:const\s+)?\w+\s*\*?\s*(\w+)(\[\w+\])?;", RegexOptions.Multiline).Select(m => m.Groups[1].Value.Replace("_", "")).ToList();
             var csFields = type.GetFields(BindingFlags.Public | BindingFlags.Instance).Select(f => f.Name.ToLowerInvariant()).ToList();
             Assert.That(csFields, Is.EqualTo(headerFields), cName);
         }
     }
 
     [Test]
-    public void StatusValues_AndErrorKinds_EqualTheHeader()
+    public void StatusValues_AndNames_EqualTheHeader()
     {
         var defines = HeaderDefines();
-        var statuses = typeof(Status).GetFields(BindingFlags.Public | BindingFlags.Static)
-            .ToDictionary(f => f.Name, f => (int)f.GetValue(null)!);
-        string HeaderName(string csName) => csName == "Ok" ? "LMC_OK" : "LMC_E_" + Regex.Replace(csName, "(?<=[a-z])([A-Z])", "_$1").ToUpperInvariant();
-        foreach (var (name, value) in statuses)
-            Assert.That(defines[HeaderName(name)], Is.EqualTo(value), name);
-        Assert.That(defines.Keys.Count(k => k.StartsWith("LMC_E_") || k == "LMC_OK"), Is.EqualTo(statuses.Count));
-        foreach (LmcErrorKind kind in Enum.GetValues<LmcErrorKind>())
-            Assert.That(statuses[kind.ToString()], Is.EqualTo((int)kind), kind.ToString());
+        var statuses = Enum.GetValues<LmcStatus>();
+        foreach (var status in statuses)
+            Assert.That(defines[StatusNames.HeaderName(status)], Is.EqualTo((int)status), status.ToString());
+        Assert.That(defines.Keys.Count(k => k.StartsWith("LMC_E_") || k == "LMC_OK"), Is.EqualTo(statuses.Length));
+        // 0, -1, -2, … without gaps: bindings enumerate the names until LMC_E_UNKNOWN.
+        Assert.That(statuses.Select(s => -(int)s).Order(), Is.EqualTo(Enumerable.Range(0, statuses.Length)));
     }
 
     [Test]
@@ -71,7 +81,7 @@ public class AbiTests
     {
         var declared = Regex.Matches(Header, @"LMC_API\s+[\w\s\*]+?\b(lmc_\w+)\s*\(([^)]*)\)", RegexOptions.Singleline)
             .ToDictionary(m => m.Groups[1].Value, m => m.Groups[2].Value.Trim() == "void" ? 0 : m.Groups[2].Value.Split(',').Length);
-        var exported = typeof(Status).Assembly.GetTypes()
+        var exported = typeof(Exports).Assembly.GetTypes()
             .SelectMany(t => t.GetMethods(BindingFlags.Static | BindingFlags.Public | BindingFlags.NonPublic))
             .Select(m => (Method: m, Attribute: m.GetCustomAttribute<UnmanagedCallersOnlyAttribute>()))
             .Where(x => x.Attribute is not null)

@@ -26,7 +26,7 @@ public class HandleTests
         Assert.That(handles, Does.Not.Contain(engine).And.Not.Contain(job));
 
         var wrongKind = Assert.Throws<LmcException>(() => engines.Get(job))!;
-        Assert.That(wrongKind.Kind, Is.EqualTo(LmcErrorKind.InvalidHandle));
+        Assert.That(wrongKind.Kind, Is.EqualTo(LmcStatus.InvalidHandle));
         Assert.That(wrongKind.Message, Does.Contain("a job handle where an engine handle is expected"));
         Assert.That(engines.Remove(job), Is.Null);
         Assert.That(jobs.Remove(engine), Is.Null);
@@ -43,7 +43,7 @@ public class HandleTests
     {
         var engines = new HandleTable<Item>(HandleKind.Engine);
         engines.Add(new Item());
-        Assert.That(Assert.Throws<LmcException>(() => engines.Get((nint)number))!.Kind, Is.EqualTo(LmcErrorKind.InvalidHandle));
+        Assert.That(Assert.Throws<LmcException>(() => engines.Get((nint)number))!.Kind, Is.EqualTo(LmcStatus.InvalidHandle));
         Assert.That(engines.Remove((nint)number), Is.Null);
     }
 

@@ -4,21 +4,42 @@ using LMCacheNative.Core;
 
 namespace LMCacheNative.Exports;
 
-/// <summary>Status codes of include/lmcache_native.h. Pinned: never renumber.</summary>
-internal static class Status
+/// <summary>
+/// lmc_status_name's strings: "LMC_OK", and "LMC_E_" + the member name in upper snake case for the
+/// others, made once from <see cref="LmcStatus"/> as NUL-terminated UTF-8 in memory that is never
+/// freed (the header promises static storage).
+/// </summary>
+internal static unsafe class StatusNames
 {
-    public const int Ok = 0;
-    public const int InvalidArgument = -1;
-    public const int InvalidHandle = -2;
-    public const int Unsupported = -3;
-    public const int OutOfMemory = -4;
-    public const int NotFound = -5;
-    public const int Io = -6;
-    public const int Cuda = -7;
-    public const int NoDevice = -8;
-    public const int BufferTooSmall = -9;
-    public const int Internal = -10;
-    public const int Timeout = -11;
+    private static readonly Dictionary<int, nint> s_names = Build();
+    private static readonly nint s_unknown = Utf8("LMC_E_UNKNOWN");
+
+    public static byte* Of(int status) => (byte*)(s_names.TryGetValue(status, out nint name) ? name : s_unknown);
+
+    /// <summary>The header's name of a status: Ok → LMC_OK, InvalidArgument → LMC_E_INVALID_ARGUMENT.</summary>
+    public static string HeaderName(LmcStatus status)
+    {
+        if (status == LmcStatus.Ok) return "LMC_OK";
+        var snake = new StringBuilder("LMC_E_");
+        string member = status.ToString();
+        for (int i = 0; i < member.Length; i++)
+        {
+            if (i > 0 && char.IsUpper(member[i])) snake.Append('_');
+            snake.Append(char.ToUpperInvariant(member[i]));
+        }
+        return snake.ToString();
+    }
+
+    private static Dictionary<int, nint> Build() =>
+        Enum.GetValues<LmcStatus>().ToDictionary(s => (int)s, s => Utf8(HeaderName(s)));
+
+    private static nint Utf8(string text)
+    {
+        byte[] bytes = Encoding.UTF8.GetBytes(text + "\0");
+        nint memory = (nint)NativeMemory.Alloc((nuint)bytes.Length);
+        bytes.CopyTo(new Span<byte>((void*)memory, bytes.Length));
+        return memory;
+    }
 }
 
 /// <summary>
@@ -43,7 +64,7 @@ internal static unsafe class ErrorState
     public static int Ok()
     {
         if (t_buffer != null) t_buffer[0] = 0;
-        return Status.Ok;
+        return (int)LmcStatus.Ok;
     }
 
     /// <summary>Records a failure message and returns its status.</summary>
@@ -70,7 +91,7 @@ internal static unsafe class ErrorState
     public static int FromException(Exception e) => e switch
     {
         LmcException lmc => Fail((int)lmc.Kind, lmc.Message),
-        OutOfMemoryException => Fail(Status.OutOfMemory, "out of host memory: " + e.Message),
-        _ => Fail(Status.Internal, $"internal error ({e.GetType().Name}): {e.Message}"),
+        OutOfMemoryException => Fail((int)LmcStatus.OutOfMemory, "out of host memory: " + e.Message),
+        _ => Fail((int)LmcStatus.Internal, $"internal error ({e.GetType().Name}): {e.Message}"),
     };
 }

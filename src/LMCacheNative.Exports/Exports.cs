@@ -5,6 +5,7 @@ using LMCacheNative.Core;
 using LMCacheNative.Core.Config;
 using LMCacheNative.Core.Engine;
 using LMCacheNative.Core.Layout;
+using LMCacheNative.Core.Storage;
 
 namespace LMCacheNative.Exports;
 
@@ -16,8 +17,8 @@ namespace LMCacheNative.Exports;
 internal static unsafe class Exports
 {
     // Must equal LMC_VERSION_* and LMC_ABI_VERSION in the header (pinned by AbiTests).
-    internal const int VersionMajor = 0, VersionMinor = 1, VersionPatch = 0;
-    internal const int AbiVersion = 1;
+    internal const int VersionMajor = 0, VersionMinor = 2, VersionPatch = 0;
+    internal const int AbiVersion = 2;
 
     // ---- versions and errors: these cannot fail and leave the last error message unchanged ----
 
@@ -27,36 +28,25 @@ internal static unsafe class Exports
     [UnmanagedCallersOnly(EntryPoint = "lmc_abi_version")]
     public static int AbiVersionNumber() => AbiVersion;
 
-    internal const string VersionText = "0.1.0";
+    internal static string VersionText => $"{VersionMajor}.{VersionMinor}.{VersionPatch}";
+    private static readonly nint s_versionText = Utf8Static(VersionText);
 
     [UnmanagedCallersOnly(EntryPoint = "lmc_version_string")]
-    public static byte* VersionString() => Literal("0.1.0\0"u8);
+    public static byte* VersionString() => (byte*)s_versionText;
 
     [UnmanagedCallersOnly(EntryPoint = "lmc_status_name")]
-    public static byte* StatusName(int status) => status switch
-    {
-        Status.Ok => Literal("LMC_OK\0"u8),
-        Status.InvalidArgument => Literal("LMC_E_INVALID_ARGUMENT\0"u8),
-        Status.InvalidHandle => Literal("LMC_E_INVALID_HANDLE\0"u8),
-        Status.Unsupported => Literal("LMC_E_UNSUPPORTED\0"u8),
-        Status.OutOfMemory => Literal("LMC_E_OUT_OF_MEMORY\0"u8),
-        Status.NotFound => Literal("LMC_E_NOT_FOUND\0"u8),
-        Status.Io => Literal("LMC_E_IO\0"u8),
-        Status.Cuda => Literal("LMC_E_CUDA\0"u8),
-        Status.NoDevice => Literal("LMC_E_NO_DEVICE\0"u8),
-        Status.BufferTooSmall => Literal("LMC_E_BUFFER_TOO_SMALL\0"u8),
-        Status.Internal => Literal("LMC_E_INTERNAL\0"u8),
-        Status.Timeout => Literal("LMC_E_TIMEOUT\0"u8),
-        _ => Literal("LMC_E_UNKNOWN\0"u8),
-    };
+    public static byte* StatusName(int status) => StatusNames.Of(status);
 
     [UnmanagedCallersOnly(EntryPoint = "lmc_last_error_message")]
     public static byte* LastErrorMessage() => ErrorState.Message;
 
-    // UTF-8 literals live in the image's read-only data, so their address is stable for the process.
-    private static byte* Literal(ReadOnlySpan<byte> nulTerminated)
+    /// <summary>A NUL-terminated UTF-8 copy in memory that is never freed (static storage for C).</summary>
+    private static nint Utf8Static(string text)
     {
-        fixed (byte* p = nulTerminated) return p;
+        byte[] bytes = Encoding.UTF8.GetBytes(text + "\0");
+        nint memory = (nint)NativeMemory.Alloc((nuint)bytes.Length);
+        bytes.CopyTo(new Span<byte>((void*)memory, bytes.Length));
+        return memory;
     }
 
     // ---- engine lifetime ----
@@ -88,6 +78,8 @@ internal static unsafe class Exports
             if (engine == 0) ErrorState.Ok();
             else if (HandleTable.Remove(engine) is { } removed)
             {
+                // The server's lookups hold the engine's calls open: it stops first.
+                LookupServers.Stop(engine);
                 removed.Dispose();
                 ErrorState.Ok();
             }
@@ -106,20 +98,40 @@ internal static unsafe class Exports
         {
             RequireOut(neededOut, "needed_out");
             var cacheEngine = HandleTable.Get(engine);
-            if (capacity < 0) throw LmcException.InvalidArgument($"capacity must be >= 0, got {capacity}");
-            if (buffer == null && capacity > 0) throw LmcException.InvalidArgument("buffer is NULL but capacity is not 0");
-            byte[] json = Encoding.UTF8.GetBytes(cacheEngine.Config.ToJson());
-            *neededOut = json.Length + 1;
-            if (capacity < json.Length + 1)
-                return ErrorState.Fail(Status.BufferTooSmall, $"buffer holds {capacity} bytes; the configuration needs {json.Length + 1}");
-            json.CopyTo(new Span<byte>(buffer, json.Length));
-            buffer[json.Length] = 0;
-            return ErrorState.Ok();
+            return WriteText(neededOut, buffer, capacity, cacheEngine.Config.ToJson(), "the configuration");
         }
         catch (Exception e)
         {
             return ErrorState.FromException(e);
         }
+    }
+
+    [UnmanagedCallersOnly(EntryPoint = "lmc_config_schema")]
+    public static int ConfigSchema(long* neededOut, byte* buffer, long capacity)
+    {
+        try
+        {
+            RequireOut(neededOut, "needed_out");
+            return WriteText(neededOut, buffer, capacity, EngineConfig.SchemaJson, "the schema");
+        }
+        catch (Exception e)
+        {
+            return ErrorState.FromException(e);
+        }
+    }
+
+    /// <summary>The size-query protocol: reports the bytes needed (NUL included), writes only when they fit.</summary>
+    private static int WriteText(long* neededOut, byte* buffer, long capacity, string text, string what)
+    {
+        if (capacity < 0) throw LmcException.InvalidArgument($"capacity must be >= 0, got {capacity}");
+        if (buffer == null && capacity > 0) throw LmcException.InvalidArgument("buffer is NULL but capacity is not 0");
+        byte[] utf8 = Encoding.UTF8.GetBytes(text);
+        *neededOut = utf8.Length + 1;
+        if (capacity < utf8.Length + 1)
+            return ErrorState.Fail((int)LmcStatus.BufferTooSmall, $"buffer holds {capacity} bytes; {what} needs {utf8.Length + 1}");
+        utf8.CopyTo(new Span<byte>(buffer, utf8.Length));
+        buffer[utf8.Length] = 0;
+        return ErrorState.Ok();
     }
 
     // ---- registration ----
@@ -151,62 +163,6 @@ internal static unsafe class Exports
                     d->KvStride, d->BlockStride, d->TokenStride, d->HeadStride);
             }
             cacheEngine.RegisterLayers(parsed);
-            return ErrorState.Ok();
-        }
-        catch (Exception e)
-        {
-            return ErrorState.FromException(e);
-        }
-    }
-
-    // ---- lookup, store, retrieve ----
-
-    [UnmanagedCallersOnly(EntryPoint = "lmc_lookup")]
-    public static int Lookup(long* hitTokensOut, nint engine, int* tokens, long numTokens, byte* extraKey, long extraKeyLength)
-    {
-        try
-        {
-            RequireOut(hitTokensOut, "hit_tokens_out");
-            var cacheEngine = HandleTable.Get(engine);
-            var tokenSpan = Input(tokens, numTokens, "tokens", "num_tokens");
-            var extra = Input(extraKey, extraKeyLength, "extra_key", "extra_key_len");
-            *hitTokensOut = cacheEngine.Lookup(tokenSpan, extra);
-            return ErrorState.Ok();
-        }
-        catch (Exception e)
-        {
-            return ErrorState.FromException(e);
-        }
-    }
-
-    [UnmanagedCallersOnly(EntryPoint = "lmc_store")]
-    public static int Store(long* storedTokensOut, nint engine, int* tokens, long* slotMapping, long numTokens,
-        long skipLeadingTokens, byte* extraKey, long extraKeyLength)
-    {
-        try
-        {
-            RequireOut(storedTokensOut, "stored_tokens_out");
-            var cacheEngine = HandleTable.Get(engine);
-            var input = Transfer(tokens, slotMapping, numTokens, extraKey, extraKeyLength);
-            *storedTokensOut = cacheEngine.Store(input.Tokens, input.Slots, skipLeadingTokens, input.ExtraKey).TokensInCache;
-            return ErrorState.Ok();
-        }
-        catch (Exception e)
-        {
-            return ErrorState.FromException(e);
-        }
-    }
-
-    [UnmanagedCallersOnly(EntryPoint = "lmc_retrieve")]
-    public static int Retrieve(long* retrievedTokensOut, nint engine, int* tokens, long* slotMapping, long numTokens,
-        long firstTokenToWrite, byte* extraKey, long extraKeyLength)
-    {
-        try
-        {
-            RequireOut(retrievedTokensOut, "retrieved_tokens_out");
-            var cacheEngine = HandleTable.Get(engine);
-            var input = Transfer(tokens, slotMapping, numTokens, extraKey, extraKeyLength);
-            *retrievedTokensOut = cacheEngine.Retrieve(input.Tokens, input.Slots, firstTokenToWrite, input.ExtraKey).RetrievedTokens;
             return ErrorState.Ok();
         }
         catch (Exception e)
@@ -279,7 +235,7 @@ internal static unsafe class Exports
             var timeout = TimeoutArgument(timeoutMs, allowZero: true);
             return cacheEngine.Flush(timeout)
                 ? ErrorState.Ok()
-                : ErrorState.Fail(Status.Timeout, $"the lower tiers are still writing after {timeoutMs} ms");
+                : ErrorState.Fail((int)LmcStatus.Timeout, $"the lower tiers are still writing after {timeoutMs} ms");
         }
         catch (Exception e)
         {
@@ -313,7 +269,7 @@ internal static unsafe class Exports
             if (size < 8) throw LmcException.InvalidArgument($"stats->struct_size must be set to sizeof(lmc_tier_stats), got {size}");
             var tiers = cacheEngine.GetTierStats();
             if (tierIndex < 0 || tierIndex >= tiers.Count)
-                throw new LmcException(LmcErrorKind.NotFound, $"tier_index {tierIndex}: the engine has {tiers.Count} lower tier(s)");
+                throw new LmcException(LmcStatus.NotFound, $"tier_index {tierIndex}: the engine has {tiers.Count} lower tier(s)");
             WriteTierStats(stats, size, tiers[tierIndex]);
             return ErrorState.Ok();
         }
@@ -363,7 +319,7 @@ internal static unsafe class Exports
         {
             var cacheEngine = HandleTable.Get(engine);
             string path = Utf8(socketPath, "socket_path") ?? throw LmcException.InvalidArgument("socket_path is NULL");
-            cacheEngine.StartLookupServer(path);
+            LookupServers.Start(engine, cacheEngine, path);
             return ErrorState.Ok();
         }
         catch (Exception e)
@@ -377,7 +333,8 @@ internal static unsafe class Exports
     {
         try
         {
-            HandleTable.Get(engine).StopLookupServer();
+            HandleTable.Get(engine);
+            LookupServers.Stop(engine);
             return ErrorState.Ok();
         }
         catch (Exception e)
@@ -405,72 +362,6 @@ internal static unsafe class Exports
         }
     }
 
-    // ---- asynchronous operations ----
-
-    [UnmanagedCallersOnly(EntryPoint = "lmc_prefetch_start")]
-    public static int PrefetchStart(nint* jobOut, nint engine, int* tokens, long numTokens, byte* extraKey, long extraKeyLength)
-    {
-        try
-        {
-            RequireOut(jobOut, "job_out");
-            var cacheEngine = HandleTable.Get(engine);
-            // Copied: the caller's buffers are borrowed for this call only.
-            // Refused here, before anything is copied, not by the job: a caller's mistake is the call's status.
-            if (extraKeyLength > LMCacheNative.Core.Keys.ChunkHasher.MaxExtraKeyBytes)
-                throw LmcException.InvalidArgument($"extra_key_len {extraKeyLength} exceeds the limit of {LMCacheNative.Core.Keys.ChunkHasher.MaxExtraKeyBytes} bytes");
-            int[] tokenCopy = Input(tokens, numTokens, "tokens", "num_tokens").ToArray();
-            byte[] extraCopy = Input(extraKey, extraKeyLength, "extra_key", "extra_key_len").ToArray();
-            var task = Task.Run(() => cacheEngine.Prefetch(tokenCopy, extraCopy));
-            *jobOut = JobTable.Add(task);
-            return ErrorState.Ok();
-        }
-        catch (Exception e)
-        {
-            return ErrorState.FromException(e);
-        }
-    }
-
-    [UnmanagedCallersOnly(EntryPoint = "lmc_job_wait")]
-    public static int JobWait(long* resultOut, nint job, long timeoutMs)
-    {
-        try
-        {
-            RequireOut(resultOut, "result_out");
-            var task = JobTable.Get(job);
-            if (timeoutMs < -1) throw LmcException.InvalidArgument($"timeout_ms must be >= -1, got {timeoutMs}");
-            try
-            {
-                // Task.Wait takes at most int.MaxValue ms (24.8 days): longer bounds wait forever.
-                if (!task.Wait(timeoutMs == -1 || timeoutMs > int.MaxValue ? Timeout.InfiniteTimeSpan : TimeSpan.FromMilliseconds(timeoutMs)))
-                    return ErrorState.Fail(Status.Timeout, $"the job is still running after {timeoutMs} ms");
-            }
-            catch (AggregateException failed) when (failed.InnerException is { } inner)
-            {
-                return ErrorState.FromException(inner);
-            }
-            *resultOut = task.Result;
-            return ErrorState.Ok();
-        }
-        catch (Exception e)
-        {
-            return ErrorState.FromException(e);
-        }
-    }
-
-    [UnmanagedCallersOnly(EntryPoint = "lmc_job_destroy")]
-    public static void JobDestroy(nint job)
-    {
-        try
-        {
-            if (job == 0 || JobTable.Remove(job)) ErrorState.Ok();
-            else JobTable.Get(job); // not a live job: throws with the reason, recorded below
-        }
-        catch (Exception e)
-        {
-            ErrorState.FromException(e);
-        }
-    }
-
     // ---- argument translation ----
 
     /// <summary>
@@ -490,19 +381,6 @@ internal static unsafe class Exports
     {
         if (pointer == null) throw LmcException.InvalidArgument($"{name} is NULL");
     }
-
-    /// <summary>The tokens, slot mapping and extra key of a store or retrieve, checked for NULLs and lengths.</summary>
-    internal readonly ref struct TransferInput(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slots, ReadOnlySpan<byte> extraKey)
-    {
-        public ReadOnlySpan<int> Tokens { get; } = tokens;
-        public ReadOnlySpan<long> Slots { get; } = slots;
-        public ReadOnlySpan<byte> ExtraKey { get; } = extraKey;
-    }
-
-    internal static TransferInput Transfer(int* tokens, long* slotMapping, long numTokens, byte* extraKey, long extraKeyLength) => new(
-        Input(tokens, numTokens, "tokens", "num_tokens"),
-        Input(slotMapping, numTokens, "slot_mapping", "num_tokens"),
-        Input(extraKey, extraKeyLength, "extra_key", "extra_key_len"));
 
     internal static ReadOnlySpan<T> Input<T>(T* pointer, long length, string name, string lengthName) where T : unmanaged
     {

@@ -50,13 +50,46 @@ internal static class HandleTable
     public static CacheEngine? Remove(nint handle) => s_engines.Remove(handle);
 }
 
-/// <summary>Background jobs (prefetches and stream-ordered transfers) behind lmc_job*.</summary>
+/// <summary>
+/// The lookup server of each engine that serves one (lmc_lookup_server_start), by engine handle. Kept
+/// beside the engine, not in it: serving other processes is the C ABI's business, not the cache's.
+/// One lock for start, stop and destroy, which are rare, so a server never outlives its engine.
+/// </summary>
+internal static class LookupServers
+{
+    private static readonly Dictionary<nint, LMCacheNative.Core.Lookup.LookupServer> s_servers = new();
+
+    public static void Start(nint handle, CacheEngine engine, string socketPath)
+    {
+        lock (s_servers)
+        {
+            if (s_servers.TryGetValue(handle, out var running))
+                throw LmcException.InvalidArgument($"the engine already serves lookups on {running.SocketPath}; stop that first");
+            // Checked under the lock: a destroy that removed the handle meanwhile has already stopped its server.
+            HandleTable.Get(handle);
+            s_servers[handle] = new LMCacheNative.Core.Lookup.LookupServer(engine, socketPath);
+        }
+    }
+
+    /// <summary>Stops the engine's server, if any (idempotent).</summary>
+    public static void Stop(nint handle)
+    {
+        LMCacheNative.Core.Lookup.LookupServer? server;
+        lock (s_servers)
+        {
+            if (!s_servers.Remove(handle, out server)) return;
+        }
+        server.Dispose();
+    }
+}
+
+/// <summary>Background requests (stores, retrieves, prefetches) behind lmc_job*.</summary>
 internal static class JobTable
 {
-    private static readonly HandleTable<Task<long>> s_jobs = new(HandleKind.Job);
+    private static readonly HandleTable<Task<TransferResult>> s_jobs = new(HandleKind.Job);
 
-    public static nint Add(Task<long> job) => s_jobs.Add(job);
-    public static Task<long> Get(nint handle) => s_jobs.Get(handle);
+    public static nint Add(Task<TransferResult> job) => s_jobs.Add(job);
+    public static Task<TransferResult> Get(nint handle) => s_jobs.Get(handle);
     /// <summary>Drops a live job handle; false when <paramref name="handle"/> is not one.</summary>
     public static bool Remove(nint handle)
     {
@@ -86,13 +119,13 @@ internal sealed class HandleTable<T>(HandleKind kind) where T : class
 
     public T Get(nint handle)
     {
-        if (handle == 0) throw new LmcException(LmcErrorKind.InvalidHandle, $"{_name} handle is NULL");
+        if (handle == 0) throw new LmcException(LmcStatus.InvalidHandle, $"{_name} handle is NULL");
         if (HandleNumbers.KindOf(handle) is { } other && other != kind)
-            throw new LmcException(LmcErrorKind.InvalidHandle,
+            throw new LmcException(LmcStatus.InvalidHandle,
                 $"handle 0x{handle:x} is {HandleNumbers.WithArticle(other)} handle where {HandleNumbers.WithArticle(kind)} handle is expected");
         return _items.TryGetValue(handle, out var item)
             ? item
-            : throw new LmcException(LmcErrorKind.InvalidHandle, $"{_name} handle 0x{handle:x} is not a live {_name} (destroyed, or never created)");
+            : throw new LmcException(LmcStatus.InvalidHandle, $"{_name} handle 0x{handle:x} is not a live {_name} (destroyed, or never created)");
     }
 
     /// <summary>Removes a live handle of this kind; any other number (another kind's included) removes nothing.</summary>

@@ -73,3 +73,54 @@ internal unsafe struct NativeTierStats
 
     public const int SizeV1 = 136;
 }
+
+/// <summary>Mirror of lmc_request (88 bytes).</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal unsafe struct NativeRequest
+{
+    public uint StructSize;
+    public int DestinationKind;
+    public int* Tokens;
+    public long NumTokens;
+    public byte* ExtraKey;
+    public long ExtraKeyLen;
+    public long FirstToken;
+    public long* SlotMapping;
+    public int* BlockIds;
+    public long NumBlockIds;
+    public int TableBlockSize;
+    public int Reserved;
+    public nint Stream;
+
+    public const int SizeV1 = 88;
+    public const int DestinationSlots = 0, DestinationBlockTable = 1;
+}
+
+/// <summary>Mirror of lmc_transfer_result (80 bytes).</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal unsafe struct NativeTransferResult
+{
+    public uint StructSize;
+    public uint Reserved;
+    public long TokensMatched;
+    public long TokensCopied;
+    public long BytesCopied;
+    public long ChunksSkippedForSpace;
+    public fixed long ChunksByTier[4];
+    public long ElapsedNs;
+
+    public const int SizeV1 = 80;
+}
+
+/// <summary>Mirror of lmc_lookup_result (56 bytes).</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal unsafe struct NativeLookupResult
+{
+    public uint StructSize;
+    public uint Reserved;
+    public long HitTokens;
+    public fixed long TokensByTier[4];
+    public long ElapsedNs;
+
+    public const int SizeV1 = 56;
+}

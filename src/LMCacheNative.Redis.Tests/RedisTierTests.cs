@@ -79,7 +79,7 @@ public class RedisTierTests
             Assert.That(Remote(first).Writes, Is.EqualTo(4));
         }
         using var second = RedisEngine();
-        WaitUntil(() => second.Lookup(tokens, default) == 29, TimeSpan.FromSeconds(10));
+        WaitUntil(() => second.Lookup(tokens, default).HitTokens == 29, TimeSpan.FromSeconds(10));
         RetrieveAndCheck(second, tokens, 29);
         Assert.That(Remote(second).Hits, Is.EqualTo(4));
         Assert.That(second.GetStats().CachedChunks, Is.EqualTo(4), "promoted into the CPU tier");
@@ -132,14 +132,14 @@ public class RedisTierTests
 
         _server.Stop();
         var watch = Stopwatch.StartNew();
-        for (int i = 0; i < 5; i++) Assert.That(engine.Lookup(tokens, default), Is.EqualTo(0));
-        Assert.That(engine.Retrieve(tokens, _slots.AsSpan(0, 24), 0, default).RetrievedTokens, Is.EqualTo(0));
+        for (int i = 0; i < 5; i++) Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(0));
+        Assert.That(engine.Retrieve(tokens, _slots.AsSpan(0, 24), 0, default).TokensMatched, Is.EqualTo(0));
         Assert.That(watch.Elapsed, Is.LessThan(TimeSpan.FromSeconds(6)), "each call bounded by blocking_timeout_secs");
         // Stores still succeed into the CPU tier; their remote writes are skipped, not raised.
-        Assert.That(engine.Store(Tokens(8, 4), _slots.AsSpan(0, 8), 0, default).TokensInCache, Is.EqualTo(8));
+        Assert.That(engine.Store(Tokens(8, 4), _slots.AsSpan(0, 8), 0, default).TokensMatched, Is.EqualTo(8));
 
         _server.Start();
-        WaitUntil(() => engine.Lookup(tokens, default) == 24, TimeSpan.FromSeconds(20));
+        WaitUntil(() => engine.Lookup(tokens, default).HitTokens == 24, TimeSpan.FromSeconds(20));
         RetrieveAndCheck(engine, tokens, 24);
         Assert.That(Remote(engine).Reconnects, Is.GreaterThanOrEqualTo(1));
     }
@@ -157,14 +157,14 @@ public class RedisTierTests
         try
         {
             var watch = Stopwatch.StartNew();
-            Assert.That(engine.Lookup(tokens, default), Is.EqualTo(0));
+            Assert.That(engine.Lookup(tokens, default).HitTokens, Is.EqualTo(0));
             Assert.That(watch.Elapsed, Is.LessThan(TimeSpan.FromSeconds(3)));
         }
         finally
         {
             _server.Pause(false);
         }
-        WaitUntil(() => engine.Lookup(tokens, default) == 16, TimeSpan.FromSeconds(20));
+        WaitUntil(() => engine.Lookup(tokens, default).HitTokens == 16, TimeSpan.FromSeconds(20));
     }
 
     [Test]
@@ -176,7 +176,7 @@ public class RedisTierTests
         StoreAndFlush(a, tokens);
         using var b = RedisEngine(model: "model-b");
         WaitUntil(() => Probe(b), TimeSpan.FromSeconds(10));
-        Assert.That(b.Lookup(tokens, default), Is.EqualTo(0));
+        Assert.That(b.Lookup(tokens, default).HitTokens, Is.EqualTo(0));
     }
 
     [Test]

@@ -292,9 +292,6 @@ public sealed class RedisTier : IStorageTier
         }
     }
 
-    /// <summary>Remote records are shared with other engines; clearing the local engine leaves them.</summary>
-    public void Clear() { }
-
     public StorageTierStats GetStats()
     {
         lock (_statsLock) return _stats.Snapshot();

@@ -1,7 +1,7 @@
 """Minimal stand-in ``vllm`` modules, installed into ``sys.modules`` before the connector is imported.
 
 Only the names a KV connector touches exist, with the behaviour of the real ones in the chosen
-interface era (vllm-connector.md §2, §5, §9). ``install(era)`` replaces any earlier installation and
+interface era (docs/vllm-connector.md lists the eras). ``install(era)`` replaces any earlier installation and
 drops an already imported connector module, so the connector is re-imported against this era's base
 class. Eras are (major, minor) tuples:
 
@@ -30,6 +30,9 @@ V0_10, V0_14, NEW = (0, 10), (0, 14), (0, 28)
 ERAS = {"v0.10": V0_10, "v0.14": V0_14, "new": NEW}
 
 CONNECTOR_MODULE = "lmcache_native.vllm_connector"
+# Every module of the connector that is built on vLLM's classes: re-imported against each era's.
+CONNECTOR_MODULES = [CONNECTOR_MODULE, "lmcache_native._compat", "lmcache_native._metadata",
+                     "lmcache_native._scheduler", "lmcache_native._worker"]
 
 MODULE_NAMES = [
     "vllm", "vllm.distributed", "vllm.distributed.kv_transfer", "vllm.distributed.kv_transfer.kv_connector",
@@ -341,7 +344,7 @@ def _make_base_module(era, module):
                 raise TypeError("get_required_kvcache_layout should not be called on the abstract base class")
             return None
 
-        # -- abstract (§2.2) --
+        # -- abstract: every connector implements these --
         @abc.abstractmethod
         def start_load_kv(self, forward_context, **kwargs):
             ...
@@ -433,10 +436,12 @@ def install(era=V0_14):
         era = ERAS[era]
     for name in MODULE_NAMES:
         sys.modules.pop(name, None)
-    sys.modules.pop(CONNECTOR_MODULE, None)
     package = sys.modules.get(CONNECTOR_MODULE.rsplit(".", 1)[0])
-    if package is not None and "vllm_connector" in vars(package):
-        delattr(package, "vllm_connector")  # "from lmcache_native import vllm_connector" must re-import
+    for module_name in CONNECTOR_MODULES:
+        sys.modules.pop(module_name, None)
+        attribute = module_name.rsplit(".", 1)[1]
+        if package is not None and attribute in vars(package):
+            delattr(package, attribute)  # "from lmcache_native import vllm_connector" must re-import
     mods = {}
     for name in MODULE_NAMES:
         module = types.ModuleType(name)
@@ -468,7 +473,7 @@ def base_module():
 
 
 def create_connector(vllm_config, role, kv_cache_config, era=None):
-    """The factory's resolution and constructor call for the era (vllm-connector.md §1.2)."""
+    """The factory's resolution and constructor call for the era (how vLLM loads kv_connector_module_path)."""
     era = era or CURRENT_ERA
     transfer = vllm_config.kv_transfer_config
     module_path = transfer.kv_connector_module_path

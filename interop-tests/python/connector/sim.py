@@ -1,6 +1,6 @@
 """A miniature vLLM: scheduler, workers and the model they run, driving a KV connector in vLLM's order.
 
-* ``MiniScheduler`` follows vllm/v1/core/sched/scheduler.py as vllm-connector.md §3.1 and §11 describe:
+* ``MiniScheduler`` follows vllm/v1/core/sched/scheduler.py:
   the ``num_computed_tokens == 0`` gate for connector queries, vLLM's assertions on the answers, a
   block pool with vLLM's null block and an optional prefix cache, ``update_state_after_alloc`` on
   every admission, the WAITING_FOR_REMOTE_KVS state machine and its block arithmetic, preemption
@@ -8,7 +8,7 @@
   (its result pickled, as the multiprocess executor does), ``finished_req_ids`` one step late, and
   invalid blocks truncating ``num_computed_tokens`` (policy "recompute").
 * ``MiniWorker`` owns one TP rank's paged KV tensors in a chosen layout and calls the worker hooks in
-  the era's order (§3.2). Its "model" writes deterministic KV -- a function of the token prefix, the
+  the era's order. Its "model" writes deterministic KV -- a function of the token prefix, the
   position, the layer and the rank -- and, before attention would read a request's context, checks
   every context token bit for bit. Every connector call runs inside a watch: calls that may load
   (start_load_kv, wait_for_layer_load, get_finished) see every slot filled with a guard pattern, so a
@@ -323,7 +323,8 @@ class MiniScheduler:
         self._finish(request, RequestStatus.FINISHED_ABORTED)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or any(r.awaiting_recv_after_finish for r in self.requests.values()))
+        return bool(self.waiting or self.running or self.delayed
+                    or any(r.awaiting_recv_after_finish for r in self.requests.values()))
 
     def _finish(self, request: Req, status) -> None:
         was_receiving = request.status == RequestStatus.WAITING_FOR_REMOTE_KVS
@@ -606,7 +607,25 @@ class MiniWorker:
     def _read_all(self, layer):
         return kv_oracle.read_tokens(layer, self.all_slots, self.kbs)
 
+    def _settle_jobs(self, kinds) -> None:
+        """Waits for the connector's jobs of these kinds that a test does not hold. The library runs
+        them on its own threads; the watches below need their writes inside the call that may load
+        (and a store must not read the guard values a watch fills in), so the stand-in settles them
+        at those points. A job a test holds (``held``) is left running: it writes nothing until the
+        test releases it and the connector then polls it."""
+        worker_part = getattr(self.conn, "_worker", None)
+        if worker_part is None:
+            return
+        for kind, _, job in worker_part.jobs_in_flight():
+            if kind in kinds and not getattr(job, "held", False):
+                try:
+                    job.wait(30)
+                except Exception:  # noqa: BLE001 -- a failed job is the connector's to report
+                    pass
+
     def _watch(self, what: str, may_load: bool, allowed: dict, function, *args, **kwargs):
+        if may_load:
+            self._settle_jobs(("store",))  # a store must not read the guard values filled in below
         snapshots = [layer.physical.clone() for layer in self.layers]
         if not may_load:
             result = function(*args, **kwargs)
@@ -621,6 +640,7 @@ class MiniWorker:
         for layer in self.layers:
             kv_oracle.bits(layer.physical).fill_(GUARD[layer.element_size])
         result = function(*args, **kwargs)
+        self._settle_jobs(("load",))  # the loads this call started write now, inside the watch
         for layer_id, (layer, snapshot) in enumerate(zip(self.layers, snapshots)):
             values = self._read_all(layer)
             guard = GUARD[layer.element_size]
@@ -744,10 +764,10 @@ class MiniWorker:
         return self.conn.internal_state_sizes()
 
     def engine_stats(self) -> dict:
-        return self.conn._engine.stats()
+        return self.conn._worker.engine.stats()
 
     def clear_engine(self) -> None:
-        self.conn._engine.clear()
+        self.conn._worker.engine.clear()
 
     def shutdown(self) -> None:
         self.conn.shutdown()

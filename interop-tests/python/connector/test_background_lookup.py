@@ -1,6 +1,6 @@
 """Lookups that may block (a remote tier, or ranks in other processes) run on the connector's lookup
 pool on vLLM >= 0.11: get_num_new_matched_tokens answers (None, False) until the lookup has finished
-and the scheduler asks again in a later step (vllm-connector.md §3.1, checklist 7 and 8). Here the
+and the scheduler asks again in a later step (docs/vllm-connector.md, conformance points 7 and 8). Here the
 "remote tier" is a stand-in: the scheduler-side connector is told a remote_url is configured and its
 lookup is held at a gate, so the tests decide when the slow lookup finishes."""
 
@@ -30,7 +30,7 @@ class SlowLookup:
         self.delay = delay
         self.threads: list = []
         conn = cluster.conn
-        real = conn._lookup
+        real = conn._scheduler._lookup
 
         def slow(tokens, extra_key):
             self.threads.append(threading.current_thread().name)
@@ -38,8 +38,8 @@ class SlowLookup:
             time.sleep(self.delay)
             return real(tokens, extra_key)
 
-        monkeypatch.setattr(conn, "_lookup", slow)
-        monkeypatch.setitem(conn._engine_config, "remote_url", "redis://stand-in:6379")
+        monkeypatch.setattr(conn._scheduler, "_lookup", slow)
+        monkeypatch.setitem(conn._scheduler._engine_config, "remote_url", "redis://stand-in:6379")
 
     @property
     def calls(self) -> int:
@@ -66,7 +66,7 @@ def test_slow_lookup_answers_none_then_the_hit(logs, monkeypatch, era, load_asyn
         assert request in cluster.scheduler.waiting and not request.block_ids
         assert slow.calls == 1 and slow.threads[0].startswith("lmcn-lookup")
         assert cluster.conn.internal_state_sizes()["pending_lookups"] == 0
-        future = cluster.conn._background_lookups["again"].future
+        future = cluster.conn._scheduler._background_lookups["again"].future
         slow.gate.set()
         assert future.result(timeout=20) == 27
         cluster.run()
@@ -114,7 +114,7 @@ def test_repeated_calls_while_pending_start_one_lookup(logs, monkeypatch):
         assert conn.internal_state_sizes()["background_lookups"] == 1
         assert conn.internal_state_sizes()["pending_lookups"] == 0
         slow.gate.set()
-        conn._background_lookups["b"].future.result(timeout=20)
+        conn._scheduler._background_lookups["b"].future.result(timeout=20)
         # finished: the same answer every time, from the one lookup, with no side effects
         assert [conn.get_num_new_matched_tokens(request, 0) for _ in range(3)] == [(24, False)] * 3
         assert slow.calls == 1
@@ -138,10 +138,10 @@ def test_changed_request_starts_a_new_lookup(logs, monkeypatch):
         conn = cluster.conn
         first = Req("b", [1, 2, 3] + PROMPT, max_tokens=1)
         assert conn.get_num_new_matched_tokens(first, 0) == (None, False)
-        conn._background_lookups["b"].future.result(timeout=20)
+        conn._scheduler._background_lookups["b"].future.result(timeout=20)
         second = Req("b", PROMPT + [5, 6, 7], max_tokens=1)
         assert conn.get_num_new_matched_tokens(second, 0) == (None, False)
-        conn._background_lookups["b"].future.result(timeout=20)
+        conn._scheduler._background_lookups["b"].future.result(timeout=20)
         assert conn.get_num_new_matched_tokens(second, 0) == (24, False)
         assert slow.calls == 2
         cluster.add(second)
@@ -170,7 +170,7 @@ def test_abort_while_the_lookup_is_pending_leaves_nothing(logs, monkeypatch, sta
         cluster.add(Req("b", PROMPT + [5, 6, 7], max_tokens=1))
         cluster.step()
         assert cluster.scheduler.deferred["b"] == 1
-        future = conn._background_lookups["b"].future
+        future = conn._scheduler._background_lookups["b"].future
         cluster.scheduler.abort("b")
         for blocker in blockers:  # vLLM calls request_finished for these too
             conn.request_finished(blocker, [])
@@ -197,15 +197,15 @@ def test_shutdown_forgets_pending_lookups(logs, monkeypatch):
         cluster.add(Req("b", PROMPT, max_tokens=1))
         cluster.step()
         assert cluster.scheduler.deferred["b"] == 1
-        future = cluster.conn._background_lookups["b"].future
+        future = cluster.conn._scheduler._background_lookups["b"].future
         cluster.conn.shutdown()
         assert cluster.conn.internal_state_sizes()["background_lookups"] == 0
-        assert cluster.conn._lookup_pool is None
+        assert cluster.conn._scheduler._lookup_pool is None
         # after shutdown the connector looks up synchronously (and its engines are gone: a miss)
         slow.gate.set()
         future.result(timeout=20)
         assert cluster.conn.get_num_new_matched_tokens(Req("c", PROMPT, max_tokens=1), 0) == (0, False)
-        assert not cluster.conn._background_lookups
+        assert not cluster.conn._scheduler._background_lookups
     finally:
         slow.gate.set()
         cluster.shutdown()
@@ -221,7 +221,7 @@ def test_era_0_10_never_answers_none(logs, monkeypatch):
         assert cluster.scheduler.deferred["b"] == 0
         assert cluster.scheduler.answers["b"] == [(0, 24, False)]
         assert slow.threads == ["MainThread"]  # on the scheduler's thread, no pool
-        assert cluster.conn._lookup_pool is None
+        assert cluster.conn._scheduler._lookup_pool is None
         assert cluster.loaded_tokens("b") == list(range(24))
         cluster.assert_empty()
     finally:
@@ -234,17 +234,17 @@ def test_local_lookups_without_a_remote_tier_stay_synchronous(logs, monkeypatch,
     try:
         store_prompt(cluster)
         threads = []
-        real = cluster.conn._lookup
+        real = cluster.conn._scheduler._lookup
 
         def recording(tokens, extra_key):
             threads.append(threading.current_thread().name)
             return real(tokens, extra_key)
 
-        monkeypatch.setattr(cluster.conn, "_lookup", recording)
+        monkeypatch.setattr(cluster.conn._scheduler, "_lookup", recording)
         cluster.add(Req("b", PROMPT + [5, 6, 7], max_tokens=1))
         cluster.run()
         assert cluster.scheduler.deferred["b"] == 0 and cluster.scheduler.answers["b"] == [(0, 24, False)]
-        assert threads == ["MainThread"] and cluster.conn._lookup_pool is None
+        assert threads == ["MainThread"] and cluster.conn._scheduler._lookup_pool is None
         cluster.assert_empty()
     finally:
         cluster.shutdown()

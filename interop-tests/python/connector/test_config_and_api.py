@@ -157,13 +157,17 @@ def test_precedence_file_then_environment_then_extra_config(monkeypatch, tmp_pat
     spec = Spec(era=V0_14, extra_config={"lmcache.chunk_size": 8, "discard_partial_chunks": False})
     cluster = Cluster(spec)
     try:
-        resolved = cluster.workers[0].conn._engine.config()
+        resolved = cluster.workers[0].conn._worker.engine.config()
         # extra config beats the environment, which beats the file; the file alone sets the rest
         assert resolved["chunk_size"] == 8
-        assert resolved["min_retrieve_tokens"] == 7
         assert resolved["save_unfull_chunk"] is True
         assert resolved["max_local_cpu_size"] == 0.5
-        assert resolved["enable_async_loading"] is True  # the connector's default
+        # the connector's own keys never reach the engine (it refuses them); the connector reads them
+        assert "min_retrieve_tokens" not in resolved and "enable_async_loading" not in resolved
+        own = cluster.workers[0].conn._config
+        assert own.get("min_retrieve_tokens") == 7 and cluster.conn._settings.min_retrieve_tokens == 7
+        assert own.get("enable_async_loading") is True  # the connector's default
+        assert own.get("async_saving") is True and cluster.conn._settings.save_async is True
         cluster.add(Req("a", list(range(100, 127)), max_tokens=1))
         cluster.run()
         assert logs.matching("[req_id=a] Stored 27 out of total 27 tokens")  # chunk 8, unfull chunk kept
@@ -187,7 +191,7 @@ def test_unknown_and_unsupported_keys_warn_by_name_and_are_dropped(monkeypatch, 
             in warnings
         assert "'enable_kv_events'" in warnings and "not supported by LMCacheNative" in warnings
         assert "unrelated_key_of_vllm" not in warnings
-        assert cluster.workers[0].conn._engine.config()["chunk_size"] == 16
+        assert cluster.workers[0].conn._worker.engine.config()["chunk_size"] == 16
     finally:
         cluster.shutdown()
 
@@ -215,11 +219,34 @@ def test_invalid_values_fail_at_start_up(monkeypatch, role, source, value, messa
         fakevllm.create_connector(spec.vllm_config(), fakevllm.role(role), spec.kv_cache_config())
 
 
-def test_a_value_only_the_library_rejects_fails_in_the_scheduler_too(monkeypatch):
+@pytest.mark.parametrize("role", ["SCHEDULER", "WORKER"])
+@pytest.mark.parametrize("key,value", [("cache_policy", "LFU"), ("use_layerwise", True), ("gds_path", "/mnt/gds")])
+def test_a_value_only_the_library_rejects_fails_in_the_scheduler_too(monkeypatch, role, key, value):
+    """LMCache names this build does not implement: refused from the library's schema in both roles,
+    without building a throw-away engine."""
     fakevllm.install(V0_14)
-    spec = Spec(era=V0_14, extra_config={"lmcache.cache_policy": "LFU"})  # a valid name, unsupported here
-    with pytest.raises(ValueError, match="LMCacheNative refused the configuration"):
-        fakevllm.create_connector(spec.vllm_config(), fakevllm.role("SCHEDULER"), spec.kv_cache_config())
+    from lmcache_native import Engine
+
+    created = []
+    monkeypatch.setattr(Engine, "__init__", lambda self, *a, **k: created.append(a) or (_ for _ in ()).throw(
+        AssertionError("no engine may be created to validate a configuration")))
+    spec = Spec(era=V0_14, extra_config={f"lmcache.{key}": value})
+    with pytest.raises(ValueError, match=f"'{key}'.*LMCacheNative refused the configuration"):
+        fakevllm.create_connector(spec.vllm_config(), fakevllm.role(role), spec.kv_cache_config())
+    assert not created
+
+
+def test_the_scheduler_builds_no_engine(monkeypatch):
+    fakevllm.install(V0_14)
+    from lmcache_native import Engine
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the scheduler must not build an engine")
+
+    monkeypatch.setattr(Engine, "__init__", refuse)
+    spec = Spec(era=V0_14, extra_config={"lmcache.chunk_size": 8})
+    conn = fakevllm.create_connector(spec.vllm_config(), fakevllm.role("SCHEDULER"), spec.kv_cache_config())
+    conn.shutdown()
 
 
 def test_resolved_configuration_is_logged_once_per_process():
@@ -247,6 +274,6 @@ def test_shutdown_is_idempotent_and_a_closed_connector_degrades_to_misses(logs):
     worker = cluster.workers[0].conn
     cluster.shutdown()
     worker.shutdown()
-    assert worker._engine is None and not any(worker.internal_state_sizes().values())
+    assert worker._worker.engine is None and not any(worker.internal_state_sizes().values())
     # the scheduler-side instance still answers (a miss), never raises
     assert cluster.conn.get_num_new_matched_tokens(Req("b", list(range(50, 77))), 0) == (0, False)

@@ -231,11 +231,12 @@ HOSTILE_TEXT = [
 def _assert_usable(result):
     """What resolve accepts must be passable to the library as JSON, with finite numbers."""
     json.dumps(result.engine, allow_nan=False)
-    for value in list(result.engine.values()) + list(result.plain.values()):
+    assert not set(result.engine) & set(cfg.CONNECTOR_KEYS)  # the engine refuses the connector's keys
+    for value in list(result.engine.values()) + list(result.connector.values()) + list(result.plain.values()):
         assert not (isinstance(value, float) and not math.isfinite(value))
 
 
-@pytest.mark.parametrize("key", sorted(cfg.ENGINE_KEYS) + sorted(cfg.PLAIN_EXTRA_SPECS))
+@pytest.mark.parametrize("key", sorted(cfg.ENGINE_KEYS) + sorted(cfg.CONNECTOR_KEYS))
 def test_every_key_gives_success_or_config_error_for_hostile_values(key):
     name = key if key in cfg.PLAIN_EXTRA_SPECS else f"lmcache.{key}"
     for value in HOSTILE_VALUES:

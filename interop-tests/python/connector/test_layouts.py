@@ -80,7 +80,7 @@ def test_fp16_and_bf16_caches_never_share_keys(logs, tmp_path):
     for dtype in ("float16", "bfloat16"):
         cluster = Cluster(Spec(era=V0_14, dtype=dtype, extra_config={"lmcache.chunk_size": CHUNK, **disk}))
         try:
-            hits[dtype] = cluster.workers[0].conn._engine.lookup(PROMPT_A)
+            hits[dtype] = cluster.workers[0].conn._worker.engine.lookup(PROMPT_A)
         finally:
             cluster.shutdown()
     assert hits == {"float16": 32, "bfloat16": 0}

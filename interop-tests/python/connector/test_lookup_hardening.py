@@ -75,13 +75,13 @@ def test_an_out_of_range_remote_answer_is_a_miss_warned_once(monkeypatch, logs, 
         asked.append(len(tokens))
         return answer
 
-    monkeypatch.setattr(conn._lmc, "remote_lookup", hostile)
+    monkeypatch.setattr(conn._scheduler._lmc, "remote_lookup", hostile)
     try:
         assert ask(conn, Req("a", PROMPT)) == (0, False)
         assert ask(conn, Req("b", PROMPT)) == (0, False)
         assert asked and all(count == len(PROMPT) for count in asked)
-        assert conn._pending_lookups["a"].num_external_tokens == 0 and conn._pending_lookups["a"].token_ids == []
-        assert conn._stats["lookup_hit_tokens"] == 0
+        assert conn._scheduler._pending_lookups["a"].num_external_tokens == 0 and len(conn._scheduler._pending_lookups["a"].token_ids) == 0
+        assert conn._scheduler._stats["lookup_hit_tokens"] == 0
         warned = logs.matching("counted as a miss (further such answers are not logged)")
         assert len(warned) == 1 and f"for a prompt of {len(PROMPT)} tokens" in warned[0]
     finally:
@@ -93,7 +93,7 @@ def test_an_out_of_range_remote_answer_is_a_miss_warned_once(monkeypatch, logs, 
 def test_one_hostile_rank_makes_the_lookup_a_miss(monkeypatch, logs, era):
     spec, conn, _ = scheduler_of(era, tp=2)
     answers = {"r0.sock": 32, "r1.sock": -5}
-    monkeypatch.setattr(conn._lmc, "remote_lookup",
+    monkeypatch.setattr(conn._scheduler._lmc, "remote_lookup",
                         lambda path, tokens, extra_key=b"", timeout_s=None: answers[path.rsplit("-", 1)[1]])
     try:
         assert ask(conn, Req("a", PROMPT)) == (0, False)
@@ -108,7 +108,7 @@ def test_one_hostile_rank_makes_the_lookup_a_miss(monkeypatch, logs, era):
 
 def test_a_full_hit_keeps_the_last_token_for_vllm(monkeypatch):
     spec, conn, _ = scheduler_of(V0_10, enable_async_loading=False)
-    monkeypatch.setattr(conn._lmc, "remote_lookup", lambda *args, **kwargs: len(PROMPT))
+    monkeypatch.setattr(conn._scheduler._lmc, "remote_lookup", lambda *args, **kwargs: len(PROMPT))
     try:
         assert conn.get_num_new_matched_tokens(Req("a", PROMPT), 0) == (len(PROMPT) - 1, False)
         # vLLM already computed more than the store holds: nothing to load, never negative
@@ -121,7 +121,7 @@ def test_a_full_hit_keeps_the_last_token_for_vllm(monkeypatch):
 def test_an_in_process_engine_answer_is_checked_too(logs):
     cluster = Cluster(Spec(era=V0_10, extra_config={"lmcache.chunk_size": 16}))
     try:
-        engine = cluster.workers[0].conn._engine
+        engine = cluster.workers[0].conn._worker.engine
         real_lookup = engine.lookup
         engine.lookup = lambda tokens, extra_key=b"": 10**30
         try:
@@ -191,7 +191,7 @@ def test_a_hostile_lookup_server_cannot_inflate_the_hit(logs, era, hit):
     server = FakeLookupServer(vc._lookup_socket_path(spec.model, 13, 0, 0), hit)
     try:
         assert ask(conn, Req("a", PROMPT)) == (0, False)
-        assert conn._stats["lookup_hit_tokens"] == 0
+        assert conn._scheduler._stats["lookup_hit_tokens"] == 0
         # the request really went over the channel, in its wire format
         assert server.requests and server.requests[0][:2] == (b"LMLQ", 1) and server.requests[0][3] == PROMPT
     finally:
@@ -307,7 +307,7 @@ def test_with_an_unsafe_directory_the_worker_serves_nothing_and_lookups_miss(tem
     worker = MiniWorker(spec, 1)  # rank 1 lives "elsewhere"; rank 0 has no engine at all
     scheduler = fakevllm.create_connector(spec.vllm_config(0), fakevllm.role("SCHEDULER"), spec.kv_cache_config())
     try:
-        assert worker.conn._engine is not None and worker.conn._serving_socket is None
+        assert worker.conn._worker.engine is not None and worker.conn._worker._serving_socket is None
         assert logs.matching("not serving lookups: refusing to put lookup sockets in")
         assert list(private_dir(temp_root).iterdir()) == []
         assert scheduler.get_num_new_matched_tokens(Req("a", PROMPT), 0) == (0, False)

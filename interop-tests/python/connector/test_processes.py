@@ -39,7 +39,7 @@ def test_tp2_workers_in_their_own_processes(logs):
     finally:
         cluster.shutdown()
     # a scheduler whose workers are gone sees misses, not errors (no server: LMC_E_IO)
-    assert cluster.conn._lookup(PROMPT, b"") == 0
+    assert cluster.conn._scheduler._lookup(PROMPT, b"") == 0
 
 
 def test_fresh_vllm_in_new_processes_loads_from_the_disk_store(logs, tmp_path):
@@ -74,7 +74,7 @@ def wait_for_redis_connection(cluster):
     lookup is a miss and every write is dropped (reported as an engine issue). vLLM serves its first
     request seconds after start-up; the test waits likewise, until a probe lookup reaches Redis
     without counting a tier error."""
-    engine = cluster.workers[0].conn._engine
+    engine = cluster.workers[0].conn._worker.engine
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         errors = engine.tier_stats()[0]["errors"]
@@ -103,7 +103,7 @@ def test_fresh_engine_loads_from_redis(logs, shared_redis_url, unique_model):
         second.run()
         assert second.scheduler.answers["b"] == [(0, 32, True)]
         assert second.loaded_tokens("b") == list(range(32))
-        tiers = second.workers[0].conn._engine.tier_stats()
+        tiers = second.workers[0].conn._worker.engine.tier_stats()
         assert tiers[0]["name"] == "RemoteBackend" and tiers[0]["hits"] == 2
         second.assert_empty()
     finally:
@@ -135,7 +135,7 @@ def test_producer_stores_and_consumer_loads_through_a_shared_disk(logs, tmp_path
         assert consumer.loaded_tokens("c") == list(range(32))
         stats = consumer.workers[0].engine_stats()
         assert stats["store_requests"] == 0 and stats["stored_tokens"] == 0  # a consumer never stores
-        assert consumer.workers[0].conn._engine.tier_stats()[0]["writes"] == 0
+        assert consumer.workers[0].conn._worker.engine.tier_stats()[0]["writes"] == 0
         consumer.assert_empty()
     finally:
         consumer.shutdown()

@@ -14,8 +14,11 @@ public enum ChunkHashAlgorithm
 
 /// <summary>
 /// The engine's configuration, parsed from a JSON object whose key names and defaults are LMCache's
-/// (lmcache/v1/config.py). Unknown keys and invalid values are errors that name the key; known keys
-/// whose feature this build lacks are <see cref="LmcErrorKind.Unsupported"/>.
+/// (lmcache/v1/config.py). Every key is declared once, in <see cref="Keys"/>: its type, range,
+/// default and meaning drive parsing, the resolved JSON (<see cref="ToJson"/>) and the published
+/// schema (<see cref="SchemaJson"/>, lmc_config_schema) that bindings read instead of repeating the
+/// keys. The engine accepts only keys it uses; unknown keys and invalid values are errors that name
+/// the key; LMCache features this build lacks are <see cref="LmcStatus.Unsupported"/>.
 /// </summary>
 public sealed record EngineConfig
 {
@@ -27,12 +30,8 @@ public sealed record EngineConfig
     /// <summary>Host memory for the CPU tier, in GB (2^30 bytes), per engine (per TP rank).</summary>
     public double MaxLocalCpuSize { get; init; } = 5.0;
     public bool SaveUnfullChunk { get; init; }
-    public bool SaveDecodeCache { get; init; }
     public ChunkHashAlgorithm HashAlgorithm { get; init; } = ChunkHashAlgorithm.Sha256;
     public string CachePolicy { get; init; } = "LRU";
-    public int MinRetrieveTokens { get; init; }
-    public bool EnableAsyncLoading { get; init; }
-    public double LookupTimeoutMs { get; init; } = 3000;
     public double BlockingTimeoutSecs { get; init; } = 10;
     /// <summary>Directory of the local disk tier (LMCache's <c>local_disk</c>; a <c>file://</c> prefix is allowed), or null.</summary>
     public string? LocalDisk { get; init; }
@@ -41,11 +40,90 @@ public sealed record EngineConfig
     /// <summary>Remote tier URL (<c>redis://host:port/db</c>, <c>rediss://</c> for TLS), or null.</summary>
     public string? RemoteUrl { get; init; }
     public string RemoteSerde { get; init; } = "naive";
-    public int? PriorityLimit { get; init; }
     /// <summary>LMCache's free-form <c>extra_config</c> object, kept verbatim (raw JSON).</summary>
     public string ExtraConfigJson { get; init; } = "{}";
 
     public long MaxLocalCpuBytes => LocalCpu ? (long)(MaxLocalCpuSize * BytesPerGb) : 0;
+
+    // ---- the keys ----
+
+    /// <summary>One configuration key: how it is parsed, written back and described.</summary>
+    private sealed record Key(string Name, string Type, string Description,
+        Func<EngineConfig, string, JsonElement, EngineConfig> Apply, Action<Utf8JsonWriter, EngineConfig> Write)
+    {
+        public double? Minimum { get; init; }
+        public double? Maximum { get; init; }
+        public bool ExclusiveMinimum { get; init; }
+        public bool Nullable { get; init; }
+        public string[]? Choices { get; init; }
+        public string[]? UnsupportedValues { get; init; }
+    }
+
+    private static Key IntKey(string name, long min, long max, Func<EngineConfig, int> get, Func<EngineConfig, int, EngineConfig> set, string description) =>
+        new(name, "integer", description, (c, k, v) => set(c, Int(k, v, min, max)), (w, c) => w.WriteNumber(name, get(c))) { Minimum = min, Maximum = max };
+
+    private static Key NumberKey(string name, double min, double max, bool exclusiveMin, Func<EngineConfig, double> get, Func<EngineConfig, double, EngineConfig> set,
+        string description) =>
+        new(name, "number", description, (c, k, v) => set(c, Number(k, v, min, max, exclusiveMin)), (w, c) => w.WriteNumber(name, get(c)))
+            { Minimum = min, Maximum = max, ExclusiveMinimum = exclusiveMin };
+
+    private static Key BoolKey(string name, Func<EngineConfig, bool> get, Func<EngineConfig, bool, EngineConfig> set, string description) =>
+        new(name, "boolean", description, (c, k, v) => set(c, Bool(k, v)), (w, c) => w.WriteBoolean(name, get(c)));
+
+    private static Key OptionalTextKey(string name, Func<EngineConfig, string?> get, Func<EngineConfig, string?, EngineConfig> set, string description,
+        Func<string, string>? shown = null) =>
+        new(name, "string", description, (c, k, v) => set(c, OptionalText(k, v)), (w, c) =>
+        {
+            if (get(c) is { } text) w.WriteString(name, shown is null ? text : shown(text)); else w.WriteNull(name);
+        }) { Nullable = true };
+
+    /// <summary>An LMCache feature this build does not have: false (its default) is accepted, true is unsupported.</summary>
+    private static Key AbsentFeature(string name, string description) =>
+        new(name, "boolean", description, FalseOnly, (w, _) => w.WriteBoolean(name, false)) { UnsupportedValues = ["true"] };
+
+    private static readonly Key[] Keys =
+    [
+        IntKey("chunk_size", 1, 1 << 20, c => c.ChunkSize, (c, v) => c with { ChunkSize = v }, "tokens per chunk, the unit of caching"),
+        BoolKey("local_cpu", c => c.LocalCpu, (c, v) => c with { LocalCpu = v },
+            "keep chunks in the CPU pool; false: the pool only stages writes to the lower tiers"),
+        NumberKey("max_local_cpu_size", 0, 1 << 20, false, c => c.MaxLocalCpuSize, (c, v) => c with { MaxLocalCpuSize = v },
+            "CPU pool size in GB (2^30 bytes) per engine (per tensor-parallel rank)"),
+        BoolKey("save_unfull_chunk", c => c.SaveUnfullChunk, (c, v) => c with { SaveUnfullChunk = v }, "also store a request's trailing partial chunk"),
+        new("pre_caching_hash_algorithm", "string", "hash chaining the chunk keys: sha256 (LMCache's builtin and sha256_cbor map to it) or the faster xxh3_128",
+            (c, k, v) => c with { HashAlgorithm = HashName(k, v) },
+            (w, c) => w.WriteString("pre_caching_hash_algorithm", c.HashAlgorithm == ChunkHashAlgorithm.Sha256 ? "sha256" : "xxh3_128"))
+            { Choices = ["sha256", "builtin", "sha256_cbor", "sha256_cbor_64bit", "xxh3_128", "xxhash"] },
+        new("cache_policy", "string", "eviction policy of the CPU pool (case-insensitive)", (c, k, v) => c with { CachePolicy = Policy(k, v) },
+            (w, c) => w.WriteString("cache_policy", c.CachePolicy)) { Choices = ["LRU"], UnsupportedValues = ["LFU", "FIFO", "MRU", "S3FIFO"] },
+        NumberKey("blocking_timeout_secs", 0, 3600, true, c => c.BlockingTimeoutSecs, (c, v) => c with { BlockingTimeoutSecs = v },
+            "bound in seconds on every remote-tier operation; a timeout is a miss"),
+        OptionalTextKey("local_disk", c => c.LocalDisk, (c, v) => c with { LocalDisk = v },
+            "directory of the local disk tier (a path or file://path); enabled with max_local_disk_size > 0"),
+        NumberKey("max_local_disk_size", 0, 1 << 30, false, c => c.MaxLocalDiskSize, (c, v) => c with { MaxLocalDiskSize = v },
+            "disk tier capacity in GB (2^30 bytes) for the whole directory, every model's records together"),
+        OptionalTextKey("remote_url", c => c.RemoteUrl, (c, v) => c with { RemoteUrl = v },
+            "remote tier: redis://[user:password@]host:port/db, rediss:// for TLS", Secrets.RedactUrls),
+        new("remote_serde", "string", "serialisation of remote records", (c, k, v) => c with { RemoteSerde = Serde(k, v) },
+            (w, c) => w.WriteString("remote_serde", c.RemoteSerde)) { Choices = ["naive"], UnsupportedValues = ["cachegen", "kivi"] },
+        new("extra_config", "object", "free-form object; remote_ttl_secs sets an expiry on remote records", (c, k, v) => c with { ExtraConfigJson = ExtraConfig(k, v) },
+            (w, c) =>
+            {
+                w.WritePropertyName("extra_config");
+                w.WriteRawValue(Secrets.RedactJson(c.ExtraConfigJson));
+            }) { Nullable = true },
+        new("gds_path", "string", "GPUDirect Storage path: not in this build (null only)", NullOnly, (w, _) => w.WriteNull("gds_path"))
+            { Nullable = true, UnsupportedValues = ["any path"] },
+        AbsentFeature("use_layerwise", "layer-wise transfers: not in this build"),
+        AbsentFeature("enable_blending", "CacheBlend: not in this build"),
+        AbsentFeature("enable_pd", "disaggregated prefill: not in this build"),
+        AbsentFeature("enable_p2p", "peer-to-peer sharing: not in this build"),
+        AbsentFeature("enable_controller", "the LMCache controller: not in this build"),
+        AbsentFeature("local_cpu_use_hugepages", "huge pages for the CPU pool: not in this build"),
+        AbsentFeature("enable_lazy_memory_allocator", "lazy pool allocation: not in this build (slabs are allocated on demand anyway)"),
+        AbsentFeature("use_gpu_connector_v3", "LMCache's v3 GPU connector: not applicable"),
+    ];
+
+    private static readonly Dictionary<string, Key> KeysByName = Keys.ToDictionary(k => k.Name, StringComparer.Ordinal);
 
     /// <summary>Parses a JSON object; null, empty or whitespace text means all defaults.</summary>
     public static EngineConfig Parse(string? json)
@@ -73,7 +151,9 @@ public sealed record EngineConfig
                     if (!seen.Add(property.Name))
                         throw LmcException.InvalidArgument($"config: key \"{ForMessage(property.Name)}\" appears more than once");
                     RequireValidStrings(property.Name, property.Value);
-                    config = Apply(config, property.Name, property.Value);
+                    if (!KeysByName.TryGetValue(property.Name, out var key))
+                        throw LmcException.InvalidArgument($"config: unknown key \"{ForMessage(property.Name)}\"");
+                    config = key.Apply(config, property.Name, property.Value);
                 }
             }
             catch (InvalidOperationException e)
@@ -85,32 +165,57 @@ public sealed record EngineConfig
         }
     }
 
-    private static EngineConfig Apply(EngineConfig c, string key, JsonElement v) => key switch
+    /// <summary>
+    /// The resolved configuration as a JSON object with LMCache's key names, credentials redacted
+    /// (<see cref="Secrets"/>): this text is shown to users and written to logs.
+    /// </summary>
+    public string ToJson() => WriteJson(w =>
     {
-        "chunk_size" => c with { ChunkSize = Int(key, v, min: 1, max: 1 << 20) },
-        "local_cpu" => c with { LocalCpu = Bool(key, v) },
-        "max_local_cpu_size" => c with { MaxLocalCpuSize = Number(key, v, min: 0, max: 1 << 20) },
-        "save_unfull_chunk" => c with { SaveUnfullChunk = Bool(key, v) },
-        "save_decode_cache" => c with { SaveDecodeCache = Bool(key, v) },
-        "pre_caching_hash_algorithm" => c with { HashAlgorithm = HashName(key, v) },
-        "cache_policy" => c with { CachePolicy = Policy(key, v) },
-        "min_retrieve_tokens" => c with { MinRetrieveTokens = Int(key, v, min: 0, max: int.MaxValue) },
-        "enable_async_loading" => c with { EnableAsyncLoading = Bool(key, v) },
-        "lookup_timeout_ms" => c with { LookupTimeoutMs = Number(key, v, min: 0, max: 3_600_000, exclusiveMin: true) },
-        "blocking_timeout_secs" => c with { BlockingTimeoutSecs = Number(key, v, min: 0, max: 3600, exclusiveMin: true) },
-        "max_local_disk_size" => c with { MaxLocalDiskSize = Number(key, v, min: 0, max: 1 << 30) },
-        "remote_serde" => c with { RemoteSerde = Serde(key, v) },
-        "priority_limit" => c with { PriorityLimit = v.ValueKind == JsonValueKind.Null ? null : Int(key, v, min: int.MinValue, max: int.MaxValue) },
-        "extra_config" => c with { ExtraConfigJson = ExtraConfig(key, v) },
-        // Known LMCache keys for features that later tiers and paths add. The default value is
-        // accepted so that LMCache configuration files load unchanged; anything else is refused.
-        "local_disk" => c with { LocalDisk = OptionalText(key, v) },
-        "remote_url" => c with { RemoteUrl = OptionalText(key, v) },
-        "gds_path" => NullOnly(c, key, v),
-        "use_layerwise" or "enable_blending" or "enable_pd" or "enable_p2p" or "enable_controller"
-            or "local_cpu_use_hugepages" or "enable_lazy_memory_allocator" or "use_gpu_connector_v3" => FalseOnly(c, key, v),
-        _ => throw LmcException.InvalidArgument($"config: unknown key \"{ForMessage(key)}\""),
-    };
+        w.WriteStartObject();
+        foreach (var key in Keys) key.Write(w, this);
+        w.WriteEndObject();
+    });
+
+    /// <summary>Every key with its type, default, range and meaning, as a JSON array (lmc_config_schema).</summary>
+    public static string SchemaJson { get; } = WriteJson(w =>
+    {
+        var defaults = JsonDocument.Parse(new EngineConfig().ToJson()).RootElement;
+        w.WriteStartArray();
+        foreach (var key in Keys)
+        {
+            w.WriteStartObject();
+            w.WriteString("name", key.Name);
+            w.WriteString("type", key.Type);
+            w.WritePropertyName("default");
+            defaults.GetProperty(key.Name).WriteTo(w);
+            w.WriteBoolean("nullable", key.Nullable);
+            if (key.Minimum is { } min) w.WriteNumber("minimum", min);
+            if (key.Maximum is { } max) w.WriteNumber("maximum", max);
+            if (key.ExclusiveMinimum) w.WriteBoolean("exclusive_minimum", true);
+            WriteStrings(w, "choices", key.Choices);
+            WriteStrings(w, "unsupported_values", key.UnsupportedValues);
+            w.WriteString("description", key.Description);
+            w.WriteEndObject();
+        }
+        w.WriteEndArray();
+    });
+
+    private static void WriteStrings(Utf8JsonWriter w, string name, string[]? values)
+    {
+        if (values is null) return;
+        w.WriteStartArray(name);
+        foreach (var value in values) w.WriteStringValue(value);
+        w.WriteEndArray();
+    }
+
+    private static string WriteJson(Action<Utf8JsonWriter> write)
+    {
+        using var stream = new MemoryStream();
+        using (var writer = new Utf8JsonWriter(stream)) write(writer);
+        return Encoding.UTF8.GetString(stream.ToArray());
+    }
+
+    // ---- value parsers ----
 
     /// <summary>
     /// Refuses strings, at any depth, that are not valid Unicode (an escaped lone surrogate such as
@@ -124,7 +229,7 @@ public sealed record EngineConfig
         }
         catch (InvalidOperationException)
         {
-            throw LmcException.InvalidArgument($"config: \"{key}\" holds a string that is not valid Unicode text (a lone surrogate escape such as \\ud800)");
+            throw LmcException.InvalidArgument($"config: \"{ForMessage(key)}\" holds a string that is not valid Unicode text (a lone surrogate escape such as \\ud800)");
         }
 
         static void Walk(JsonElement e)
@@ -245,38 +350,5 @@ public sealed record EngineConfig
     {
         text = Secrets.RedactUrls(text);
         return text.Length <= 80 ? text : text[..77] + "...";
-    }
-
-    /// <summary>
-    /// The resolved configuration as a JSON object with LMCache's key names, credentials redacted
-    /// (<see cref="Secrets"/>): this text is shown to users and written to logs.
-    /// </summary>
-    public string ToJson()
-    {
-        using var stream = new MemoryStream();
-        using (var w = new Utf8JsonWriter(stream))
-        {
-            w.WriteStartObject();
-            w.WriteNumber("chunk_size", ChunkSize);
-            w.WriteBoolean("local_cpu", LocalCpu);
-            w.WriteNumber("max_local_cpu_size", MaxLocalCpuSize);
-            w.WriteBoolean("save_unfull_chunk", SaveUnfullChunk);
-            w.WriteBoolean("save_decode_cache", SaveDecodeCache);
-            w.WriteString("pre_caching_hash_algorithm", HashAlgorithm == ChunkHashAlgorithm.Sha256 ? "sha256" : "xxh3_128");
-            w.WriteString("cache_policy", CachePolicy);
-            w.WriteNumber("min_retrieve_tokens", MinRetrieveTokens);
-            w.WriteBoolean("enable_async_loading", EnableAsyncLoading);
-            w.WriteNumber("lookup_timeout_ms", LookupTimeoutMs);
-            w.WriteNumber("blocking_timeout_secs", BlockingTimeoutSecs);
-            if (LocalDisk is null) w.WriteNull("local_disk"); else w.WriteString("local_disk", LocalDisk);
-            w.WriteNumber("max_local_disk_size", MaxLocalDiskSize);
-            if (RemoteUrl is null) w.WriteNull("remote_url"); else w.WriteString("remote_url", Secrets.RedactUrls(RemoteUrl));
-            w.WriteString("remote_serde", RemoteSerde);
-            if (PriorityLimit is int limit) w.WriteNumber("priority_limit", limit); else w.WriteNull("priority_limit");
-            w.WritePropertyName("extra_config");
-            w.WriteRawValue(Secrets.RedactJson(ExtraConfigJson));
-            w.WriteEndObject();
-        }
-        return Encoding.UTF8.GetString(stream.ToArray());
     }
 }

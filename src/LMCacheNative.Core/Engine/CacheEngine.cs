@@ -1,73 +1,46 @@
 using System.Buffers;
-using System.Runtime.ExceptionServices;
+using System.Diagnostics;
 using LMCacheNative.Core.Config;
 using LMCacheNative.Core.Keys;
 using LMCacheNative.Core.Layout;
-using LMCacheNative.Core.Lookup;
 using LMCacheNative.Core.Memory;
 using LMCacheNative.Core.Storage;
 using LMCacheNative.Core.Transfer;
 
 namespace LMCacheNative.Core.Engine;
 
-/// <summary>Counters since creation and pool gauges; mirrors the C ABI's lmc_stats.</summary>
-public readonly record struct EngineStats(
-    long LookupRequests, long LookupTokens, long LookupHitTokens,
-    long StoreRequests, long StoredTokens, long StoredBytes,
-    long RetrieveRequests, long RetrieveRequestedTokens, long RetrievedTokens, long RetrievedBytes,
-    long EvictedChunks, long StoreSkippedChunks, long CachedChunks, long PoolUsedBytes, long PoolCapacityBytes);
-
-/// <summary>One lower tier's counters, for the C ABI's per-tier statistics.</summary>
-public readonly record struct TierStats(string Name, StorageTierStats Counters);
-
-/// <summary>What a store did, for the caller's log line.</summary>
-public readonly record struct StoreResult(long TokensInCache, long TokensCopied, long BytesCopied, int ChunksSkippedForSpace);
-
-/// <summary>What a retrieve did.</summary>
-public readonly record struct RetrieveResult(long RetrievedTokens, long BytesWritten);
-
 /// <summary>
-/// The cache engine: chunked, prefix-chained keys over a CPU tier, and gather/scatter between the
-/// registered paged KV layers and chunk objects. The engine owns the pool; the KV layers belong to
-/// the caller.
+/// The cache engine: chunked, prefix-chained keys over a CPU tier and a chain of lower tiers, and
+/// copies between the registered paged KV layers and chunk objects. The engine owns the pool; the
+/// KV layers belong to the caller.
 ///
-/// Threading: any method may be called from any thread. Index and pool updates happen under one
-/// short lock; copies run outside it while the chunks involved are pinned, so a lookup is never
-/// stuck behind a large copy. Registration and disposal wait for calls in flight.
+/// Every request goes plan → copy → complete: planning computes keys and pins or reserves chunks in
+/// the CPU tier (reading from lower tiers what it lacks); the copy runs outside any lock through the
+/// registration's <see cref="IKvTransfer"/> (at once on the host, on a stream on a GPU); completing
+/// publishes, writes down, unpins and counts. A request runs either on the caller's thread
+/// (<see cref="Store(in KvRequest)"/>) or as a job on the engine's workers (<see cref="StoreAsync"/>):
+/// the same three steps either way.
+///
+/// Threading: any method may be called from any thread. The CPU tier takes its own short lock;
+/// registration and disposal exclude calls (a reader-writer lock) and wait for jobs in flight.
 /// </summary>
 public sealed class CacheEngine : IDisposable
 {
-    private readonly object _indexLock = new();
-    // Readers: lookup/store/retrieve/stats/clear. Writer: register and dispose, which swap or free
-    // what the readers use.
+    // Readers: every call. Writer: register and dispose, which swap or free what the readers use.
     private readonly ReaderWriterLockSlim _lifecycle = new(LockRecursionPolicy.NoRecursion);
     private readonly IHostMemoryAllocator _allocator;
-    // The GPU path (LMCacheNative.Cuda), when the composition root supplies one.
     private readonly IDeviceBackend? _deviceBackend;
-    // Asynchronous device transfers still in flight: re-registration and disposal wait for them,
-    // because the device is still reading or writing the pool and the layers.
-    private readonly object _deviceOperationsLock = new();
-    private int _deviceOperations;
-    // Lower tiers in LMCache's order (local disk, then remote), each with its write-behind worker.
-    private readonly TierWriter[] _writers;
+    private readonly LowerTierChain _lowerTiers;
+    private readonly EngineCounters _counters = new();
+    private readonly JobRunner _jobs;
+    private readonly InFlight _inFlight = new();
     private Registration? _registration;
     private bool _disposed;
 
-    private long _lookupRequests, _lookupTokens, _lookupHitTokens;
-    private long _storeRequests, _storedTokens, _storedBytes, _storeSkippedChunks;
-    private long _retrieveRequests, _retrieveRequestedTokens, _retrievedTokens, _retrievedBytes;
-    private long _evictedBeforeCurrentTier;
-
-    private sealed class Registration(KvLayerLayout[] layers, ChunkHasher hasher, LocalCpuTier tier, IKvTransfer transfer, long bytesPerToken,
-        IHostMemoryAllocator allocator)
+    /// <summary>What a registration fixes: layers, keys, the CPU tier and the copy path.</summary>
+    private sealed record Registration(KvLayerLayout[] Layers, ChunkHasher Hasher, LocalCpuTier Tier, IKvTransfer Transfer, IHostMemoryAllocator Allocator)
     {
-        public KvLayerLayout[] Layers { get; } = layers;
-        public ChunkHasher Hasher { get; } = hasher;
-        public LocalCpuTier Tier { get; } = tier;
-        public IKvTransfer Transfer { get; } = transfer;
-        public long BytesPerToken { get; } = bytesPerToken;
-        /// <summary>Where the tier's pool comes from: plain host memory, or the device path's pinned memory.</summary>
-        public IHostMemoryAllocator Allocator { get; } = allocator;
+        public KvShape Shape => Transfer.Shape;
         public long NumSlots => Layers[0].NumSlots;
     }
 
@@ -86,45 +59,12 @@ public sealed class CacheEngine : IDisposable
         WorkerId = workerId;
         _allocator = allocator ?? AlignedHostAllocator.Instance;
         _deviceBackend = deviceBackend;
-        _writers = CreateLowerTiers(config, remoteTierFactory);
-    }
-
-    private TierWriter[] CreateLowerTiers(EngineConfig config, RemoteTierFactory? remoteTierFactory)
-    {
-        var tiers = new List<IStorageTier>();
-        try
-        {
-            if (config.LocalDisk is { } directory && config.MaxLocalDiskSize > 0)
-                tiers.Add(new LocalDiskTier(directory, (long)(config.MaxLocalDiskSize * EngineConfig.BytesPerGb)));
-            if (config.RemoteUrl is { } url)
-            {
-                var remote = remoteTierFactory?.Invoke(url, config)
-                             ?? throw LmcException.Unsupported($"config: \"remote_url\" \"{Secrets.RedactUrls(url)}\": no remote backend for this URL scheme in this build");
-                tiers.Add(remote);
-            }
-        }
-        catch
-        {
-            foreach (var tier in tiers) tier.Dispose();
-            throw;
-        }
-        return tiers.Select(t => new TierWriter(t, ReleaseWrittenChunk)).ToArray();
-    }
-
-    /// <summary>Called by a write-behind worker when a chunk is written (or failed): drop its pin.</summary>
-    private void ReleaseWrittenChunk(CachedChunk chunk)
-    {
-        lock (_indexLock)
-        {
-            var tier = _registration?.Tier;
-            if (tier is null) return;
-            tier.Unpin(chunk);
-            if (!Config.LocalCpu) tier.RemoveIfUnpinned(chunk);
-        }
+        _lowerTiers = LowerTierChain.Create(config, remoteTierFactory);
+        _jobs = new JobRunner(2, "lmcache-native job");
     }
 
     /// <summary>Names of the lower tiers, in lookup order.</summary>
-    public IReadOnlyList<string> LowerTierNames => _writers.Select(w => w.Tier.Name).ToArray();
+    public IReadOnlyList<string> LowerTierNames => _lowerTiers.Names;
 
     public EngineConfig Config { get; }
     public string ModelName { get; }
@@ -133,670 +73,420 @@ public sealed class CacheEngine : IDisposable
     public int ChunkSize => Config.ChunkSize;
     public bool IsRegistered => _registration is not null;
 
+    /// <summary>The registered model's KV shape (bytes per token and per chunk); null before registration.</summary>
+    public KvShape? Shape => _registration?.Shape;
+
     /// <summary>Bytes of KV per token across all registered layers and K/V (0 before registration).</summary>
-    public long BytesPerToken => _registration?.BytesPerToken ?? 0;
+    public long BytesPerToken => _registration?.Shape.BytesPerToken ?? 0;
 
     public KeyNamespace? Namespace => _registration?.Hasher.Namespace;
 
+    // ---- registration ----
+
     /// <summary>
     /// Validates and registers the layers (model layer order). Re-registering with the same
-    /// namespace keeps the cache (chunks are layout-free); a different namespace clears it.
+    /// namespace keeps the cache (chunks are layout-free); a different namespace, or memory of
+    /// another kind for the pool, starts an empty one. Waits for jobs in flight on the old layers.
     /// </summary>
     public void RegisterLayers(IReadOnlyList<KvLayerLayout> layers)
     {
         LayoutValidator.Validate(layers);
         var first = layers[0];
         if (first.Device != DeviceKind.Host && _deviceBackend is null)
-            throw new LmcException(LmcErrorKind.Unsupported,
-                "layer 0: device_kind LMC_DEVICE_CUDA needs the CUDA path, which this build does not have yet; register host memory");
+            throw new LmcException(LmcStatus.Unsupported,
+                "layer 0: device_kind LMC_DEVICE_CUDA needs the CUDA path, which this build does not have; register host memory");
 
         var keyNamespace = new KeyNamespace(ModelName, first.ElemSize, first.NumKvHeads, first.HeadSize, layers.Count, first.KvCount, WorldSize, WorkerId);
-        IKvTransfer transfer;
-        IDeviceKvTransfer? device = null;
-        IHostMemoryAllocator allocator;
-        long bytesPerToken;
-        if (first.Device == DeviceKind.Host)
-        {
-            var host = new HostKvTransfer(layers);
-            transfer = host;
-            bytesPerToken = host.BytesPerToken;
-            allocator = _allocator;
-        }
-        else
-        {
-            // Driver, context, kernels and the layer table: once per registration, outside the lock.
-            device = _deviceBackend!.Attach(layers);
-            transfer = device;
-            bytesPerToken = first.TokenRowBytes * layers.Count * first.KvCount;
-            allocator = device.HostAllocator;
-        }
+        // Driver, context, kernels and the layer table: once per registration, outside the lock.
+        IKvTransfer transfer = first.Device == DeviceKind.Host ? new HostKvTransfer(layers) : _deviceBackend!.Attach(layers);
+        var allocator = transfer.PoolAllocator ?? _allocator;
 
         bool installed = false;
         _lifecycle.EnterWriteLock();
         try
         {
             ThrowIfDisposed();
-            // Transfers still running on a device read or write the old layers and pool.
-            WaitForDeviceOperations();
+            _inFlight.WaitForNone();
             var previous = _registration;
             LocalCpuTier tier;
-            // Chunks are layout-free, so the cache survives a re-registration of the same namespace,
-            // unless the pool's memory must change kind (pageable for host layers, pinned for a GPU).
-            if (previous is not null && previous.Hasher.Namespace == keyNamespace && previous.Hasher.Algorithm == Config.HashAlgorithm
-                && previous.Allocator == allocator)
+            if (previous is not null && previous.Hasher.Namespace == keyNamespace && previous.Allocator == allocator)
             {
                 tier = previous.Tier;
             }
             else
             {
-                long slabBytes = checked(bytesPerToken * ChunkSize);
-                // Without local_cpu the pool is only a staging area for the lower tiers: chunks
-                // leave it once written down (LMCache sizes that buffer with max_local_cpu_size too).
-                long poolBytes = Config.LocalCpu || _writers.Length > 0 ? (long)(Config.MaxLocalCpuSize * EngineConfig.BytesPerGb) : 0;
-                tier = new LocalCpuTier(new SlabPool(slabBytes, poolBytes, allocator));
+                tier = NewCpuTier(transfer.Shape, allocator);
                 if (previous is not null)
                 {
                     // Queued writes read slabs of the old pool: let them finish before it goes.
-                    foreach (var writer in _writers) writer.WaitIdle(Timeout.InfiniteTimeSpan);
-                    _evictedBeforeCurrentTier += previous.Tier.EvictedChunks;
-                    lock (_indexLock) previous.Tier.Dispose();
+                    _lowerTiers.Flush(Timeout.InfiniteTimeSpan);
+                    _counters.TierReplaced(previous.Tier.EvictedChunks);
+                    previous.Tier.Dispose();
                 }
-                var binding = new TierBinding(keyNamespace, Config.HashAlgorithm, ChunkSize, bytesPerToken);
-                foreach (var writer in _writers)
-                {
-                    writer.Tier.Bind(binding);
-                    // Queued writes pin CPU chunks: a quarter of the pool at most, so stores keep room.
-                    writer.MaxQueuedChunks = (int)Math.Clamp(tier.CapacitySlabs / 4, 1, int.MaxValue);
-                }
+                // Queued writes pin CPU chunks: a quarter of the pool at most, so stores keep room.
+                _lowerTiers.Bind(new TierBinding(keyNamespace, Config.HashAlgorithm, ChunkSize, transfer.Shape.BytesPerToken),
+                    (int)Math.Clamp(tier.CapacitySlabs / 4, 1, int.MaxValue));
             }
-            lock (_indexLock)
-                _registration = new Registration(layers.ToArray(), new ChunkHasher(Config.HashAlgorithm, keyNamespace), tier, transfer, bytesPerToken, allocator);
+            _registration = new Registration(layers.ToArray(), new ChunkHasher(Config.HashAlgorithm, keyNamespace), tier, transfer, allocator);
             installed = true;
-            (previous?.Transfer as IDisposable)?.Dispose();
+            previous?.Transfer.Dispose();
         }
         finally
         {
             _lifecycle.ExitWriteLock();
-            if (!installed) device?.Dispose();
+            if (!installed) transfer.Dispose();
         }
     }
 
-    /// <summary>
-    /// Number of leading tokens whose KV is cached in any tier (whole chunks, or all tokens when the
-    /// trailing partial chunk is cached). The prefix may be split: the first chunks in CPU memory,
-    /// later ones on disk or remote.
-    /// </summary>
-    public long Lookup(ReadOnlySpan<int> tokens, ReadOnlySpan<byte> extraKey)
+    private LocalCpuTier NewCpuTier(KvShape shape, IHostMemoryAllocator allocator)
     {
+        long slabBytes = checked(shape.ChunkBytes(ChunkSize));
+        // Without local_cpu the pool is only a staging area for the lower tiers: chunks leave it
+        // once written down (LMCache sizes that buffer with max_local_cpu_size too).
+        bool stagingOnly = !Config.LocalCpu;
+        long poolBytes = Config.LocalCpu || _lowerTiers.Count > 0 ? (long)(Config.MaxLocalCpuSize * EngineConfig.BytesPerGb) : 0;
+        return new LocalCpuTier(new SlabPool(slabBytes, poolBytes, allocator), stagingOnly);
+    }
+
+    // ---- lookup ----
+
+    /// <summary>
+    /// Leading tokens whose KV is cached in any tier (whole chunks, or all tokens when the trailing
+    /// partial chunk is cached), and how many of them each tier holds. The prefix may be split: the
+    /// first chunks in CPU memory, later ones on disk or remote.
+    /// </summary>
+    public LookupResult Lookup(ReadOnlySpan<int> tokens, ReadOnlySpan<byte> extraKey)
+    {
+        long started = Stopwatch.GetTimestamp();
         using var scope = EnterCall();
         var reg = RequireRegistration();
-        int chunkCount = ChunkHasher.ChunkCount(tokens.Length, ChunkSize);
-        ChunkKey[] keys = ArrayPool<ChunkKey>.Shared.Rent(Math.Max(chunkCount, 1));
-        CachedChunk[] hits = ArrayPool<CachedChunk>.Shared.Rent(Math.Max(chunkCount, 1));
-        try
+        using var keys = ChunkKeys.Compute(reg.Hasher, tokens, extraKey, ChunkSize);
+        var chunksByTier = new TierCounts();
+        int hitChunks = reg.Tier.FindPrefix(keys.Span);
+        chunksByTier[0] = hitChunks;
+        hitChunks += _lowerTiers.CountPrefix(keys.Span[hitChunks..], ref chunksByTier);
+        long hit = Math.Min((long)hitChunks * ChunkSize, tokens.Length);
+        _counters.Lookup(tokens.Length, hit);
+
+        // Tokens per tier: whole chunks, except that the last chunk of the hit may be partial.
+        var tokensByTier = new TierCounts();
+        long remaining = hit;
+        for (int t = 0; t < TierCounts.MaxTiers; t++)
         {
-            reg.Hasher.ComputeKeys(tokens, extraKey, ChunkSize, keys.AsSpan(0, chunkCount));
-            int hitChunks = 0;
-            lock (_indexLock)
-            {
-                while (hitChunks < chunkCount && reg.Tier.Find(keys[hitChunks]) is { } chunk) hits[hitChunks++] = chunk;
-                // Most recent last for the prefix: touching in reverse keeps the first chunks, which
-                // every extension of the prompt needs, away from eviction the longest.
-                for (int i = hitChunks - 1; i >= 0; i--) reg.Tier.Touch(hits[i]);
-            }
-            foreach (var writer in _writers)
-            {
-                if (hitChunks == chunkCount) break;
-                hitChunks += writer.Tier.CountPrefix(keys.AsSpan(hitChunks, chunkCount - hitChunks));
-            }
-            long hit = Math.Min((long)hitChunks * ChunkSize, tokens.Length);
-            lock (_indexLock)
-            {
-                _lookupRequests++;
-                _lookupTokens += tokens.Length;
-                _lookupHitTokens += hit;
-            }
-            return hit;
+            tokensByTier[t] = Math.Min(chunksByTier[t] * ChunkSize, remaining);
+            remaining -= tokensByTier[t];
         }
-        finally
-        {
-            ArrayPool<ChunkKey>.Shared.Return(keys);
-            ArrayPool<CachedChunk>.Shared.Return(hits, clearArray: true);
-        }
+        return new LookupResult(hit, tokensByTier, Stopwatch.GetElapsedTime(started).Ticks * 100);
     }
 
+    // ---- store ----
+
     /// <summary>
-    /// Stores the KV of tokens from <paramref name="skipLeadingTokens"/> (rounded down to a chunk
+    /// Stores the KV of tokens from <see cref="KvRequest.FirstToken"/> (rounded down to a chunk
     /// boundary) to the end: full chunks, plus the trailing partial chunk with save_unfull_chunk.
     /// Stops before a chunk with a -1 slot, and when the pool has no room left. Chunks go to the CPU
     /// tier now and to the lower tiers in the background.
     /// </summary>
-    public StoreResult Store(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long skipLeadingTokens, ReadOnlySpan<byte> extraKey)
+    public TransferResult Store(in KvRequest request)
     {
+        long started = Stopwatch.GetTimestamp();
         using var scope = EnterCall();
-        return StoreNow(BeginStore(tokens, slotMapping, skipLeadingTokens, extraKey), slotMapping);
+        var reg = RequireRegistration();
+        return Wait(Copy(reg, PlanStore(reg, request), request.Slots, request.Stream, started));
     }
 
-    /// <summary>Runs a planned store's copy on the calling thread and completes it.</summary>
-    private StoreResult StoreNow(PendingStore op, ReadOnlySpan<long> slotMapping) =>
-        CopyNow(op.Reg, TransferDirection.Gather, op.Transfers, slotMapping, bytes => CompleteStore(op, bytes), () => AbortStore(op));
+    /// <summary>Convenience form of <see cref="Store(in KvRequest)"/>.</summary>
+    public TransferResult Store(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long skipLeadingTokens, ReadOnlySpan<byte> extraKey) =>
+        Store(new KvRequest(tokens, extraKey, slotMapping, skipLeadingTokens));
 
     /// <summary>
-    /// <see cref="Store"/> whose copy is only enqueued on the device stream <paramref name="stream"/>
-    /// (0 = the default stream). Keys, reservations and pins are done before this returns; the chunks
-    /// are published when the device has finished, which the returned task reports. Host layers copy
-    /// synchronously and return a completed task. <paramref name="tokensInCache"/> is what the store
-    /// will have cached once the task succeeds.
+    /// <see cref="Store(in KvRequest)"/> as a job: the request is checked now, and planned, copied and
+    /// completed on the engine's workers (the copy on the request's stream for device layers). The
+    /// stored chunks become visible to lookups when the task completes.
     /// </summary>
-    public Task<StoreResult> StoreAsync(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long skipLeadingTokens, ReadOnlySpan<byte> extraKey,
-        nint stream, out long tokensInCache)
+    public Task<TransferResult> StoreAsync(OwnedKvRequest request)
     {
+        long started = Stopwatch.GetTimestamp();
         using var scope = EnterCall();
-        var op = BeginStore(tokens, slotMapping, skipLeadingTokens, extraKey);
-        tokensInCache = op.TokensInCache;
-        if (op.Transfers.Length == 0 || op.Reg.Transfer is not IDeviceKvTransfer device)
-            return Task.FromResult(StoreNow(op, slotMapping));
-        return CopyOnDevice(device, TransferDirection.Gather, op.Transfers, slotMapping, stream, bytes => CompleteStore(op, bytes), () => AbortStore(op));
-    }
-
-    /// <summary>A store between its planning (keys, reservations, pins) and its completion.</summary>
-    private sealed class PendingStore(Registration reg)
-    {
-        public Registration Reg { get; } = reg;
-        /// <summary>Nothing to store at all: completing only counts the request.</summary>
-        public bool Trivial { get; init; }
-        /// <summary>(chunk index, chunk) of every chunk this store holds a pin on.</summary>
-        public List<(int Index, CachedChunk Chunk)> Held { get; } = [];
-        /// <summary>Chunks reserved for this store, to be filled by the copy and then published.</summary>
-        public List<(int Index, CachedChunk Chunk)> Fresh { get; } = [];
-        public ChunkTransfer[] Transfers { get; set; } = [];
-        public int SkippedForSpace { get; set; }
-        public long TokensInCache { get; set; }
-    }
-
-    private PendingStore BeginStore(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long skipLeadingTokens, ReadOnlySpan<byte> extraKey)
-    {
         var reg = RequireRegistration();
-        CheckTokensAndSlots(tokens, slotMapping, reg, "store");
-        if (skipLeadingTokens < 0 || skipLeadingTokens > tokens.Length)
-            throw LmcException.InvalidArgument($"store: skip_leading_tokens must be in [0, num_tokens = {tokens.Length}], got {skipLeadingTokens}");
+        CheckRequest(reg, request.AsRequest(), "store");
+        return RunJob(() => Copy(reg, PlanStore(reg, request.AsRequest()), request.Slots, request.Stream, started));
+    }
 
+    private PendingTransfer PlanStore(Registration reg, in KvRequest request)
+    {
+        CheckRequest(reg, request, "store");
+        var tokens = request.Tokens;
         int fullChunks = tokens.Length / ChunkSize;
         bool hasPartial = Config.SaveUnfullChunk && tokens.Length % ChunkSize != 0;
         int chunkCount = fullChunks + (hasPartial ? 1 : 0);
-        int firstChunk = (int)(skipLeadingTokens / ChunkSize);
+        int firstChunk = (int)(request.FirstToken / ChunkSize);
         long alignedSkip = (long)firstChunk * ChunkSize;
-        if ((!Config.LocalCpu && _writers.Length == 0) || firstChunk >= chunkCount)
-            return new PendingStore(reg) { Trivial = true };
+        if ((!Config.LocalCpu && _lowerTiers.Count == 0) || firstChunk >= chunkCount)
+            return PendingTransfer.Store(reg, new LocalCpuTier.StorePlan(), [], 0, 0);
 
         // A chunk with a token that has no slot has no KV to store, and nothing after it is useful.
         int storableChunks = chunkCount;
         for (int c = firstChunk; c < chunkCount; c++)
         {
             int start = c * ChunkSize, end = Math.Min(start + ChunkSize, tokens.Length);
-            if (slotMapping[start..end].Contains(-1L)) { storableChunks = c; break; }
+            if (request.Slots[start..end].Contains(-1L))
+            {
+                storableChunks = c;
+                break;
+            }
         }
 
-        ChunkKey[] keys = ArrayPool<ChunkKey>.Shared.Rent(Math.Max(storableChunks, 1));
-        var op = new PendingStore(reg);
+        using var keys = ChunkKeys.Compute(reg.Hasher, tokens[..Math.Min(tokens.Length, storableChunks * ChunkSize)], request.ExtraKey, ChunkSize);
+        int numTokens = tokens.Length;
+        var plan = reg.Tier.PlanStore(keys.Span[..storableChunks], firstChunk, c => Math.Min(ChunkSize, numTokens - c * ChunkSize), reg.Shape.BytesPerToken);
+        var transfers = plan.Fresh.Select(f => new ChunkTransfer(f.Chunk.Data, f.Index * ChunkSize, f.Chunk.TokenCount, f.Index * ChunkSize)).ToArray();
+        long tokensMatched = Math.Max(Math.Min((long)plan.ReachedChunk * ChunkSize, tokens.Length) - alignedSkip, 0);
+        return PendingTransfer.Store(reg, plan, transfers, tokensMatched, numTokens);
+    }
+
+    // ---- retrieve ----
+
+    /// <summary>
+    /// Retrieves the longest cached prefix, writing only the slots of tokens in
+    /// [<see cref="KvRequest.FirstToken"/>, prefix end) whose slot is not -1. Chunks found in a lower
+    /// tier are read into the CPU tier first (promotion).
+    /// </summary>
+    public TransferResult Retrieve(in KvRequest request)
+    {
+        long started = Stopwatch.GetTimestamp();
+        using var scope = EnterCall();
+        var reg = RequireRegistration();
+        return Wait(Copy(reg, PlanRetrieve(reg, request), request.Slots, request.Stream, started));
+    }
+
+    /// <summary>Convenience form of <see cref="Retrieve(in KvRequest)"/>.</summary>
+    public TransferResult Retrieve(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long firstTokenToWrite, ReadOnlySpan<byte> extraKey) =>
+        Retrieve(new KvRequest(tokens, extraKey, slotMapping, firstTokenToWrite));
+
+    /// <summary>
+    /// <see cref="Retrieve(in KvRequest)"/> as a job: checked now; lookups, lower-tier reads and the
+    /// copy run on the engine's workers (the copy on the request's stream for device layers).
+    /// </summary>
+    public Task<TransferResult> RetrieveAsync(OwnedKvRequest request)
+    {
+        long started = Stopwatch.GetTimestamp();
+        using var scope = EnterCall();
+        var reg = RequireRegistration();
+        CheckRequest(reg, request.AsRequest(), "retrieve");
+        return RunJob(() => Copy(reg, PlanRetrieve(reg, request.AsRequest()), request.Slots, request.Stream, started));
+    }
+
+    private PendingTransfer PlanRetrieve(Registration reg, in KvRequest request)
+    {
+        CheckRequest(reg, request, "retrieve");
+        var (held, byTier) = PinPrefix(reg, request.Tokens, request.ExtraKey);
+        long matched = Math.Min((long)held.Count * ChunkSize, request.Tokens.Length);
+        int firstToCopy = (int)(request.FirstToken / ChunkSize);
+        var transfers = new ChunkTransfer[Math.Max(held.Count - firstToCopy, 0)];
+        for (int i = firstToCopy; i < held.Count; i++)
+            transfers[i - firstToCopy] = new ChunkTransfer(held[i].Data, i * ChunkSize, held[i].TokenCount, (int)request.FirstToken);
+        return PendingTransfer.Retrieve(reg, held, transfers, matched, request.Tokens.Length, byTier);
+    }
+
+    // ---- prefetch ----
+
+    /// <summary>
+    /// Brings the longest cached prefix into the CPU tier (reading disk or remote chunks) without
+    /// writing any KV layer. TokensMatched: leading tokens now in CPU memory; the retrieve that
+    /// follows finds them there.
+    /// </summary>
+    public TransferResult Prefetch(ReadOnlySpan<int> tokens, ReadOnlySpan<byte> extraKey)
+    {
+        long started = Stopwatch.GetTimestamp();
+        using var scope = EnterCall();
+        return PrefetchNow(RequireRegistration(), tokens, extraKey, started);
+    }
+
+    /// <summary><see cref="Prefetch"/> as a job on the engine's workers.</summary>
+    public Task<TransferResult> PrefetchAsync(OwnedKvRequest request)
+    {
+        long started = Stopwatch.GetTimestamp();
+        using var scope = EnterCall();
+        var reg = RequireRegistration();
+        if (request.FirstToken != 0) throw LmcException.InvalidArgument($"prefetch: first_token must be 0, got {request.FirstToken}");
+        return RunJob(() => Task.FromResult(PrefetchNow(reg, request.Tokens, request.ExtraKey, started)));
+    }
+
+    private TransferResult PrefetchNow(Registration reg, ReadOnlySpan<int> tokens, ReadOnlySpan<byte> extraKey, long started)
+    {
+        var (held, byTier) = PinPrefix(reg, tokens, extraKey);
+        reg.Tier.Release(held);
+        long matched = Math.Min((long)held.Count * ChunkSize, tokens.Length);
+        return new TransferResult(matched, 0, 0, 0, byTier, Stopwatch.GetElapsedTime(started).Ticks * 100);
+    }
+
+    /// <summary>
+    /// Pins the longest cached prefix in the CPU tier, promoting chunks from the lower tiers as needed;
+    /// returns the pinned chunks in order (the caller releases them) and which tier served each.
+    /// </summary>
+    private (List<CachedChunk> Held, TierCounts ByTier) PinPrefix(Registration reg, ReadOnlySpan<int> tokens, ReadOnlySpan<byte> extraKey)
+    {
+        using var keys = ChunkKeys.Compute(reg.Hasher, tokens, extraKey, ChunkSize);
+        var byTier = new TierCounts();
+        var held = reg.Tier.PinPrefix(keys.Span);
+        byTier[0] = held.Count;
+        int numTokens = tokens.Length;
         try
         {
-            reg.Hasher.ComputeKeys(tokens, extraKey, ChunkSize, keys.AsSpan(0, storableChunks));
-            int reachedChunk = firstChunk;
-            lock (_indexLock)
-            {
-                // Pin everything this store touches, so that making room for a later chunk can never
-                // evict an earlier chunk of the same prefix.
-                for (int c = firstChunk; c < storableChunks; c++)
-                {
-                    if (reg.Tier.Find(keys[c]) is { } existing)
-                    {
-                        reg.Tier.Pin(existing);
-                        op.Held.Add((c, existing));
-                    }
-                    else if (reg.Tier.IsPending(keys[c]))
-                    {
-                        // Another store is copying this very chunk right now: copying it twice
-                        // would only waste the pool and count the tokens twice.
-                    }
-                    else
-                    {
-                        int count = Math.Min(ChunkSize, tokens.Length - c * ChunkSize);
-                        var reserved = reg.Tier.TryReserve(keys[c], count, count * reg.BytesPerToken);
-                        if (reserved is null)
-                        {
-                            op.SkippedForSpace = storableChunks - c;
-                            break;
-                        }
-                        op.Fresh.Add((c, reserved));
-                    }
-                    reachedChunk = c + 1;
-                }
-            }
+            _lowerTiers.Promote(reg.Tier, keys.Span, held.Count, c => Math.Min(ChunkSize, numTokens - c * ChunkSize), reg.Shape.BytesPerToken, held, ref byTier);
+        }
+        catch
+        {
+            reg.Tier.Release(held);
+            throw;
+        }
+        return (held, byTier);
+    }
 
-            if (op.Fresh.Count > 0)
+    // ---- copy and completion: one path for stores and retrieves, synchronous or not ----
+
+    /// <summary>A planned request: the chunks it holds or reserved, the copies to make, and what it will report.</summary>
+    private sealed class PendingTransfer
+    {
+        public required Registration Reg { get; init; }
+        public required TransferDirection Direction { get; init; }
+        public required ChunkTransfer[] Transfers { get; init; }
+        /// <summary>Store: cached chunks pinned, and chunks reserved for the copy. Retrieve: the prefix, pinned.</summary>
+        public LocalCpuTier.StorePlan? StorePlan { get; init; }
+        public List<CachedChunk> Held { get; init; } = [];
+        public long TokensMatched { get; init; }
+        public int NumTokens { get; init; }
+        public TierCounts ChunksByTier;
+
+        public static PendingTransfer Store(Registration reg, LocalCpuTier.StorePlan plan, ChunkTransfer[] transfers, long matched, int numTokens)
+        {
+            var pending = new PendingTransfer
             {
-                var transfers = new ChunkTransfer[op.Fresh.Count];
-                for (int i = 0; i < op.Fresh.Count; i++)
-                {
-                    int start = op.Fresh[i].Index * ChunkSize;
-                    transfers[i] = new ChunkTransfer(op.Fresh[i].Chunk.Data, start, op.Fresh[i].Chunk.TokenCount, start);
-                }
-                op.Transfers = transfers;
+                Reg = reg, Direction = TransferDirection.Gather, Transfers = transfers, StorePlan = plan, TokensMatched = matched, NumTokens = numTokens,
+            };
+            pending.ChunksByTier[0] = plan.Held.Count;
+            return pending;
+        }
+
+        public static PendingTransfer Retrieve(Registration reg, List<CachedChunk> held, ChunkTransfer[] transfers, long matched, int numTokens, TierCounts byTier) =>
+            new()
+            {
+                Reg = reg, Direction = TransferDirection.Scatter, Transfers = transfers, Held = held, TokensMatched = matched, NumTokens = numTokens,
+                ChunksByTier = byTier,
+            };
+    }
+
+    /// <summary>
+    /// Starts the planned copy and completes the request when it is done (at once for host layers;
+    /// when the device has passed it for device layers), or undoes the plan if it fails.
+    /// </summary>
+    private Task<TransferResult> Copy(Registration reg, PendingTransfer op, ReadOnlySpan<long> slots, nint stream, long started)
+    {
+        Task<long> copy;
+        _inFlight.Begin();
+        try
+        {
+            copy = op.Transfers.Length == 0 ? Task.FromResult(0L) : reg.Transfer.CopyAsync(op.Direction, op.Transfers, slots, stream);
+        }
+        catch
+        {
+            Abort(op);
+            _inFlight.End();
+            throw;
+        }
+        if (copy.IsCompleted) return Task.FromResult(Finish(op, copy, started));
+        return copy.ContinueWith(done => Finish(op, done, started), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+    }
+
+    private TransferResult Finish(PendingTransfer op, Task<long> copy, long started)
+    {
+        try
+        {
+            if (!copy.IsCompletedSuccessfully)
+            {
+                Abort(op);
+                System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(copy.Exception?.InnerException ?? new OperationCanceledException());
             }
-            long tokensInCache = Math.Min((long)reachedChunk * ChunkSize, tokens.Length) - alignedSkip;
-            op.TokensInCache = Math.Max(tokensInCache, 0);
-            return op;
+            return op.Direction == TransferDirection.Gather ? CompleteStore(op, copy.Result, started) : CompleteRetrieve(op, copy.Result, started);
         }
         finally
         {
-            ArrayPool<ChunkKey>.Shared.Return(keys);
-        }
-    }
-
-    /// <summary>The copy failed: the reserved chunks are dropped, the pins released.</summary>
-    private void AbortStore(PendingStore op)
-    {
-        lock (_indexLock)
-        {
-            foreach (var (_, chunk) in op.Fresh) op.Reg.Tier.Abandon(chunk);
-            foreach (var (_, chunk) in op.Held) op.Reg.Tier.Unpin(chunk);
+            _inFlight.End();
         }
     }
 
     /// <summary>The copy is done: publishes the fresh chunks, queues them for the lower tiers, unpins, counts.</summary>
-    private StoreResult CompleteStore(PendingStore op, long bytesCopied)
+    private TransferResult CompleteStore(PendingTransfer op, long bytesCopied, long started)
     {
-        if (op.Trivial)
+        var plan = op.StorePlan!;
+        var tier = op.Reg.Tier;
+        var published = tier.PublishAll(plan.Fresh.Select(f => f.Chunk));
+        var held = new List<(int Index, CachedChunk Chunk)>(plan.Held);
+        for (int i = 0; i < published.Count; i++)
         {
-            lock (_indexLock) _storeRequests++;
-            return new StoreResult(0, 0, 0, 0);
+            held.Add((plan.Fresh[i].Index, published[i].Chunk));
+            // Another store that got there first has queued its own copy already.
+            if (published[i].New) _lowerTiers.WriteBehind(published[i].Chunk);
         }
-        var reg = op.Reg;
-        var held = op.Held;
-        long tokensCopied = op.Fresh.Sum(c => (long)c.Chunk.TokenCount);
-        lock (_indexLock)
-        {
-            foreach (var (index, chunk) in op.Fresh)
-            {
-                var winner = reg.Tier.PublishPinned(chunk);
-                held.Add((index, winner));
-                if (winner != chunk) continue; // another store got there first and queued it
-                foreach (var writer in _writers)
-                {
-                    reg.Tier.Pin(winner);
-                    if (!writer.TryEnqueue(winner)) reg.Tier.Unpin(winner);
-                }
-            }
-            // Unpin from the last chunk to the first, so the prefix ends up most recent.
-            foreach (var (_, chunk) in held.OrderByDescending(h => h.Index))
-            {
-                reg.Tier.Unpin(chunk);
-                if (!Config.LocalCpu) reg.Tier.RemoveIfUnpinned(chunk);
-            }
-            _storeRequests++;
-            _storedTokens += tokensCopied;
-            _storedBytes += bytesCopied;
-            _storeSkippedChunks += op.SkippedForSpace;
-        }
-        return new StoreResult(op.TokensInCache, tokensCopied, bytesCopied, op.SkippedForSpace);
-    }
-
-    /// <summary>
-    /// Retrieves the longest cached prefix, writing only the slots of tokens in
-    /// [<paramref name="firstTokenToWrite"/>, retrieved) whose slot is not -1. Chunks found in a
-    /// lower tier are read into the CPU tier first (promotion).
-    /// </summary>
-    public RetrieveResult Retrieve(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long firstTokenToWrite, ReadOnlySpan<byte> extraKey)
-    {
-        using var scope = EnterCall();
-        return RetrieveNow(BeginRetrieve(tokens, slotMapping, firstTokenToWrite, extraKey), slotMapping);
-    }
-
-    /// <summary>Runs a planned retrieve's copy on the calling thread and completes it.</summary>
-    private RetrieveResult RetrieveNow(PendingRetrieve op, ReadOnlySpan<long> slotMapping) =>
-        CopyNow(op.Reg, TransferDirection.Scatter, op.Transfers, slotMapping, bytes => CompleteRetrieve(op, bytes), () => UnpinAll(op.Reg, op.Held));
-
-    /// <summary>Copies a planned transfer on the calling thread; <paramref name="complete"/> gets the bytes moved, <paramref name="abort"/> runs if the copy throws.</summary>
-    private static TResult CopyNow<TResult>(Registration reg, TransferDirection direction, ChunkTransfer[] transfers, ReadOnlySpan<long> slotMapping,
-        Func<long, TResult> complete, Action abort)
-    {
-        long bytes = 0;
-        try
-        {
-            if (transfers.Length > 0) bytes = reg.Transfer.Transfer(direction, transfers, slotMapping);
-        }
-        catch
-        {
-            abort();
-            throw;
-        }
-        return complete(bytes);
-    }
-
-    /// <summary>
-    /// Enqueues a planned transfer on the device stream and completes it (or aborts it) when the
-    /// device is done; re-registration and destruction wait for it meanwhile.
-    /// </summary>
-    private Task<TResult> CopyOnDevice<TResult>(IDeviceKvTransfer device, TransferDirection direction, ChunkTransfer[] transfers,
-        ReadOnlySpan<long> slotMapping, nint stream, Func<long, TResult> complete, Action abort)
-    {
-        Task<long> copy;
-        BeginDeviceOperation();
-        try
-        {
-            copy = device.TransferAsync(direction, transfers, slotMapping, stream);
-        }
-        catch
-        {
-            abort();
-            EndDeviceOperation();
-            throw;
-        }
-        return copy.ContinueWith(done =>
-        {
-            try
-            {
-                if (!done.IsCompletedSuccessfully)
-                {
-                    abort();
-                    ExceptionDispatchInfo.Throw(done.Exception?.InnerException ?? new OperationCanceledException());
-                }
-                return complete(done.Result);
-            }
-            finally
-            {
-                EndDeviceOperation();
-            }
-        }, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
-    }
-
-    /// <summary>
-    /// <see cref="Retrieve"/> whose copy is only enqueued on the device stream <paramref name="stream"/>
-    /// (0 = the default stream): work the caller enqueues on that stream afterwards sees the KV.
-    /// Lookup, promotion from lower tiers and pinning are done before this returns; the chunks stay
-    /// pinned until the device has finished, which the returned task reports. Host layers copy
-    /// synchronously and return a completed task.
-    /// </summary>
-    public Task<RetrieveResult> RetrieveAsync(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long firstTokenToWrite, ReadOnlySpan<byte> extraKey,
-        nint stream, out long retrievedTokens)
-    {
-        using var scope = EnterCall();
-        var op = BeginRetrieve(tokens, slotMapping, firstTokenToWrite, extraKey);
-        retrievedTokens = op.Retrieved;
-        if (op.Transfers.Length == 0 || op.Reg.Transfer is not IDeviceKvTransfer device)
-            return Task.FromResult(RetrieveNow(op, slotMapping));
-        return CopyOnDevice(device, TransferDirection.Scatter, op.Transfers, slotMapping, stream, bytes => CompleteRetrieve(op, bytes), () => UnpinAll(op.Reg, op.Held));
-    }
-
-    /// <summary>A retrieve between pinning its prefix and its completion.</summary>
-    private sealed class PendingRetrieve(Registration reg, List<CachedChunk> held, long retrieved, int numTokens, ChunkTransfer[] transfers)
-    {
-        public Registration Reg { get; } = reg;
-        public List<CachedChunk> Held { get; } = held;
-        public long Retrieved { get; } = retrieved;
-        public int NumTokens { get; } = numTokens;
-        public ChunkTransfer[] Transfers { get; } = transfers;
-    }
-
-    private PendingRetrieve BeginRetrieve(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long firstTokenToWrite, ReadOnlySpan<byte> extraKey)
-    {
-        var reg = RequireRegistration();
-        CheckTokensAndSlots(tokens, slotMapping, reg, "retrieve");
-        if (firstTokenToWrite < 0 || firstTokenToWrite > tokens.Length)
-            throw LmcException.InvalidArgument($"retrieve: first_token_to_write must be in [0, num_tokens = {tokens.Length}], got {firstTokenToWrite}");
-
-        int chunkCount = ChunkHasher.ChunkCount(tokens.Length, ChunkSize);
-        ChunkKey[] keys = ArrayPool<ChunkKey>.Shared.Rent(Math.Max(chunkCount, 1));
-        try
-        {
-            reg.Hasher.ComputeKeys(tokens, extraKey, ChunkSize, keys.AsSpan(0, chunkCount));
-            var held = PinPrefix(reg, keys.AsSpan(0, chunkCount), tokens.Length);
-            long retrieved = Math.Min((long)held.Count * ChunkSize, tokens.Length);
-
-            ChunkTransfer[] transfers = [];
-            int firstToCopy = (int)(firstTokenToWrite / ChunkSize);
-            if (held.Count > firstToCopy)
-            {
-                transfers = new ChunkTransfer[held.Count - firstToCopy];
-                for (int i = firstToCopy; i < held.Count; i++)
-                    transfers[i - firstToCopy] = new ChunkTransfer(held[i].Data, i * ChunkSize, held[i].TokenCount, (int)firstTokenToWrite);
-            }
-            return new PendingRetrieve(reg, held, retrieved, tokens.Length, transfers);
-        }
-        finally
-        {
-            ArrayPool<ChunkKey>.Shared.Return(keys);
-        }
+        // Released from the last chunk to the first, so the prefix's head ends up most recent.
+        tier.Release(held.OrderByDescending(h => h.Index).Select(h => h.Chunk));
+        long tokensCopied = plan.Fresh.Sum(f => (long)f.Chunk.TokenCount);
+        _counters.Store(tokensCopied, bytesCopied, plan.SkippedForSpace);
+        return new TransferResult(op.TokensMatched, tokensCopied, bytesCopied, plan.SkippedForSpace, op.ChunksByTier, Stopwatch.GetElapsedTime(started).Ticks * 100);
     }
 
     /// <summary>The copy is done: counts the retrieve and releases the pins.</summary>
-    private RetrieveResult CompleteRetrieve(PendingRetrieve op, long bytesWritten)
+    private TransferResult CompleteRetrieve(PendingTransfer op, long bytesWritten, long started)
     {
-        try
-        {
-            lock (_indexLock)
-            {
-                _retrieveRequests++;
-                _retrieveRequestedTokens += op.NumTokens;
-                _retrievedTokens += op.Retrieved;
-                _retrievedBytes += bytesWritten;
-            }
-            return new RetrieveResult(op.Retrieved, bytesWritten);
-        }
-        finally
-        {
-            UnpinAll(op.Reg, op.Held);
-        }
+        op.Reg.Tier.Release(Enumerable.Reverse(op.Held));
+        _counters.Retrieve(op.NumTokens, op.TokensMatched, bytesWritten);
+        long tokensWritten = bytesWritten / op.Reg.Shape.BytesPerToken;
+        return new TransferResult(op.TokensMatched, tokensWritten, bytesWritten, 0, op.ChunksByTier, Stopwatch.GetElapsedTime(started).Ticks * 100);
     }
 
-    private void BeginDeviceOperation()
+    /// <summary>The copy failed or could not start: reserved chunks are dropped, pins released, nothing published.</summary>
+    private static void Abort(PendingTransfer op)
     {
-        lock (_deviceOperationsLock) _deviceOperations++;
+        if (op.StorePlan is { } plan)
+            op.Reg.Tier.AbandonAndRelease(plan.Fresh.Select(f => f.Chunk), plan.Held.Select(h => h.Chunk));
+        else
+            op.Reg.Tier.Release(op.Held);
     }
 
-    private void EndDeviceOperation()
+    private static TransferResult Wait(Task<TransferResult> task) => task.GetAwaiter().GetResult();
+
+    /// <summary>Runs a request as a job; registration and disposal wait for it.</summary>
+    private Task<TransferResult> RunJob(Func<Task<TransferResult>> work)
     {
-        lock (_deviceOperationsLock)
-        {
-            if (--_deviceOperations == 0) Monitor.PulseAll(_deviceOperationsLock);
-        }
+        _inFlight.Begin();
+        var job = _jobs.Submit(work);
+        job.ContinueWith(_ => _inFlight.End(), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+        return job;
     }
 
-    /// <summary>Blocks until no asynchronous device transfer is in flight.</summary>
-    private void WaitForDeviceOperations()
-    {
-        lock (_deviceOperationsLock)
-        {
-            while (_deviceOperations > 0) Monitor.Wait(_deviceOperationsLock);
-        }
-    }
-
-    /// <summary>
-    /// Brings the longest cached prefix into the CPU tier (reading disk or remote chunks) without
-    /// writing any KV layer; returns the number of leading tokens now in CPU memory. The retrieve
-    /// that follows then finds them there.
-    /// </summary>
-    public long Prefetch(ReadOnlySpan<int> tokens, ReadOnlySpan<byte> extraKey)
-    {
-        using var scope = EnterCall();
-        var reg = RequireRegistration();
-        int chunkCount = ChunkHasher.ChunkCount(tokens.Length, ChunkSize);
-        ChunkKey[] keys = ArrayPool<ChunkKey>.Shared.Rent(Math.Max(chunkCount, 1));
-        List<CachedChunk> held = [];
-        try
-        {
-            reg.Hasher.ComputeKeys(tokens, extraKey, ChunkSize, keys.AsSpan(0, chunkCount));
-            held = PinPrefix(reg, keys.AsSpan(0, chunkCount), tokens.Length);
-            return Math.Min((long)held.Count * ChunkSize, tokens.Length);
-        }
-        finally
-        {
-            UnpinAll(reg, held);
-            ArrayPool<ChunkKey>.Shared.Return(keys);
-        }
-    }
-
-    /// <summary>
-    /// Pins the longest prefix of <paramref name="keys"/> in the CPU tier, promoting chunks from the
-    /// lower tiers as needed. Returns the pinned chunks in order; the caller unpins them.
-    /// </summary>
-    private List<CachedChunk> PinPrefix(Registration reg, ReadOnlySpan<ChunkKey> keys, int numTokens)
-    {
-        var held = new List<CachedChunk>(keys.Length);
-        lock (_indexLock)
-        {
-            while (held.Count < keys.Length && reg.Tier.Find(keys[held.Count]) is { } chunk)
-            {
-                reg.Tier.Pin(chunk);
-                held.Add(chunk);
-            }
-        }
-        if (held.Count == keys.Length || _writers.Length == 0) return held;
-
-        // Chunks pinned or reserved below; on an exception they are all released before it leaves.
-        List<(CachedChunk Chunk, bool Reserved)> targets = [];
-        int filled;
-        try
-        {
-            // Which lower tier holds each further chunk: each tier continues where the previous stopped.
-            int planned = held.Count;
-            var sources = new List<IStorageTier>();
-            foreach (var writer in _writers)
-            {
-                int n = writer.Tier.CountPrefix(keys[planned..]);
-                for (int i = 0; i < n; i++) sources.Add(writer.Tier);
-                planned += n;
-                if (planned == keys.Length) break;
-            }
-
-            // Reserve CPU slabs for every planned chunk first, so that each tier can read its whole
-            // run of chunks in one batch (pipelined for Redis, in parallel for disk).
-            int start = held.Count;
-            targets = new List<(CachedChunk Chunk, bool Reserved)>(sources.Count);
-            lock (_indexLock)
-            {
-                for (int i = 0; i < sources.Count; i++)
-                {
-                    int index = start + i;
-                    if (reg.Tier.Find(keys[index]) is { } promotedMeanwhile)
-                    {
-                        reg.Tier.Pin(promotedMeanwhile);
-                        targets.Add((promotedMeanwhile, false));
-                        continue;
-                    }
-                    int tokenCount = Math.Min(ChunkSize, numTokens - index * ChunkSize);
-                    var reserved = reg.Tier.TryReserve(keys[index], tokenCount, tokenCount * reg.BytesPerToken);
-                    if (reserved is null) break; // no room in the CPU tier: the prefix ends here
-                    targets.Add((reserved, true));
-                }
-            }
-
-            // Read run by run (consecutive chunks from one tier); the prefix ends at the first chunk
-            // that could not be read (vanished, failed its checksum, timed out).
-            filled = targets.Count;
-            for (int runStart = 0; runStart < filled;)
-            {
-                var tier = sources[runStart];
-                int runEnd = runStart;
-                while (runEnd < filled && sources[runEnd] == tier) runEnd++;
-                var reads = new List<TierRead>(runEnd - runStart);
-                var readTargets = new List<int>(runEnd - runStart);
-                for (int i = runStart; i < runEnd; i++)
-                {
-                    if (!targets[i].Reserved) continue;
-                    var chunk = targets[i].Chunk;
-                    reads.Add(new TierRead(chunk.Key, chunk.TokenCount, chunk.Data, chunk.PayloadBytes));
-                    readTargets.Add(i);
-                }
-                int ok = reads.Count == 0 ? 0 : tier.ReadPrefix(reads);
-                if (ok < reads.Count)
-                {
-                    filled = readTargets[ok];
-                    break;
-                }
-                runStart = runEnd;
-            }
-        }
-        catch
-        {
-            lock (_indexLock)
-            {
-                foreach (var (chunk, reserved) in targets)
-                    if (reserved) reg.Tier.Abandon(chunk); else reg.Tier.Unpin(chunk);
-                foreach (var chunk in held) reg.Tier.Unpin(chunk);
-            }
-            throw;
-        }
-
-        lock (_indexLock)
-        {
-            for (int i = 0; i < targets.Count; i++)
-            {
-                var (chunk, reserved) = targets[i];
-                if (i < filled) held.Add(reserved ? reg.Tier.PublishPinned(chunk) : chunk);
-                else if (reserved) reg.Tier.Abandon(chunk);
-                else reg.Tier.Unpin(chunk);
-            }
-        }
-        return held;
-    }
-
-    private void UnpinAll(Registration registration, List<CachedChunk> held)
-    {
-        if (held.Count == 0) return;
-        lock (_indexLock)
-        {
-            for (int i = held.Count - 1; i >= 0; i--)
-            {
-                registration.Tier.Unpin(held[i]);
-                if (!Config.LocalCpu) registration.Tier.RemoveIfUnpinned(held[i]);
-            }
-        }
-    }
+    // ---- maintenance ----
 
     /// <summary>Waits until the lower tiers have written everything stored so far; false on timeout.</summary>
     public bool Flush(TimeSpan timeout)
     {
         using var scope = EnterCall();
-        bool forever = timeout == Timeout.InfiniteTimeSpan;
-        var deadline = forever ? DateTime.MaxValue : DateTime.UtcNow + timeout;
-        foreach (var writer in _writers)
-        {
-            var left = forever ? Timeout.InfiniteTimeSpan : deadline - DateTime.UtcNow;
-            if (!forever && left < TimeSpan.Zero) return false;
-            if (!writer.WaitIdle(left)) return false;
-        }
-        return true;
+        return _lowerTiers.Flush(timeout);
     }
 
     /// <summary>Counters of each lower tier, in lookup order; write-behind drops included.</summary>
     public IReadOnlyList<TierStats> GetTierStats()
     {
         using var scope = EnterCall();
-        return _writers.Select(w =>
-        {
-            var counters = w.Tier.GetStats();
-            counters.WriteQueueDrops += w.Drops;
-            counters.Errors += w.Errors;
-            return new TierStats(w.Tier.Name, counters);
-        }).ToArray();
+        return _lowerTiers.Stats();
     }
 
     public EngineStats GetStats()
     {
         using var scope = EnterCall();
-        lock (_indexLock)
-        {
-            var tier = _registration?.Tier;
-            return new EngineStats(
-                _lookupRequests, _lookupTokens, _lookupHitTokens,
-                _storeRequests, _storedTokens, _storedBytes,
-                _retrieveRequests, _retrieveRequestedTokens, _retrievedTokens, _retrievedBytes,
-                _evictedBeforeCurrentTier + (tier?.EvictedChunks ?? 0), _storeSkippedChunks,
-                tier?.Count ?? 0, tier?.UsedBytes ?? 0,
-                tier?.CapacityBytes ?? Config.MaxLocalCpuBytes);
-        }
+        var tier = _registration?.Tier;
+        var (chunks, evicted, used) = tier?.Snapshot() ?? (0, 0, 0);
+        return _counters.Snapshot(chunks, evicted, used, tier?.CapacityBytes ?? Config.MaxLocalCpuBytes);
     }
 
     /// <summary>
@@ -806,58 +496,26 @@ public sealed class CacheEngine : IDisposable
     public void Clear()
     {
         using var scope = EnterCall();
-        lock (_indexLock) _registration?.Tier.Clear();
+        _registration?.Tier.Clear();
     }
 
-    private readonly object _lookupServerLock = new();
-    private LookupServer? _lookupServer;
-
-    /// <summary>Serves this engine's lookups to other processes on a Unix-domain socket (see <see cref="LookupServer"/>).</summary>
-    public void StartLookupServer(string socketPath)
-    {
-        using var scope = EnterCall();
-        lock (_lookupServerLock)
-        {
-            if (_lookupServer is not null)
-                throw LmcException.InvalidArgument($"the engine already serves lookups on {_lookupServer.SocketPath}; stop that first");
-            _lookupServer = new LookupServer(this, socketPath);
-        }
-    }
-
-    /// <summary>Stops the lookup server, if any (idempotent).</summary>
-    public void StopLookupServer()
-    {
-        LookupServer? server;
-        lock (_lookupServerLock)
-        {
-            server = _lookupServer;
-            _lookupServer = null;
-        }
-        server?.Dispose();
-    }
-
+    /// <summary>Frees the cache. Stop a <see cref="LookupServer"/> serving this engine first: its lookups hold calls open.</summary>
     public void Dispose()
     {
-        // Before taking the write lock: the server's in-flight lookups hold read locks.
-        StopLookupServer();
         _lifecycle.EnterWriteLock();
         try
         {
             if (_disposed) return;
             _disposed = true;
-            // Device transfers in flight still use the pool and queue chunks for the writers.
-            WaitForDeviceOperations();
+            // Jobs and device copies in flight still use the pool and queue chunks for the writers.
+            _inFlight.WaitForNone();
+            _jobs.Dispose();
             // Writers first: they finish the queued writes (what other processes expect to find)
             // and release their pins through the CPU tier, which must still exist.
-            foreach (var writer in _writers) writer.Dispose();
-            foreach (var writer in _writers) writer.Tier.Dispose();
-            var registration = _registration;
-            lock (_indexLock)
-            {
-                _registration?.Tier.Dispose();
-                _registration = null;
-            }
-            (registration?.Transfer as IDisposable)?.Dispose();
+            _lowerTiers.Dispose();
+            _registration?.Tier.Dispose();
+            _registration?.Transfer.Dispose();
+            _registration = null;
         }
         finally
         {
@@ -865,17 +523,24 @@ public sealed class CacheEngine : IDisposable
         }
     }
 
-    private static void CheckTokensAndSlots(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, Registration reg, string operation)
+    // ---- argument checks and the call lifecycle ----
+
+    private void CheckRequest(Registration reg, in KvRequest request, string operation)
     {
-        if (slotMapping.Length != tokens.Length)
-            throw LmcException.InvalidArgument($"{operation}: slot_mapping has {slotMapping.Length} entries for {tokens.Length} tokens");
+        if (request.Slots.Length != request.Tokens.Length)
+            throw LmcException.InvalidArgument($"{operation}: slot_mapping has {request.Slots.Length} entries for {request.Tokens.Length} tokens");
+        if (request.FirstToken < 0 || request.FirstToken > request.Tokens.Length)
+            throw LmcException.InvalidArgument(
+                $"{operation}: first_token ({(operation == "store" ? "skip_leading_tokens" : "first_token_to_write")}) must be in [0, num_tokens = {request.Tokens.Length}], got {request.FirstToken}");
+        if (request.ExtraKey.Length > ChunkHasher.MaxExtraKeyBytes)
+            throw LmcException.InvalidArgument($"extra_key_len {request.ExtraKey.Length} exceeds the limit of {ChunkHasher.MaxExtraKeyBytes} bytes");
         long numSlots = reg.NumSlots;
-        for (int i = 0; i < slotMapping.Length; i++)
+        var slots = request.Slots;
+        for (int i = 0; i < slots.Length; i++)
         {
-            long slot = slotMapping[i];
+            long slot = slots[i];
             if (slot >= numSlots || slot < -1)
-                throw LmcException.InvalidArgument(
-                    $"{operation}: slot_mapping[{i}] = {slot} is outside the cache (valid: -1 or 0..{numSlots - 1})");
+                throw LmcException.InvalidArgument($"{operation}: slot_mapping[{i}] = {slot} is outside the cache (valid: -1 or 0..{numSlots - 1})");
         }
     }
 
@@ -884,7 +549,7 @@ public sealed class CacheEngine : IDisposable
 
     private void ThrowIfDisposed()
     {
-        if (_disposed) throw new LmcException(LmcErrorKind.InvalidHandle, "the engine has been destroyed");
+        if (_disposed) throw new LmcException(LmcStatus.InvalidHandle, "the engine has been destroyed");
     }
 
     private CallScope EnterCall()
@@ -901,5 +566,61 @@ public sealed class CacheEngine : IDisposable
     private readonly struct CallScope(ReaderWriterLockSlim lifecycle) : IDisposable
     {
         public void Dispose() => lifecycle.ExitReadLock();
+    }
+
+    /// <summary>Requests whose copy is still running (jobs, device copies); re-registration and disposal wait for none.</summary>
+    private sealed class InFlight
+    {
+        private int _count;
+
+        public void Begin()
+        {
+            lock (this) _count++;
+        }
+
+        public void End()
+        {
+            lock (this)
+                if (--_count == 0) Monitor.PulseAll(this);
+        }
+
+        public void WaitForNone()
+        {
+            lock (this)
+                while (_count > 0) Monitor.Wait(this);
+        }
+    }
+
+    /// <summary>A request's chunk keys in a rented array, returned on dispose.</summary>
+    private readonly struct ChunkKeys : IDisposable
+    {
+        private readonly ChunkKey[] _keys;
+        private readonly int _count;
+
+        private ChunkKeys(ChunkKey[] keys, int count)
+        {
+            _keys = keys;
+            _count = count;
+        }
+
+        public static ChunkKeys Compute(ChunkHasher hasher, ReadOnlySpan<int> tokens, ReadOnlySpan<byte> extraKey, int chunkSize)
+        {
+            int count = ChunkHasher.ChunkCount(tokens.Length, chunkSize);
+            var keys = ArrayPool<ChunkKey>.Shared.Rent(Math.Max(count, 1));
+            try
+            {
+                hasher.ComputeKeys(tokens, extraKey, chunkSize, keys.AsSpan(0, count));
+            }
+            catch
+            {
+                ArrayPool<ChunkKey>.Shared.Return(keys);
+                throw;
+            }
+            return new ChunkKeys(keys, count);
+        }
+
+        public ReadOnlySpan<ChunkKey> Span => _keys.AsSpan(0, _count);
+
+        public void Dispose() => ArrayPool<ChunkKey>.Shared.Return(_keys);
     }
 }

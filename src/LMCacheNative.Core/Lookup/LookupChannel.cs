@@ -102,7 +102,6 @@ public sealed class LookupServer : IDisposable
     private readonly BlockingCollection<Connection> _requests = new(MaxConnections);
     /// <summary>Connections answered by a lookup thread, handed back to the I/O thread.</summary>
     private readonly ConcurrentQueue<Connection> _answered = new();
-    private long _refusedPeers, _droppedConnections;
 
     public LookupServer(CacheEngine engine, string socketPath)
     {
@@ -122,7 +121,7 @@ public sealed class LookupServer : IDisposable
         catch (Exception e) when (e is SocketException or IOException or UnauthorizedAccessException)
         {
             _listener.Dispose();
-            throw new LmcException(LmcErrorKind.Io, $"cannot listen on {socketPath}: {e.Message}");
+            throw new LmcException(LmcStatus.Io, $"cannot listen on {socketPath}: {e.Message}");
         }
         _lookupThreads = new Thread[LookupThreads];
         for (int i = 0; i < _lookupThreads.Length; i++)
@@ -135,10 +134,6 @@ public sealed class LookupServer : IDisposable
     }
 
     public string SocketPath { get; }
-    /// <summary>Connections closed at once because the peer runs as another user.</summary>
-    public long RefusedPeers => Interlocked.Read(ref _refusedPeers);
-    /// <summary>Connections closed for a malformed or oversized request, a missed deadline, or to make room.</summary>
-    public long DroppedConnections => Interlocked.Read(ref _droppedConnections);
 
     /// <summary>
     /// Removes what a dead server left at <paramref name="path"/>: only a socket, and only when
@@ -164,13 +159,13 @@ public sealed class LookupServer : IDisposable
             }
             catch (Exception delete) when (delete is IOException or UnauthorizedAccessException)
             {
-                throw new LmcException(LmcErrorKind.Io, $"socket_path {path}: cannot remove the stale socket: {delete.Message}");
+                throw new LmcException(LmcStatus.Io, $"socket_path {path}: cannot remove the stale socket: {delete.Message}");
             }
             return;
         }
         catch (SocketException e)
         {
-            throw new LmcException(LmcErrorKind.Io, $"socket_path {path}: cannot tell whether the socket is in use: {e.Message}");
+            throw new LmcException(LmcStatus.Io, $"socket_path {path}: cannot tell whether the socket is in use: {e.Message}");
         }
         throw LmcException.InvalidArgument($"socket_path {path} is in use by another lookup server");
     }
@@ -247,7 +242,6 @@ public sealed class LookupServer : IDisposable
             }
             if (!LookupWire.PeerIsTrusted(socket, out _))
             {
-                Interlocked.Increment(ref _refusedPeers);
                 socket.Dispose();
                 continue;
             }
@@ -258,7 +252,6 @@ public sealed class LookupServer : IDisposable
                 var oldest = _connections.Values.MinBy(c => c.Deadline);
                 if (oldest is null)
                 {
-                    Interlocked.Increment(ref _droppedConnections);
                     socket.Dispose();
                     continue;
                 }
@@ -323,7 +316,6 @@ public sealed class LookupServer : IDisposable
     private void Drop(Connection c)
     {
         _connections.Remove(c.Socket);
-        Interlocked.Increment(ref _droppedConnections);
         c.Socket.Dispose();
     }
 
@@ -337,7 +329,7 @@ public sealed class LookupServer : IDisposable
             try
             {
                 var body = c.Body.AsSpan(0, c.BodyLength);
-                hit = _engine.Lookup(MemoryMarshal.Cast<byte, int>(body[c.ExtraKeyLength..]), body[..c.ExtraKeyLength]);
+                hit = _engine.Lookup(MemoryMarshal.Cast<byte, int>(body[c.ExtraKeyLength..]), body[..c.ExtraKeyLength]).HitTokens;
             }
             catch (LmcException e)
             {
@@ -345,7 +337,7 @@ public sealed class LookupServer : IDisposable
             }
             catch (Exception)
             {
-                status = (int)LmcErrorKind.Internal;
+                status = (int)LmcStatus.Internal;
             }
             c.Body = [];
             LookupWire.ResponseMagic.CopyTo(response);
@@ -359,8 +351,7 @@ public sealed class LookupServer : IDisposable
             }
             else
             {
-                Interlocked.Increment(ref _droppedConnections);
-                c.Socket.Dispose();
+                        c.Socket.Dispose();
             }
         }
     }
@@ -390,8 +381,8 @@ public static class LookupClient
     /// <summary>
     /// Hit tokens of <paramref name="tokens"/> at the server on <paramref name="socketPath"/>, always in
     /// [0, tokens.Length]. <paramref name="timeout"/> bounds the whole exchange (connect, send, answer).
-    /// Throws <see cref="LmcException"/>: <see cref="LmcErrorKind.Timeout"/> when no answer came in
-    /// time, <see cref="LmcErrorKind.Io"/> when there is no server, the connection broke, the server
+    /// Throws <see cref="LmcException"/>: <see cref="LmcStatus.Timeout"/> when no answer came in
+    /// time, <see cref="LmcStatus.Io"/> when there is no server, the connection broke, the server
     /// runs as another user or answered outside the protocol, or the status the remote engine's
     /// lookup failed with.
     /// </summary>
@@ -417,7 +408,7 @@ public static class LookupClient
             socket.SendTimeout = deadline.RemainingMilliseconds(socketPath);
             socket.Connect(new UnixDomainSocketEndPoint(socketPath));
             if (!LookupWire.PeerIsTrusted(socket, out uint serverUid))
-                throw new LmcException(LmcErrorKind.Io, $"lookup server {socketPath} runs as user {serverUid}, not as this user or root: not asked");
+                throw new LmcException(LmcStatus.Io, $"lookup server {socketPath} runs as user {serverUid}, not as this user or root: not asked");
             for (int sent = 0; sent < request.Length;)
             {
                 socket.SendTimeout = deadline.RemainingMilliseconds(socketPath);
@@ -427,7 +418,7 @@ public static class LookupClient
             {
                 socket.ReceiveTimeout = deadline.RemainingMilliseconds(socketPath);
                 int read = socket.Receive(response, received, response.Length - received, SocketFlags.None);
-                if (read == 0) throw new LmcException(LmcErrorKind.Io, $"lookup server {socketPath} closed the connection");
+                if (read == 0) throw new LmcException(LmcStatus.Io, $"lookup server {socketPath} closed the connection");
                 received += read;
             }
         }
@@ -437,21 +428,21 @@ public static class LookupClient
         }
         catch (SocketException e)
         {
-            throw new LmcException(LmcErrorKind.Io, $"lookup server {socketPath}: {e.Message}");
+            throw new LmcException(LmcStatus.Io, $"lookup server {socketPath}: {e.Message}");
         }
         if (!response.AsSpan(0, 4).SequenceEqual(LookupWire.ResponseMagic))
-            throw new LmcException(LmcErrorKind.Io, $"lookup server {socketPath} answered in an unknown format");
+            throw new LmcException(LmcStatus.Io, $"lookup server {socketPath} answered in an unknown format");
         int status = BinaryPrimitives.ReadInt32LittleEndian(response.AsSpan(4));
         long hit = BinaryPrimitives.ReadInt64LittleEndian(response.AsSpan(8));
         if (status != 0)
         {
             // The remote engine's own failure kinds pass through; a status outside the protocol, or
             // the remote's internal error (not a bug of this call), is an I/O failure of the channel.
-            var kind = Enum.IsDefined((LmcErrorKind)status) && status != (int)LmcErrorKind.Internal ? (LmcErrorKind)status : LmcErrorKind.Io;
+            var kind = Enum.IsDefined((LmcStatus)status) && status != (int)LmcStatus.Internal ? (LmcStatus)status : LmcStatus.Io;
             throw new LmcException(kind, $"the engine behind {socketPath} failed the lookup with status {status}");
         }
         if (hit < 0 || hit > tokens.Length)
-            throw new LmcException(LmcErrorKind.Io, $"lookup server {socketPath} answered {hit} hit tokens for a {tokens.Length}-token prompt: protocol error, not used");
+            throw new LmcException(LmcStatus.Io, $"lookup server {socketPath} answered {hit} hit tokens for a {tokens.Length}-token prompt: protocol error, not used");
         return hit;
     }
 
@@ -472,6 +463,6 @@ public static class LookupClient
         }
 
         public LmcException Expired(string socketPath) =>
-            new(LmcErrorKind.Timeout, $"lookup server {socketPath} did not answer within {_timeout.TotalMilliseconds:0} ms");
+            new(LmcStatus.Timeout, $"lookup server {socketPath} did not answer within {_timeout.TotalMilliseconds:0} ms");
     }
 }

@@ -66,8 +66,6 @@ public sealed class SlabPool : IDisposable
     /// <summary>Slabs handed out and not yet returned.</summary>
     public long RentedSlabs { get; private set; }
     public long UsedBytes => RentedSlabs * SlabBytes;
-    /// <summary>Slabs ever allocated from the system (rented or free).</summary>
-    public long AllocatedSlabs => _all.Count;
 
     /// <summary>A slab, or 0 when the pool is at capacity (or the system is out of memory): the caller evicts and retries, or gives up.</summary>
     public nint TryRent()

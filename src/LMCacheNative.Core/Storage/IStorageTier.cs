@@ -77,11 +77,6 @@ public interface IStorageTier : IDisposable
     /// <summary>Writes one record synchronously (the engine calls it from its write-behind worker); false if skipped or failed.</summary>
     bool Write(in ChunkKey key, int tokenCount, ReadOnlySpan<byte> payload);
 
-    /// <summary>Removes every record of the bound namespace that this tier may remove.</summary>
-    void Clear();
-
     StorageTierStats GetStats();
 }
 
-/// <summary>Builds a remote tier from a <c>remote_url</c>; supplied by the composition root so the engine does not depend on a client library.</summary>
-public delegate IStorageTier? RemoteTierFactory(string remoteUrl, EngineConfig config);

@@ -6,14 +6,17 @@ namespace LMCacheNative.Core.Storage;
 /// <summary>A cached chunk in the CPU tier: one slab holding <c>[kv][layer][token][head][d]</c> bytes.</summary>
 public sealed class CachedChunk
 {
-    internal CachedChunk(ChunkKey key, nint data, int tokenCount, long payloadBytes)
+    internal CachedChunk(LocalCpuTier owner, ChunkKey key, nint data, int tokenCount, long payloadBytes)
     {
+        Owner = owner;
         Key = key;
         Data = data;
         TokenCount = tokenCount;
         PayloadBytes = payloadBytes;
     }
 
+    /// <summary>The tier whose pool holds the slab: pins are released there, whatever registration is current.</summary>
+    public LocalCpuTier Owner { get; }
     public ChunkKey Key { get; }
     /// <summary>Slab address; owned by the tier's pool.</summary>
     public nint Data { get; }
@@ -40,36 +43,76 @@ public sealed class CachedChunk
 /// returns null at once: callers store fewer chunks instead of waiting (LMCache's 0.1 s busy loop,
 /// issue #2942).
 ///
-/// Not thread-safe on its own: <see cref="Engine.CacheEngine"/> serialises calls under one lock and
-/// does the copies outside it, holding pins.
+/// Thread-safe: every method takes the tier's one lock for a short, bounded time (index and list
+/// updates only); copies run outside it while the chunks involved are pinned. The compound
+/// operations (<see cref="FindPrefix"/>, <see cref="PinPrefix"/>, <see cref="PlanStore"/>,
+/// <see cref="PublishAll"/>, <see cref="Release"/>) are each one critical section, so a request sees
+/// and changes a consistent index.
+///
+/// Staging only (<c>local_cpu: false</c> with lower tiers): chunks live here only while a request
+/// or a write-behind holds them; the last <see cref="Release"/> of such a chunk removes it.
 /// </summary>
 public sealed class LocalCpuTier : IDisposable
 {
+    private readonly object _lock = new();
+    private readonly bool _stagingOnly;
     private readonly Dictionary<ChunkKey, CachedChunk> _index = new();
     // Keys reserved by a store or promotion that has not published them yet, with their count.
     private readonly Dictionary<ChunkKey, int> _pending = new();
     private readonly SlabPool _pool;
     private CachedChunk? _newest;
     private CachedChunk? _oldest;
+    private long _evictedChunks;
 
-    public LocalCpuTier(SlabPool pool) => _pool = pool;
+    /// <param name="stagingOnly">chunks leave the tier when their last holder releases them</param>
+    public LocalCpuTier(SlabPool pool, bool stagingOnly = false)
+    {
+        _pool = pool;
+        _stagingOnly = stagingOnly;
+    }
 
-    public int Count => _index.Count;
-    public long EvictedChunks { get; private set; }
-    public long UsedBytes => _pool.UsedBytes;
+    public int Count
+    {
+        get { lock (_lock) return _index.Count; }
+    }
+
+    public long EvictedChunks
+    {
+        get { lock (_lock) return _evictedChunks; }
+    }
+
+    public long UsedBytes
+    {
+        get { lock (_lock) return _pool.UsedBytes; }
+    }
+
     public long CapacityBytes => _pool.CapacityBytes;
     public long SlabBytes => _pool.SlabBytes;
     public long CapacitySlabs => _pool.CapacitySlabs;
 
-    public CachedChunk? Find(in ChunkKey key) => _index.GetValueOrDefault(key);
+    public CachedChunk? Find(in ChunkKey key)
+    {
+        lock (_lock) return _index.GetValueOrDefault(key);
+    }
 
-    public bool Contains(in ChunkKey key) => _index.ContainsKey(key);
+    public bool Contains(in ChunkKey key)
+    {
+        lock (_lock) return _index.ContainsKey(key);
+    }
 
     /// <summary>Whether another caller has reserved the key and is filling it right now.</summary>
-    public bool IsPending(in ChunkKey key) => _pending.ContainsKey(key);
+    public bool IsPending(in ChunkKey key)
+    {
+        lock (_lock) return _pending.ContainsKey(key);
+    }
 
     /// <summary>Marks a chunk most recently used.</summary>
     public void Touch(CachedChunk chunk)
+    {
+        lock (_lock) TouchLocked(chunk);
+    }
+
+    private void TouchLocked(CachedChunk chunk)
     {
         if (!chunk.InLru) return;
         Unlink(chunk);
@@ -78,11 +121,21 @@ public sealed class LocalCpuTier : IDisposable
 
     public void Pin(CachedChunk chunk)
     {
+        lock (_lock) PinLocked(chunk);
+    }
+
+    private void PinLocked(CachedChunk chunk)
+    {
         if (chunk.Pins++ == 0 && chunk.InLru) Unlink(chunk);
     }
 
     /// <summary>Drops one pin; the last unpin makes the chunk most recently used (or frees it if it was removed meanwhile).</summary>
     public void Unpin(CachedChunk chunk)
+    {
+        lock (_lock) UnpinLocked(chunk);
+    }
+
+    private void UnpinLocked(CachedChunk chunk)
     {
         if (chunk.Pins <= 0) throw new InvalidOperationException("unpin without pin");
         if (--chunk.Pins > 0) return;
@@ -104,16 +157,21 @@ public sealed class LocalCpuTier : IDisposable
     /// </summary>
     public CachedChunk? TryReserve(in ChunkKey key, int tokenCount, long payloadBytes)
     {
+        lock (_lock) return TryReserveLocked(key, tokenCount, payloadBytes);
+    }
+
+    private CachedChunk? TryReserveLocked(in ChunkKey key, int tokenCount, long payloadBytes)
+    {
         if (payloadBytes > _pool.SlabBytes) throw new ArgumentException("chunk larger than a slab");
         nint slab;
         while ((slab = _pool.TryRent()) == 0)
         {
             if (_oldest is not { } victim) return null;
             Remove(victim);
-            EvictedChunks++;
+            _evictedChunks++;
         }
         _pending[key] = _pending.GetValueOrDefault(key) + 1;
-        return new CachedChunk(key, slab, tokenCount, payloadBytes) { Pins = 1 };
+        return new CachedChunk(this, key, slab, tokenCount, payloadBytes) { Pins = 1 };
     }
 
     /// <summary>
@@ -123,11 +181,16 @@ public sealed class LocalCpuTier : IDisposable
     /// </summary>
     public CachedChunk PublishPinned(CachedChunk chunk)
     {
+        lock (_lock) return PublishPinnedLocked(chunk);
+    }
+
+    private CachedChunk PublishPinnedLocked(CachedChunk chunk)
+    {
         if (chunk.Published) throw new InvalidOperationException("chunk already published");
         if (_index.TryGetValue(chunk.Key, out var existing))
         {
-            Abandon(chunk);
-            Pin(existing);
+            AbandonLocked(chunk);
+            PinLocked(existing);
             return existing;
         }
         EndPending(chunk.Key);
@@ -137,16 +200,18 @@ public sealed class LocalCpuTier : IDisposable
     }
 
     /// <summary>Makes a reserved chunk visible and drops the reservation's pin.</summary>
-    public void Publish(CachedChunk chunk) => Unpin(PublishPinned(chunk));
-
-    /// <summary>Removes a published chunk now if nobody holds it (used when the CPU tier is only a staging area).</summary>
-    public void RemoveIfUnpinned(CachedChunk chunk)
+    public void Publish(CachedChunk chunk)
     {
-        if (chunk.Published && chunk.Pins == 0) Remove(chunk);
+        lock (_lock) UnpinLocked(PublishPinnedLocked(chunk));
     }
 
     /// <summary>Returns a reserved, unpublished chunk's slab to the pool.</summary>
     public void Abandon(CachedChunk chunk)
+    {
+        lock (_lock) AbandonLocked(chunk);
+    }
+
+    private void AbandonLocked(CachedChunk chunk)
     {
         if (chunk.Published) throw new InvalidOperationException("chunk already published");
         EndPending(chunk.Key);
@@ -157,7 +222,146 @@ public sealed class LocalCpuTier : IDisposable
     /// <summary>Removes every chunk; pinned ones are freed when their last reader unpins them.</summary>
     public void Clear()
     {
-        foreach (var chunk in _index.Values.ToArray()) Remove(chunk);
+        lock (_lock)
+            foreach (var chunk in _index.Values.ToArray()) Remove(chunk);
+    }
+
+    // ---- compound operations: one critical section each ----
+
+    /// <summary>
+    /// Number of leading <paramref name="keys"/> cached here. The found chunks are marked used from
+    /// the last to the first, so the head of a prompt, which every extension of it needs, stays
+    /// away from eviction the longest.
+    /// </summary>
+    public int FindPrefix(ReadOnlySpan<ChunkKey> keys)
+    {
+        lock (_lock)
+        {
+            int found = 0;
+            while (found < keys.Length && _index.ContainsKey(keys[found])) found++;
+            for (int i = found - 1; i >= 0; i--) TouchLocked(_index[keys[i]]);
+            return found;
+        }
+    }
+
+    /// <summary>Pins the chunks of the leading <paramref name="keys"/> cached here, in order; <see cref="Release"/> them.</summary>
+    public List<CachedChunk> PinPrefix(ReadOnlySpan<ChunkKey> keys)
+    {
+        var held = new List<CachedChunk>(keys.Length);
+        lock (_lock)
+        {
+            while (held.Count < keys.Length && _index.GetValueOrDefault(keys[held.Count]) is { } chunk)
+            {
+                PinLocked(chunk);
+                held.Add(chunk);
+            }
+        }
+        return held;
+    }
+
+    /// <summary>What a store found and reserved: see <see cref="PlanStore"/>.</summary>
+    public sealed class StorePlan
+    {
+        /// <summary>(chunk index, chunk) of chunks already cached, pinned for the store.</summary>
+        public List<(int Index, CachedChunk Chunk)> Held { get; } = [];
+        /// <summary>(chunk index, chunk) reserved for the store to fill and then publish.</summary>
+        public List<(int Index, CachedChunk Chunk)> Fresh { get; } = [];
+        /// <summary>Index after the last chunk the store covers (cached, filled by it, or being filled by another store).</summary>
+        public int ReachedChunk { get; set; }
+        public int SkippedForSpace { get; set; }
+    }
+
+    /// <summary>
+    /// For chunks <paramref name="firstChunk"/> to <c>keys.Length</c>: pins those already cached,
+    /// leaves those another store is filling right now, and reserves a slab for each other one, until
+    /// room runs out. Everything the store touches is pinned first, so making room for a later chunk
+    /// can never evict an earlier chunk of the same prefix.
+    /// </summary>
+    /// <param name="tokenCount">tokens of chunk i (the last may be partial)</param>
+    public StorePlan PlanStore(ReadOnlySpan<ChunkKey> keys, int firstChunk, Func<int, int> tokenCount, long bytesPerToken)
+    {
+        var plan = new StorePlan { ReachedChunk = firstChunk };
+        lock (_lock)
+        {
+            for (int c = firstChunk; c < keys.Length; c++)
+            {
+                if (_index.GetValueOrDefault(keys[c]) is { } existing)
+                {
+                    PinLocked(existing);
+                    plan.Held.Add((c, existing));
+                }
+                else if (!_pending.ContainsKey(keys[c]))
+                {
+                    int count = tokenCount(c);
+                    if (TryReserveLocked(keys[c], count, count * bytesPerToken) is not { } reserved)
+                    {
+                        plan.SkippedForSpace = keys.Length - c;
+                        break;
+                    }
+                    plan.Fresh.Add((c, reserved));
+                }
+                // else: another store is copying this very chunk right now; copying it twice would
+                // only waste the pool and count the tokens twice.
+                plan.ReachedChunk = c + 1;
+            }
+        }
+        return plan;
+    }
+
+    /// <summary>
+    /// Publishes filled chunks (each keeps its pin for the caller). Returns them in order, with the
+    /// chunk that won where another store published the same key first (then pinned instead), and
+    /// whether it is this caller's own (new to the cache, to be written down to the lower tiers).
+    /// </summary>
+    public List<(CachedChunk Chunk, bool New)> PublishAll(IEnumerable<CachedChunk> filled)
+    {
+        var published = new List<(CachedChunk, bool)>();
+        lock (_lock)
+        {
+            foreach (var chunk in filled)
+            {
+                var winner = PublishPinnedLocked(chunk);
+                published.Add((winner, winner == chunk));
+            }
+        }
+        return published;
+    }
+
+    /// <summary>
+    /// Drops one pin of each chunk, in the order given (the last released becomes the most recently
+    /// used); staging only, a chunk nobody holds any more leaves the tier.
+    /// </summary>
+    public void Release(IEnumerable<CachedChunk> chunks)
+    {
+        lock (_lock)
+            foreach (var chunk in chunks) ReleaseLocked(chunk);
+    }
+
+    public void Release(CachedChunk chunk)
+    {
+        lock (_lock) ReleaseLocked(chunk);
+    }
+
+    private void ReleaseLocked(CachedChunk chunk)
+    {
+        UnpinLocked(chunk);
+        if (_stagingOnly && chunk.Published && chunk.Pins == 0) Remove(chunk);
+    }
+
+    /// <summary>Returns reserved chunks' slabs and releases held ones (a request that failed).</summary>
+    public void AbandonAndRelease(IEnumerable<CachedChunk> reserved, IEnumerable<CachedChunk> held)
+    {
+        lock (_lock)
+        {
+            foreach (var chunk in reserved) AbandonLocked(chunk);
+            foreach (var chunk in held) ReleaseLocked(chunk);
+        }
+    }
+
+    /// <summary>Chunks, evictions and pool bytes, read together.</summary>
+    public (int Chunks, long EvictedChunks, long UsedBytes) Snapshot()
+    {
+        lock (_lock) return (_index.Count, _evictedChunks, _pool.UsedBytes);
     }
 
     private void EndPending(in ChunkKey key)
@@ -195,15 +399,21 @@ public sealed class LocalCpuTier : IDisposable
     }
 
     /// <summary>Keys from least to most recently used (for tests and diagnostics; O(n)).</summary>
-    public IEnumerable<ChunkKey> KeysOldestFirst()
+    public IReadOnlyList<ChunkKey> KeysOldestFirst()
     {
-        for (var c = _oldest; c is not null; c = c.Newer) yield return c.Key;
+        var keys = new List<ChunkKey>();
+        lock (_lock)
+            for (var c = _oldest; c is not null; c = c.Newer) keys.Add(c.Key);
+        return keys;
     }
 
     public void Dispose()
     {
-        _index.Clear();
-        _newest = _oldest = null;
-        _pool.Dispose();
+        lock (_lock)
+        {
+            _index.Clear();
+            _newest = _oldest = null;
+            _pool.Dispose();
+        }
     }
 }

@@ -69,7 +69,7 @@ public sealed class LocalDiskTier : IStorageTier
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
-            throw new LmcException(LmcErrorKind.Io, $"config: \"local_disk\": cannot create {_directory}: {e.Message}");
+            throw new LmcException(LmcStatus.Io, $"config: \"local_disk\": cannot create {_directory}: {e.Message}");
         }
         try
         {
@@ -348,22 +348,6 @@ public sealed class LocalDiskTier : IStorageTier
             _stats.Writes++;
             _stats.BytesWritten += payload.Length;
             return true;
-        }
-    }
-
-    public void Clear()
-    {
-        lock (_lock)
-        {
-            if (!IsOwner) return;
-            // Only this namespace's records: other models' records stay (and keep counting).
-            foreach (var node in _index.Values)
-            {
-                TryDelete(node.Value.Path);
-                _lru.Remove(node);
-                _stats.UsedBytes -= node.Value.Bytes;
-            }
-            _index.Clear();
         }
     }
 

@@ -1,4 +1,5 @@
 using LMCacheNative.Core.Layout;
+using LMCacheNative.Core.Memory;
 
 namespace LMCacheNative.Core.Transfer;
 
@@ -19,13 +20,30 @@ public enum TransferDirection
 }
 
 /// <summary>
-/// Moves KV between paged layers and chunk objects. The host implementation copies with the CPU;
-/// the CUDA path implements the same seam with one kernel launch per request.
+/// Moves KV between the registered paged layers and chunk objects: the one seam between the engine
+/// and where the KV lives. The host implementation copies with the CPU; the CUDA path implements it
+/// with one kernel launch per request. Either way the engine plans, starts the copy and completes
+/// the request when the returned task does.
 /// </summary>
-public interface IKvTransfer
+public interface IKvTransfer : IDisposable
 {
-    /// <summary>Copies every layer, K and V, of every listed chunk; returns the bytes moved.</summary>
-    long Transfer(TransferDirection direction, ReadOnlySpan<ChunkTransfer> chunks, ReadOnlySpan<long> slotMapping);
+    /// <summary>The registered model's KV shape (bytes per token, per chunk).</summary>
+    KvShape Shape { get; }
+
+    /// <summary>
+    /// Where the engine's pool must allocate chunk objects for this transfer to reach them (pinned,
+    /// device-mapped memory for a GPU); null for plain host memory.
+    /// </summary>
+    IHostMemoryAllocator? PoolAllocator { get; }
+
+    /// <summary>
+    /// Copies every layer, K and V, of every listed chunk; the task completes with the bytes moved.
+    /// Host layers copy on the calling thread and return a completed task. Device layers enqueue the
+    /// copy on <paramref name="stream"/> (0 = the transfer's own stream) and complete when the device
+    /// has finished, or fault with an <see cref="LmcException"/>. The chunk objects must stay
+    /// allocated until completion; the slot mapping is read (or copied) before this returns.
+    /// </summary>
+    Task<long> CopyAsync(TransferDirection direction, ReadOnlySpan<ChunkTransfer> chunks, ReadOnlySpan<long> slotMapping, nint stream);
 }
 
 /// <summary>
@@ -67,6 +85,7 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
     {
         if (layers.Count == 0) throw new ArgumentException("no layers");
         var first = layers[0];
+        Shape = KvShape.Of(layers);
         _kvCount = first.KvCount;
         _rowBytes = first.TokenRowBytes;
         _headBytes = (long)first.HeadSize * first.ElemSize;
@@ -81,12 +100,17 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
             l.HeadStride * l.ElemSize)).ToArray();
     }
 
-    public int NumLayers => _layers.Length;
+    public KvShape Shape { get; }
 
-    /// <summary>Bytes one token occupies in a chunk object: all layers, K and V.</summary>
-    public long BytesPerToken => _rowBytes * _layers.Length * _kvCount;
+    public IHostMemoryAllocator? PoolAllocator => null;
 
-    public long Transfer(TransferDirection direction, ReadOnlySpan<ChunkTransfer> chunks, ReadOnlySpan<long> slotMapping)
+    private long BytesPerToken => Shape.BytesPerToken;
+
+    public Task<long> CopyAsync(TransferDirection direction, ReadOnlySpan<ChunkTransfer> chunks, ReadOnlySpan<long> slotMapping, nint stream) =>
+        Task.FromResult(Copy(direction, chunks, slotMapping));
+
+    /// <summary>Copies on the calling thread (spread over cores when large); returns the bytes moved.</summary>
+    public long Copy(TransferDirection direction, ReadOnlySpan<ChunkTransfer> chunks, ReadOnlySpan<long> slotMapping)
     {
         if (chunks.Length == 0) return 0;
         int itemsPerChunk = _layers.Length * _kvCount;
@@ -210,5 +234,10 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
         if (gather) BulkCopy.Copy(paged, chunk, bytes, streaming);
         else BulkCopy.Copy(chunk, paged, bytes, streaming);
         return bytes;
+    }
+
+    /// <summary>Nothing to release: the layers belong to the caller.</summary>
+    public void Dispose()
+    {
     }
 }
