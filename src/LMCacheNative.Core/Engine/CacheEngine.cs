@@ -187,13 +187,7 @@ public sealed class CacheEngine : IDisposable
     /// Stops before a chunk with a -1 slot, and when the pool has no room left. Chunks go to the CPU
     /// tier now and to the lower tiers in the background.
     /// </summary>
-    public TransferResult Store(in KvRequest request)
-    {
-        long started = Stopwatch.GetTimestamp();
-        using var scope = EnterCall();
-        var reg = RequireRegistration();
-        return Wait(Copy(reg, PlanStore(reg, request), request.Slots, request.Stream, started));
-    }
+    public TransferResult Store(in KvRequest request) => RunNow(request, TransferDirection.Gather);
 
     /// <summary>Convenience form of <see cref="Store(in KvRequest)"/>.</summary>
     public TransferResult Store(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long skipLeadingTokens, ReadOnlySpan<byte> extraKey) =>
@@ -204,18 +198,11 @@ public sealed class CacheEngine : IDisposable
     /// completed on the engine's workers (the copy on the request's stream for device layers). The
     /// stored chunks become visible to lookups when the task completes.
     /// </summary>
-    public Task<TransferResult> StoreAsync(OwnedKvRequest request)
-    {
-        long started = Stopwatch.GetTimestamp();
-        using var scope = EnterCall();
-        var reg = RequireRegistration();
-        CheckRequest(reg, request.AsRequest(), "store");
-        return RunJob(() => Copy(reg, PlanStore(reg, request.AsRequest()), request.Slots, request.Stream, started));
-    }
+    public Task<TransferResult> StoreAsync(OwnedKvRequest request) => RunAsJob(request, TransferDirection.Gather);
 
     private PendingTransfer PlanStore(Registration reg, in KvRequest request)
     {
-        CheckRequest(reg, request, "store");
+        CheckRequest(reg, request, OperationName(TransferDirection.Gather));
         var tokens = request.Tokens;
         int fullChunks = tokens.Length / ChunkSize;
         bool hasPartial = Config.SaveUnfullChunk && tokens.Length % ChunkSize != 0;
@@ -252,13 +239,7 @@ public sealed class CacheEngine : IDisposable
     /// [<see cref="KvRequest.FirstToken"/>, prefix end) whose slot is not -1. Chunks found in a lower
     /// tier are read into the CPU tier first (promotion).
     /// </summary>
-    public TransferResult Retrieve(in KvRequest request)
-    {
-        long started = Stopwatch.GetTimestamp();
-        using var scope = EnterCall();
-        var reg = RequireRegistration();
-        return Wait(Copy(reg, PlanRetrieve(reg, request), request.Slots, request.Stream, started));
-    }
+    public TransferResult Retrieve(in KvRequest request) => RunNow(request, TransferDirection.Scatter);
 
     /// <summary>Convenience form of <see cref="Retrieve(in KvRequest)"/>.</summary>
     public TransferResult Retrieve(ReadOnlySpan<int> tokens, ReadOnlySpan<long> slotMapping, long firstTokenToWrite, ReadOnlySpan<byte> extraKey) =>
@@ -268,18 +249,11 @@ public sealed class CacheEngine : IDisposable
     /// <see cref="Retrieve(in KvRequest)"/> as a job: checked now; lookups, lower-tier reads and the
     /// copy run on the engine's workers (the copy on the request's stream for device layers).
     /// </summary>
-    public Task<TransferResult> RetrieveAsync(OwnedKvRequest request)
-    {
-        long started = Stopwatch.GetTimestamp();
-        using var scope = EnterCall();
-        var reg = RequireRegistration();
-        CheckRequest(reg, request.AsRequest(), "retrieve");
-        return RunJob(() => Copy(reg, PlanRetrieve(reg, request.AsRequest()), request.Slots, request.Stream, started));
-    }
+    public Task<TransferResult> RetrieveAsync(OwnedKvRequest request) => RunAsJob(request, TransferDirection.Scatter);
 
     private PendingTransfer PlanRetrieve(Registration reg, in KvRequest request)
     {
-        CheckRequest(reg, request, "retrieve");
+        CheckRequest(reg, request, OperationName(TransferDirection.Scatter));
         var (held, byTier) = PinPrefix(reg, request.Tokens, request.ExtraKey);
         long matched = Math.Min((long)held.Count * ChunkSize, request.Tokens.Length);
         int firstToCopy = (int)(request.FirstToken / ChunkSize);
@@ -344,7 +318,31 @@ public sealed class CacheEngine : IDisposable
         return (held, byTier);
     }
 
-    // ---- copy and completion: one path for stores and retrieves, synchronous or not ----
+    // ---- one path for stores and retrieves, synchronous or not: plan, copy, complete ----
+
+    /// <summary>Plans, copies and completes on the caller's thread (waiting for a device copy).</summary>
+    private TransferResult RunNow(in KvRequest request, TransferDirection direction)
+    {
+        long started = Stopwatch.GetTimestamp();
+        using var scope = EnterCall();
+        var reg = RequireRegistration();
+        return Wait(Copy(reg, Plan(reg, request, direction), request.Slots, request.Stream, started));
+    }
+
+    /// <summary>Checks the request now, then plans, copies and completes it on the engine's workers.</summary>
+    private Task<TransferResult> RunAsJob(OwnedKvRequest request, TransferDirection direction)
+    {
+        long started = Stopwatch.GetTimestamp();
+        using var scope = EnterCall();
+        var reg = RequireRegistration();
+        CheckRequest(reg, request.AsRequest(), OperationName(direction));
+        return RunJob(() => Copy(reg, Plan(reg, request.AsRequest(), direction), request.Slots, request.Stream, started));
+    }
+
+    private PendingTransfer Plan(Registration reg, in KvRequest request, TransferDirection direction) =>
+        direction == TransferDirection.Gather ? PlanStore(reg, request) : PlanRetrieve(reg, request);
+
+    private static string OperationName(TransferDirection direction) => direction == TransferDirection.Gather ? "store" : "retrieve";
 
     /// <summary>A planned request: the chunks it holds or reserved, the copies to make, and what it will report.</summary>
     private sealed class PendingTransfer
