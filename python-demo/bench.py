@@ -22,15 +22,45 @@
      here; no redis-py), each reply read straight into a preallocated buffer.
    Each also times prefetch(...).wait() alone (tier read and promotion, no KV write) as a breakdown.
    Set LMC_BENCH_DISK_DIR to put the disk tier on another file system (default: the temp dir).
+4. The vLLM connector's own cost per request (scheduler and worker side), without the copy.
+
+Every ratio, throughput and latency printed is also written to build/bench/bench.json (``--json PATH``
+for another file), one flat object per kind of number, names stable between runs:
+
+    {"schema": 1, "mode": "full" | "quick",
+     "machine": {"cpus": 2, "cpu_model": ..., "kernel": ..., "python": ..., "torch": ..., "git_commit": ...,
+                 "git_dirty": true | false},
+     "run": {"date_utc": ..., "tokens": 8192, "copy_repetitions": 5, "total_seconds": ..., ...},
+     "ratios": {"store_nhd_vs_memcpy_median": 0.92, "retrieve_hnd_vs_parallel_memcpy_best": 0.50,
+                "disk_retrieve_cold_vs_read_cold_median": 1.24, "redis_retrieve_vs_get_loop_median": 1.05, ...},
+     "throughput_gbps": {"memcpy_nhd_median": ..., "store_nhd_median": 15.9, "disk_read_cold_median": ...},
+     "latencies_us": {"lookup_xxh3_raw_median": 4.0, "lookup_xxh3_median": 5.6, "lookup_sha256_p99": ...,
+                      "list_to_int32_buffer_median": 43, "connector_scheduler_median": 104, ...}}
+
+Ratios are engine / baseline of the same run ("_best": best over best, "_median": median over median);
+GB are 10^9 bytes; latencies in microseconds; a number that could not be measured (no redis-server) is
+absent. ``--check`` then compares the file with python-demo/bench_thresholds.json (scripts/bench_check.py,
+one ok/FAIL line per metric; exit status 1 when one is missed; ``--thresholds PATH`` for another file).
+
+``--quick``: a seconds-long form for the test suite (``./build.sh test bench``): the copies of a
+1024-token request (128 MiB, 5 repetitions: its thresholds check the best, the number least moved by
+other load) and the xxh3 lookup of the 8192-token prompt on a one-layer cache (a lookup's cost does not
+depend on the KV shape); written to build/bench/bench-quick.json and checked, with --check, against
+the loose python-demo/bench_thresholds_quick.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import ctypes
+import datetime
 import gc
 import glob
+import json
+import math
 import os
+import platform
 import shutil
 import socket
 import statistics
@@ -41,7 +71,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
 from lmcache_native import Engine, _bindings, as_int32_buffer, as_int64_buffer  # noqa: E402
 
 NUM_LAYERS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 32, 8, 128, 16
@@ -50,6 +82,7 @@ NUM_BLOCKS = NUM_TOKENS // BLOCK_SIZE + 64  # a few spare blocks so the request'
 DTYPE = torch.bfloat16
 COPY_REPETITIONS = 5
 LOOKUP_CALLS = 2000
+QUICK_TOKENS, QUICK_REPETITIONS, QUICK_LOOKUP_CALLS = 1024, 5, 1000  # --quick (its lookup: NUM_TOKENS)
 CONVERSION_CALLS = 200
 GB = 1e9  # throughput in GB/s of 10^9 bytes (sizes below are printed in GiB where noted)
 
@@ -81,18 +114,18 @@ def summarize(seconds: list[float], num_bytes: int) -> dict:
     return {"best": num_bytes / min(seconds) / GB, "median": num_bytes / statistics.median(seconds) / GB}
 
 
-def measure_memcpy(num_bytes: int) -> dict:
+def measure_memcpy(num_bytes: int, repetitions: int = COPY_REPETITIONS) -> dict:
     source = torch.empty(num_bytes, dtype=torch.uint8).fill_(1)  # fill_ touches every page
     destination = torch.empty(num_bytes, dtype=torch.uint8).fill_(2)
     seconds = []
-    for _ in range(COPY_REPETITIONS):
+    for _ in range(repetitions):
         started = time.perf_counter()
         ctypes.memmove(destination.data_ptr(), source.data_ptr(), num_bytes)
         seconds.append(time.perf_counter() - started)
     return summarize(seconds, num_bytes)
 
 
-def measure_parallel_copy(num_bytes: int) -> dict:
+def measure_parallel_copy(num_bytes: int, repetitions: int = COPY_REPETITIONS) -> dict:
     """The same bytes copied by one memmove per CPU on its own thread (ctypes releases the GIL during
     the call): the fair baseline for an engine that also copies on every core."""
     source = torch.empty(num_bytes, dtype=torch.uint8).fill_(1)
@@ -107,40 +140,42 @@ def measure_parallel_copy(num_bytes: int) -> dict:
 
     seconds = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in range(COPY_REPETITIONS):
+        for _ in range(repetitions):
             started = time.perf_counter()
             list(pool.map(copy_piece, pieces))
             seconds.append(time.perf_counter() - started)
     return summarize(seconds, num_bytes)
 
 
-def measure_copies(layout: str) -> tuple[dict, dict, int]:
+def measure_copies(layout: str, num_tokens: int = NUM_TOKENS,
+                   repetitions: int = COPY_REPETITIONS) -> tuple[dict, dict, int]:
     generator = torch.Generator().manual_seed(1)
-    layers = allocate_cache(layout, generator)
-    tokens, slots = request(generator)
+    num_blocks = num_tokens // BLOCK_SIZE * 9 // 8  # spare blocks so the request's are scattered (NUM_BLOCKS)
+    layers = allocate_cache(layout, generator, num_blocks)
+    tokens, slots = request(generator, num_tokens, num_blocks)
     store_seconds, retrieve_seconds = [], []
     with Engine({"chunk_size": 256, "max_local_cpu_size": 3}, model_name="llama-3-8b-shape") as engine:
         engine.register_layers(layers, layout="flash_attn")
-        for _ in range(COPY_REPETITIONS):
+        for _ in range(repetitions):
             engine.clear()
             before = engine.stats()["stored_bytes"]
             started = time.perf_counter()
             stored = engine.store(tokens, slots)
             store_seconds.append(time.perf_counter() - started)
-            assert stored == NUM_TOKENS, stored
+            assert stored == num_tokens, stored
         stored_bytes = engine.stats()["stored_bytes"] - before
         # Keep two layers to verify the retrieved bytes afterwards.
         reference = {index: layers[index].clone() for index in (0, NUM_LAYERS - 1)}
-        for _ in range(COPY_REPETITIONS):
+        for _ in range(repetitions):
             for layer in layers:
                 layer.zero_()
             before = engine.stats()["retrieved_bytes"]
             started = time.perf_counter()
             retrieved = engine.retrieve(tokens, slots)
             retrieve_seconds.append(time.perf_counter() - started)
-            assert retrieved == NUM_TOKENS, retrieved
+            assert retrieved == num_tokens, retrieved
         retrieved_bytes = engine.stats()["retrieved_bytes"] - before
-    assert stored_bytes == retrieved_bytes == NUM_TOKENS * NUM_LAYERS * 2 * NUM_KV_HEADS * HEAD_SIZE * 2
+    assert stored_bytes == retrieved_bytes == num_tokens * NUM_LAYERS * 2 * NUM_KV_HEADS * HEAD_SIZE * 2
     slot_tensor = torch.tensor((ctypes.c_int64 * slots.length).from_address(slots.address))
     blocks, offsets = slot_tensor // BLOCK_SIZE, slot_tensor % BLOCK_SIZE
     for index, original in reference.items():
@@ -154,12 +189,12 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
-def measure_lookup(hash_algorithm: str, layers: list[torch.Tensor], tokens, slots) -> dict:
+def measure_lookup(hash_algorithm: str, layers: list[torch.Tensor], tokens, slots, calls: int = LOOKUP_CALLS) -> dict:
     config = {"chunk_size": 256, "max_local_cpu_size": 3, "pre_caching_hash_algorithm": hash_algorithm}
     with Engine(config, model_name="llama-3-8b-shape") as engine:
         engine.register_layers(layers, layout="flash_attn")
-        assert engine.store(tokens, slots) == NUM_TOKENS
-        assert engine.lookup(tokens) == NUM_TOKENS  # hit case; also warms up
+        assert engine.store(tokens, slots) == tokens.length
+        assert engine.lookup(tokens) == tokens.length  # hit case; also warms up
         # Engine.lookup and the raw binding (everything prepared, to show what the wrapper adds),
         # interleaved so that drifts in clock speed or background load hit both alike.
         wrapper_ns, raw_ns = [], []
@@ -167,14 +202,14 @@ def measure_lookup(hash_algorithm: str, layers: list[torch.Tensor], tokens, slot
         raw, hit, handle = _bindings.lmc_lookup, _bindings.LmcLookupResult(), engine.handle
         request = _bindings.LmcRequest(tokens=tokens.address, num_tokens=tokens.length)
         hit_ref, request_ref = ctypes.byref(hit), ctypes.byref(request)
-        for _ in range(LOOKUP_CALLS):
+        for _ in range(calls):
             started = clock()
             lookup(tokens)
             wrapper_ns.append(clock() - started)
             started = clock()
             raw(hit_ref, handle, request_ref)
             raw_ns.append(clock() - started)
-        assert hit.hit_tokens == NUM_TOKENS
+        assert hit.hit_tokens == tokens.length
     return {"median": statistics.median(wrapper_ns) / 1e3, "p99": percentile(wrapper_ns, 0.99) / 1e3,
             "raw_median": statistics.median(raw_ns) / 1e3, "raw_p99": percentile(raw_ns, 0.99) / 1e3}
 
@@ -498,14 +533,18 @@ def measure_redis_tier() -> dict | None:
     return result
 
 
-def print_tiers(disk: dict, redis: dict | None) -> None:
-    def row(name, seconds, num_bytes, baseline=None):
+def print_tiers(disk: dict, redis: dict | None, metrics: dict) -> None:
+    """Prints the lower tiers' table and records its numbers in ``metrics`` (see record_rates)."""
+    def row(name, tier, what, seconds, num_bytes, baseline=None):
+        """One line; records throughput_gbps[tier_what_*] and ratios[tier_what_vs_<baseline's what>_*]."""
         rates = summarize(seconds, num_bytes)
         text = f"{name:<30}{rates['best']:>9.2f}{rates['median']:>9.2f}"
+        baseline_what, baseline_rates = baseline or (None, None)
         if baseline is not None:
-            text += f"{rates['best'] / baseline['best']:>14.2f}, {rates['median'] / baseline['median']:.2f}"
+            text += f"{rates['best'] / baseline_rates['best']:>14.2f}, {rates['median'] / baseline_rates['median']:.2f}"
         print(text)
-        return rates
+        record_rates(metrics, f"{tier}_{what}", rates, baseline_what, baseline_rates)
+        return what, rates
 
     print()
     print(f"lower tiers: one {TIER_TOKENS}-token request ({disk['kv_bytes'] / 2**20:.0f} MiB of KV, "
@@ -518,19 +557,34 @@ def print_tiers(disk: dict, redis: dict | None) -> None:
     print(f"disk tier directory: {os.path.dirname(disk['directory'])} "
           f"(record files {disk['file_bytes'] / 2**20:.1f} MiB incl. 128-byte headers)")
     print(f"{'GB/s (1e9 B/s)':<30}{'best':>9}{'median':>9}{'engine/baseline (best, median)':>32}")
-    read_cold = row("read files, cold", disk["read_cold"], disk["file_bytes"])
-    row("retrieve from disk, cold", disk["engine_cold"], disk["kv_bytes"], read_cold)
-    row("  prefetch only, cold", disk["prefetch_cold"], disk["kv_bytes"], read_cold)
-    read_warm = row("read files, page cache", disk["read_warm"], disk["file_bytes"])
-    row("retrieve from disk, page cache", disk["engine_warm"], disk["kv_bytes"], read_warm)
-    row("  prefetch only, page cache", disk["prefetch_warm"], disk["kv_bytes"], read_warm)
+    read_cold = row("read files, cold", "disk", "read_cold", disk["read_cold"], disk["file_bytes"])
+    row("retrieve from disk, cold", "disk", "retrieve_cold", disk["engine_cold"], disk["kv_bytes"], read_cold)
+    row("  prefetch only, cold", "disk", "prefetch_cold", disk["prefetch_cold"], disk["kv_bytes"], read_cold)
+    read_warm = row("read files, page cache", "disk", "read_warm", disk["read_warm"], disk["file_bytes"])
+    row("retrieve from disk, page cache", "disk", "retrieve_warm", disk["engine_warm"], disk["kv_bytes"], read_warm)
+    row("  prefetch only, page cache", "disk", "prefetch_warm", disk["prefetch_warm"], disk["kv_bytes"], read_warm)
+    residents = [d["resident"] for d in disk["drops"]]
+    metrics["run"]["page_cache_drop"] = {"posix_fadvise": drop["posix_fadvise(DONTNEED)"],
+                                         "drop_caches": drop["/proc/sys/vm/drop_caches"],
+                                         "max_resident_after_drop": None if any(map(math.isnan, residents))
+                                         else max(residents)}
+    metrics["run"]["redis_measured"] = redis is not None
     if redis is None:
         print("redis-server not installed: Redis tier not measured")
         return
-    get = row("GET loop, raw socket", redis["get"], redis["value_bytes"])
-    row("retrieve from Redis", redis["engine"], redis["kv_bytes"], get)
-    row("  prefetch only", redis["prefetch"], redis["kv_bytes"], get)
+    get = row("GET loop, raw socket", "redis", "get_loop", redis["get"], redis["value_bytes"])
+    row("retrieve from Redis", "redis", "retrieve", redis["engine"], redis["kv_bytes"], get)
+    row("  prefetch only", "redis", "prefetch", redis["prefetch"], redis["kv_bytes"], get)
     print("(prefetch only: the tier read and promotion into the CPU tier, without writing the KV cache)")
+
+
+def record_rates(metrics: dict, key: str, rates: dict, baseline_key: str | None = None,
+                 baseline: dict | None = None) -> None:
+    """throughput_gbps[key_best/_median] and, with a baseline, ratios[key_vs_baseline_best/_median]."""
+    for statistic in ("best", "median"):
+        metrics["throughput_gbps"][f"{key}_{statistic}"] = rates[statistic]
+        if baseline is not None:
+            metrics["ratios"][f"{key}_vs_{baseline_key}_{statistic}"] = rates[statistic] / baseline[statistic]
 
 
 CONNECTOR_REQUESTS = 300
@@ -623,7 +677,7 @@ def measure_connector(num_tokens: int = NUM_TOKENS) -> dict:
             "lookup_c_us": statistics.median(lookup_ns) / 1000, "tiny_copy_us": statistics.median(copy_us)}
 
 
-def print_connector(connector: dict, copy_rows: list) -> None:
+def print_connector(connector: dict, copy_rows: list, metrics: dict) -> None:
     bytes_per_token = NUM_LAYERS * 2 * NUM_KV_HEADS * HEAD_SIZE * 2
     retrieve = next(row[2] for row in copy_rows if row[0] == "NHD")
     copy_ms = NUM_TOKENS * bytes_per_token / (retrieve["median"] * GB) * 1000
@@ -635,19 +689,23 @@ def print_connector(connector: dict, copy_rows: list) -> None:
     print(f"  worker side (set-up + job start + completion check):      median {connector['worker_us']:.1f} us, "
           f"p99 {connector['worker_p99_us']:.1f} us")
     print(f"  the copy itself (retrieve NHD above, Llama-3-8B shape):    {copy_ms:.1f} ms")
+    metrics["latencies_us"].update({
+        "connector_scheduler_median": connector["scheduler_us"],
+        "connector_scheduler_p99": connector["scheduler_p99_us"],
+        "connector_worker_median": connector["worker_us"],
+        "connector_worker_p99": connector["worker_p99_us"],
+        "connector_library_lookup_median": connector["lookup_c_us"],
+        "connector_tiny_copy_median": connector["tiny_copy_us"],
+        "retrieve_nhd_request_median": copy_ms * 1000,
+    })
 
 
-def main() -> int:
-    started = time.perf_counter()
-    bytes_per_token = NUM_LAYERS * 2 * NUM_KV_HEADS * HEAD_SIZE * 2
-    print(f"lmcache_native bench: {NUM_LAYERS} layers x {NUM_KV_HEADS} KV heads x {HEAD_SIZE}, bf16, "
-          f"block {BLOCK_SIZE}, {NUM_TOKENS} tokens = {NUM_TOKENS * bytes_per_token / 2**30:.2f} GiB per request, "
-          f"chunk_size 256; {os.cpu_count()} CPUs; {COPY_REPETITIONS} repetitions")
+def measure_and_print_copies(num_tokens: int, repetitions: int, metrics: dict) -> list:
     copy_rows = []
     for layout in ("NHD", "HND"):
-        store, retrieve, num_bytes = measure_copies(layout)
-        memcpy = measure_memcpy(num_bytes)
-        parallel = measure_parallel_copy(num_bytes)
+        store, retrieve, num_bytes = measure_copies(layout, num_tokens, repetitions)
+        memcpy = measure_memcpy(num_bytes, repetitions)
+        parallel = measure_parallel_copy(num_bytes, repetitions)
         copy_rows.append((layout, store, retrieve, memcpy, parallel))
         gc.collect()
 
@@ -658,37 +716,150 @@ def main() -> int:
         print(f"{'memcpy ' + layout:<22}{memcpy['best']:>9.2f}{memcpy['median']:>9.2f}")
         print(f"{'parallel memcpy ' + layout:<22}{parallel['best']:>9.2f}{parallel['median']:>9.2f}"
               f"   ({os.cpu_count()} threads)")
+        suffix = layout.lower()
+        record_rates(metrics, f"memcpy_{suffix}", memcpy)
+        record_rates(metrics, f"parallel_memcpy_{suffix}", parallel)
         for name, result in (("store", store), ("retrieve", retrieve)):
             ratio = f"{result['best'] / memcpy['best']:.2f}, {result['median'] / memcpy['median']:.2f}"
             parallel_ratio = f"{result['best'] / parallel['best']:.2f}, {result['median'] / parallel['median']:.2f}"
             print(f"{name + ' ' + layout:<22}{result['best']:>9.2f}{result['median']:>9.2f}{ratio:>32}{parallel_ratio:>24}")
+            record_rates(metrics, f"{name}_{suffix}", result, "memcpy", memcpy)
+            record_rates(metrics, f"{name}_{suffix}", result, "parallel_memcpy", parallel)
+    return copy_rows
 
+
+def measure_and_print_lookups(algorithms: tuple, calls: int, metrics: dict, tiny: bool = False) -> None:
+    """The NUM_TOKENS lookup. tiny (--quick): the cache is one layer of one 4-wide head (16 bytes per
+    token) instead of the Llama shape; a lookup hashes tokens and probes keys, whatever the shape."""
     generator = torch.Generator().manual_seed(2)
-    layers = allocate_cache("NHD", generator)
-    tokens, slots = request(generator)
-    lookups = {algorithm: measure_lookup(algorithm, layers, tokens, slots) for algorithm in ("sha256", "xxh3_128")}
+    num_tokens = NUM_TOKENS
+    if tiny:
+        layers = [torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, 1, 4, dtype=torch.float16)]
+    else:
+        layers = allocate_cache("NHD", generator)
+    tokens, slots = request(generator, num_tokens, NUM_BLOCKS)
+    lookups = {algorithm: measure_lookup(algorithm, layers, tokens, slots, calls) for algorithm in algorithms}
     del layers
-    conversion_us = measure_list_conversion()
-
     print()
-    print(f"lookup of {NUM_TOKENS} tokens (hit), int32 buffer, {LOOKUP_CALLS} calls:")
+    print(f"lookup of {num_tokens} tokens (hit), int32 buffer, {calls} calls:")
     print(f"{'hash':<12}{'Engine.lookup median':>22}{'p99':>10}{'raw lmc_lookup median':>24}{'p99':>10}")
     for algorithm, result in lookups.items():
         print(f"{algorithm:<12}{result['median']:>19.1f} us{result['p99']:>7.1f} us"
               f"{result['raw_median']:>21.1f} us{result['raw_p99']:>7.1f} us")
-    print(f"list of {NUM_TOKENS} ints -> int32 buffer (as_int32_buffer), median: {conversion_us:.1f} us")
+        name = {"xxh3_128": "xxh3"}.get(algorithm, algorithm)
+        for statistic in ("median", "p99", "raw_median", "raw_p99"):
+            metrics["latencies_us"][f"lookup_{name}_{statistic}"] = result[statistic]
 
-    gc.collect()
-    print_connector(measure_connector(), copy_rows)
 
-    gc.collect()
-    disk = measure_disk_tier()
-    gc.collect()
-    redis = measure_redis_tier()
-    print_tiers(disk, redis)
-    print(f"\ntotal bench time: {time.perf_counter() - started:.1f} s")
-    return 0
+def machine_info() -> dict:
+    cpu_model = None
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu_model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), None)
+    except OSError:
+        pass
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"cpus": os.cpu_count(), "cpu_model": cpu_model, "kernel": platform.release(),
+            "python": platform.python_version(), "torch": torch.__version__, "git_commit": commit,
+            "git_dirty": None if status is None else bool(status)}
+
+
+def write_json(path: str, metrics: dict) -> None:
+    def finite(value):  # JSON has no NaN
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        return value
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as out:
+        json.dump(finite(metrics), out, indent=2, sort_keys=False)
+        out.write("\n")
+    os.replace(temporary, path)
+
+
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="lmcache_native CPU benchmark (see the module docstring).")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a seconds-long form: {QUICK_TOKENS} tokens, {QUICK_REPETITIONS} repetitions, "
+                             "copy ratios and the xxh3 lookup only")
+    parser.add_argument("--json", metavar="PATH",
+                        help="where to write the numbers (default build/bench/bench.json, bench-quick.json with --quick)")
+    parser.add_argument("--check", action="store_true",
+                        help="compare the numbers with the committed thresholds (scripts/bench_check.py); "
+                             "exit status 1 when one is missed")
+    parser.add_argument("--thresholds", metavar="PATH",
+                        help="thresholds for --check (default python-demo/bench_thresholds.json, "
+                             "bench_thresholds_quick.json with --quick)")
+    arguments = parser.parse_args(argv)
+    arguments.json = arguments.json or os.path.join(ROOT, "build", "bench",
+                                                    "bench-quick.json" if arguments.quick else "bench.json")
+    arguments.thresholds = arguments.thresholds or os.path.join(
+        HERE, "bench_thresholds_quick.json" if arguments.quick else "bench_thresholds.json")
+    return arguments
+
+
+def main(argv: list[str]) -> int:
+    arguments = parse_arguments(argv)
+    started = time.perf_counter()
+    quick = arguments.quick
+    num_tokens = QUICK_TOKENS if quick else NUM_TOKENS
+    repetitions = QUICK_REPETITIONS if quick else COPY_REPETITIONS
+    lookup_calls = QUICK_LOOKUP_CALLS if quick else LOOKUP_CALLS
+    metrics = {"schema": 1, "mode": "quick" if quick else "full", "machine": machine_info(),
+               "run": {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       "tokens": num_tokens, "copy_repetitions": repetitions, "lookup_tokens": NUM_TOKENS,
+                       "lookup_calls": lookup_calls, "load_average_before": os.getloadavg()[0]},
+               "ratios": {}, "throughput_gbps": {}, "latencies_us": {}}
+    bytes_per_token = NUM_LAYERS * 2 * NUM_KV_HEADS * HEAD_SIZE * 2
+    print(f"lmcache_native bench{' --quick' if quick else ''}: {NUM_LAYERS} layers x {NUM_KV_HEADS} KV heads x "
+          f"{HEAD_SIZE}, bf16, block {BLOCK_SIZE}, {num_tokens} tokens = {num_tokens * bytes_per_token / 2**30:.2f} "
+          f"GiB per request, chunk_size 256; {os.cpu_count()} CPUs; {repetitions} repetitions")
+    copy_rows = measure_and_print_copies(num_tokens, repetitions, metrics)
+    measure_and_print_lookups(("xxh3_128",) if quick else ("sha256", "xxh3_128"), lookup_calls, metrics, tiny=quick)
+
+    if not quick:
+        conversion_us = measure_list_conversion()
+        print(f"list of {NUM_TOKENS} ints -> int32 buffer (as_int32_buffer), median: {conversion_us:.1f} us")
+        metrics["latencies_us"]["list_to_int32_buffer_median"] = conversion_us
+
+        gc.collect()
+        print_connector(measure_connector(), copy_rows, metrics)
+
+        gc.collect()
+        disk = measure_disk_tier()
+        gc.collect()
+        redis = measure_redis_tier()
+        metrics["run"].update({"tier_tokens": TIER_TOKENS, "tier_repetitions": TIER_REPETITIONS})
+        print_tiers(disk, redis, metrics)
+    total = time.perf_counter() - started
+    metrics["run"]["total_seconds"] = total
+    metrics["run"]["load_average_after"] = os.getloadavg()[0]
+    write_json(arguments.json, metrics)
+    print(f"\ntotal bench time: {total:.1f} s; numbers written to {os.path.relpath(arguments.json)}")
+    if not arguments.check:
+        return 0
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import bench_check
+
+    print()
+    load = max(metrics["run"]["load_average_before"], metrics["run"]["load_average_after"])
+    if load > (os.cpu_count() or 1) * 0.75:
+        print(f"note: the machine was busy (1-minute load average {load:.1f} on {os.cpu_count()} CPUs); "
+              f"a FAIL may be that load rather than the code")
+    return bench_check.run(arguments.json, arguments.thresholds)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

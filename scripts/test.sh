@@ -2,7 +2,7 @@
 # scripts/test.sh — the test suites, against the library build.sh published (build/publish/).
 #
 #   scripts/test.sh [SUITE...]   run the suites (all when none is named) and print the summary;
-#                                SUITE: nunit kernels c fuzz pytest (in that order whatever the
+#                                SUITE: nunit kernels c fuzz pytest bench (in that order whatever the
 #                                order given). The last line is "N passed, M failed" over the suites
 #                                run; exit status 1 on failure.
 #
@@ -10,7 +10,7 @@
 # suite that does not run at all counts as 1 failed. Counting and the summary are scripts/summary.py.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-ALL_SUITES=(nunit kernels c fuzz pytest)
+ALL_SUITES=(nunit kernels c fuzz pytest bench)
 SUITES_TSV=$RESULTS/suites.tsv # one row per suite run: name, passed, failed, note
 SUMMARY_PRINTED=0
 
@@ -115,6 +115,16 @@ suite_pytest() {
   fi
   step_end
   add_suite "pytest" "$passed" "$failed" "$rc" "$note"
+}
+
+# The short form of the benchmark (python-demo/bench.py --quick --check, a few seconds): copy ratios
+# and the lookup latency against the loose python-demo/bench_thresholds_quick.json, one check per
+# metric; catches a regression of about 5x, never the load of a busy machine. The full benchmark and
+# its tighter thresholds are `./build.sh bench --check`.
+suite_bench() {
+  step "bench: python-demo/bench.py --quick --check"
+  suite_counted "bench" bench.log "$PY" python-demo/bench.py --quick --check \
+    --json "$RESULTS/bench-quick.json"
 }
 
 # run_tests [SUITE...]: the named suites (all when none), in the order of ALL_SUITES.
