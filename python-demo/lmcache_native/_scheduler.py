@@ -30,6 +30,31 @@ def pack_tokens(tokens) -> array.array:
     return packed
 
 
+def _probe_positions(length: int) -> list:
+    """Positions checked to tell a continuation from another sequence: the last, the first, and
+    about 16 spread between them."""
+    step = max((length - 1) // 16, 1)
+    return [*range(length - 1, 0, -step), 0]
+
+
+def extend_packed(packed: array.array, tokens) -> array.array:
+    """``packed`` (an int32 array holding a prefix of ``tokens``) grown in place to all of
+    ``tokens``, converting only the tokens it lacks: a request's token list only grows (decode
+    outputs appended; a preempted request keeps them). A sequence that is not a continuation of
+    ``packed`` (shorter, or differing at any of about 18 positions spread over the packed prefix,
+    both ends included) is packed anew instead: wrong tokens would key the KV of another prompt."""
+    have, total = len(packed), len(tokens)
+    if have and (total < have or any(tokens[i] != packed[i] for i in _probe_positions(have))):
+        return pack_tokens(tokens)
+    if total > have:
+        tail = tokens[have:]
+        if len(tail) <= 64:
+            packed.extend(tail)  # a decode step adds a token or a few (OverflowError/TypeError like array("i"))
+        else:
+            packed.frombytes(pack_tokens(tail).tobytes())
+    return packed
+
+
 @dataclass
 class _Lookup:
     """What ``get_num_new_matched_tokens`` found for a request (replaced on every call)."""
@@ -40,7 +65,6 @@ class _Lookup:
     is_async: bool
     token_ids: Any  # the hit prefix (int32 array)
     extra_key: bytes
-    packed: Any = None  # all the request's tokens at lookup time (int32 array)
 
 
 @dataclass
@@ -65,7 +89,6 @@ class _Tracker:
     expected_computed: int = -1  # vLLM's num_computed_tokens we expect at the next step
     skip_save: bool = False
     saves_in_flight: bool = False  # an asynchronous save was emitted since the last admission
-    packed: Any = None  # the request's tokens as int32 (a prefix of them at least)
 
 
 class SchedulerPart:
@@ -82,7 +105,23 @@ class SchedulerPart:
         self._trackers: dict[str, _Tracker] = {}
         self._pending_loads: dict[str, LoadSpec] = {}
         self._delayed_free: list[str] = []
+        # req_id -> the request's token ids as int32 (a prefix of them at least): converted from
+        # its list once, then only grown by the tokens it gains; lookups, loads and saves take
+        # slices (memcpy) of it. Dropped with the request (_forget) and at shutdown.
+        self._token_buffers: dict[str, array.array] = {}
         self._stats = new_stats_dict()
+
+    def _packed_tokens(self, req_id, tokens) -> array.array:
+        """The request's int32 token buffer holding all of ``tokens`` (created on first use)."""
+        packed = self._token_buffers.get(req_id)
+        if packed is None:
+            packed = pack_tokens(tokens)
+            if packed is tokens:  # an int32 array given by the caller: never grown in place
+                packed = array.array("i", packed)
+        else:
+            packed = extend_packed(packed, tokens)  # O(1) when nothing was added
+        self._token_buffers[req_id] = packed
+        return packed
 
     # -- lookups -----------------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple:
@@ -99,9 +138,11 @@ class SchedulerPart:
                 # token ids that could key its KV
                 self._pending_lookups[req_id] = _Lookup(0, num_computed_tokens, 0, False, [], extra_key)
                 return 0, False
-            packed = pack_tokens(tokens)
+            packed = self._packed_tokens(req_id, tokens)
             lookup_tokens = packed[:len(packed) - s.skip_last_n_tokens] if s.skip_last_n_tokens else packed
             if self._may_defer_lookups and not self._closed and self._lookup_may_block():
+                if lookup_tokens is packed:  # the pool thread reads a copy (memcpy): the buffer may grow
+                    lookup_tokens = packed[:]
                 hit = self._background_hit(req_id, lookup_tokens, extra_key)
                 if hit is None:
                     return None, False  # still looking: vLLM keeps the request waiting, asks again
@@ -134,7 +175,7 @@ class SchedulerPart:
                 self._pending_lookups[req_id] = _Lookup(0, num_computed_tokens, 0, False, [], extra_key)
                 return 0, False
             self._pending_lookups[req_id] = _Lookup(hit, num_computed_tokens, ext, is_async,
-                                                    packed[:hit], extra_key, packed)
+                                                    packed[:hit], extra_key)
             return ext, is_async
         except Exception as error:
             logger.warning("LMCacheNative: lookup for request %s failed, treated as a miss: %s", req_id, error)
@@ -258,8 +299,6 @@ class SchedulerPart:
             tracker.expected_computed = -1
             # re-admitted after a preemption: handle_preemptions fenced the saves that read the old blocks
             tracker.saves_in_flight = False
-            if lookup.packed is not None:
-                tracker.packed = lookup.packed
         elif num_external_tokens == 0 and tracker.prefill_end == 0:
             tracker.prefill_end = _compat.num_tokens(request)
         if num_external_tokens <= 0:
@@ -342,13 +381,13 @@ class SchedulerPart:
             save_upto = total // s.chunk_size * s.chunk_size
         if save_upto <= tracker.num_saved_tokens:
             return
-        packed = tracker.packed
-        if packed is None or len(packed) < save_upto:  # outputs beyond the tokens packed at the lookup
+        packed = self._token_buffers.get(tracker.req_id)
+        if packed is None or len(packed) < save_upto:  # outputs beyond the tokens packed so far
             if tokens is None:
                 tokens = _compat.request_tokens(tracker.request) if tracker.request is not None else []
             if len(tokens) < save_upto:
                 return
-            packed = tracker.packed = pack_tokens(tokens)
+            packed = self._packed_tokens(tracker.req_id, tokens)
         num_total = _compat.num_tokens(tracker.request) if tracker.request is not None else len(packed)
         blocks_needed = -(-save_upto // s.block_size)
         meta.saves.append(SaveSpec(tracker.req_id, packed[:save_upto], tracker.block_ids[:blocks_needed],
@@ -360,6 +399,7 @@ class SchedulerPart:
     def _forget(self, req_id: str) -> None:
         self._trackers.pop(req_id, None)
         self._pending_lookups.pop(req_id, None)
+        self._token_buffers.pop(req_id, None)
         self._drop_background_lookup(req_id)
 
     def request_finished(self, request, block_ids) -> tuple:
@@ -402,6 +442,7 @@ class SchedulerPart:
         self._pending_lookups.clear()
         self._pending_loads.clear()
         self._delayed_free.clear()
+        self._token_buffers.clear()
 
     def internal_state_sizes(self) -> dict:
         return {
@@ -410,4 +451,5 @@ class SchedulerPart:
             "background_lookups": len(self._background_lookups),
             "pending_loads": len(self._pending_loads),
             "delayed_free": len(self._delayed_free),
+            "token_buffers": len(self._token_buffers),
         }
