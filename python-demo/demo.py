@@ -10,6 +10,11 @@ What it shows:
      cached prefix into freshly allocated blocks, and computes only the remaining tokens.
   3. Request 2 is recomputed from scratch without the cache, and the logits of every computed token
      and the KV of every token must be bit-identical (torch.equal) to the cached path.
+  4. A long request (--long-prompt-tokens, default 4096; 0 skips it) is prefilled and stored, then
+     served again as a full-prompt hit the way vLLM does it: the last prompt token is recomputed (its
+     logits are needed), so LMCache loads hit - 1 tokens into fresh blocks and the model computes
+     only the last tile. It is then recomputed without the cache; logits and KV must again be
+     bit-identical, and the demo prints both times to first token and the speed-up.
 
 Why equality can be exact: every tensor op runs on tiles of TILE tokens aligned to absolute token
 positions, so the cached path and the full recompute run the very same op shapes on the very same
@@ -17,7 +22,7 @@ inputs for every tile they share; the only coupling between tiles is the KV read
 which LMCache restores bit for bit. (Row results of a GEMM may depend on how many rows it has;
 identical tiles sidestep that.)
 
-Exit status: 0 when the comparison holds, 1 when it does not.
+Exit status: 0 when every comparison holds, 1 when one does not.
 """
 
 from __future__ import annotations
@@ -290,16 +295,100 @@ def store_with_log(engine: Engine, request_id: str, tokens, slots, skip_leading_
 
 
 def retrieve_with_log(engine: Engine, request_id: str, tokens, slots, required_tokens: int) -> int:
-    """Engine.retrieve plus LMCache's retrieve log line (size = bytes written into the KV layers)."""
+    """Engine.retrieve plus LMCache's retrieve log line (size = bytes written into the KV layers).
+    Slots of -1 are not written; the line counts the tokens actually written."""
     bytes_before = engine.stats()["retrieved_bytes"]
     started = time.perf_counter()
     retrieved = engine.retrieve(tokens, slots)
     elapsed = time.perf_counter() - started
     moved = engine.stats()["retrieved_bytes"] - bytes_before
-    print(f"[req_id={request_id}] Retrieved {retrieved} out of {required_tokens} required tokens "
+    written = int((slots[:retrieved] >= 0).sum())
+    print(f"[req_id={request_id}] Retrieved {written} out of {required_tokens} required tokens "
           f"(from {len(tokens)} total tokens). size: {_gb(moved):.4f} GB, cost {elapsed * 1e3:.4f} ms, "
           f"throughput: {_throughput(moved, elapsed):.4f} GB/s")
     return retrieved
+
+
+# ------------------------------------------------------------------------------------------------
+# Long request: a full-prompt hit
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class LongRequestResult:
+    ttft_cached: float
+    ttft_full: float
+    computed_tokens: int
+    first_output_token: int
+    reference_output_token: int
+    logits_equal: bool
+    kv_equal: bool
+    max_logit_difference: float
+
+    @property
+    def ok(self) -> bool:
+        return (self.logits_equal and self.kv_equal
+                and self.first_output_token == self.reference_output_token)
+
+
+def serve_long_request(engine: Engine, model: TinyLlama, cache: PagedKVCache, allocator: BlockAllocator,
+                       prompt: torch.Tensor) -> LongRequestResult:
+    """Prefills and stores ``prompt``, serves it again as a full-prompt hit, then recomputes it
+    without the cache, and compares. Every phase frees (and poisons) its blocks, so the paged cache
+    only needs room for the prompt once."""
+    block_size, num_tokens = cache.block_size, len(prompt)
+
+    # Cold prefill and store.
+    blocks = allocator.allocate(num_tokens, block_size)
+    slots = slot_mapping(blocks, num_tokens, block_size)
+    model.prefill(prompt, slots, cache)
+    store_with_log(engine, "req-long", prompt, slots)
+    allocator.free(blocks)
+    cache.poison(blocks)
+
+    # Full-prompt hit, as vLLM with LMCache serves it: vLLM must compute the last prompt token to get
+    # its logits, so the connector asks for hit - computed - 1 tokens and loads only those into the
+    # fresh blocks; the last token's slot is left to the model (-1: the engine does not write it).
+    num_computed_tokens = 0  # no local (vLLM) prefix cache
+    started = time.perf_counter()
+    hit_tokens = engine.lookup(prompt)
+    full_hit = hit_tokens == num_tokens
+    need_to_load = max(hit_tokens - num_computed_tokens - (1 if full_hit else 0), 0)
+    print(f"Reqid: req-long, Total tokens {num_tokens}, Inference Engine computed tokens: "
+          f"{num_computed_tokens}, LMCache hit tokens: {hit_tokens}, need to load: {need_to_load}")
+    blocks_cached = allocator.allocate(num_tokens, block_size)
+    slots_cached = slot_mapping(blocks_cached, num_tokens, block_size)
+    load_slots = slots_cached.clone()
+    load_slots[num_computed_tokens + need_to_load:] = -1
+    retrieved = retrieve_with_log(engine, "req-long", prompt, load_slots, required_tokens=need_to_load)
+    loaded = min(retrieved, num_computed_tokens + need_to_load)
+    # The model computes from the tile holding the first token not loaded (at least the last token).
+    first_computed = min(loaded, num_tokens - 1) // TILE * TILE
+    logits_cached = model.prefill(prompt, slots_cached, cache, first_token=first_computed)
+    first_output_token = int(logits_cached[-1].argmax())
+    ttft_cached = time.perf_counter() - started
+    # Keep the cached path's KV for the comparison, then release its blocks like a finished request.
+    kv_cached = [cache.gather(layer, slots_cached) for layer in range(len(cache.layer_tensors))]
+    allocator.free(blocks_cached)
+    cache.poison(blocks_cached)
+
+    # The same prompt without LMCache: the reference.
+    blocks_full = allocator.allocate(num_tokens, block_size)
+    slots_full = slot_mapping(blocks_full, num_tokens, block_size)
+    started = time.perf_counter()
+    logits_full = model.prefill(prompt, slots_full, cache)
+    reference_output_token = int(logits_full[-1].argmax())
+    ttft_full = time.perf_counter() - started
+
+    logits_equal = torch.equal(logits_cached, logits_full[first_computed:])
+    kv_equal = all(
+        torch.equal(cached, full)
+        for layer, cached_kv in enumerate(kv_cached)
+        for cached, full in zip(cached_kv, cache.gather(layer, slots_full))
+    )
+    max_logit_difference = (logits_cached - logits_full[first_computed:]).abs().max().item()
+    allocator.free(blocks_full)
+    cache.poison(blocks_full)
+    return LongRequestResult(ttft_cached, ttft_full, num_tokens - first_computed, first_output_token,
+                             reference_output_token, logits_equal, kv_equal, max_logit_difference)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,15 +401,21 @@ def main() -> int:
     parser.add_argument("--prompt-1-tokens", type=int, default=1000, help="length of request 1's prompt")
     parser.add_argument("--prompt-2-tokens", type=int, default=1040, help="length of request 2's prompt")
     parser.add_argument("--shared-tokens", type=int, default=768, help="prefix shared by the prompts")
+    parser.add_argument("--long-prompt-tokens", type=int, default=4096,
+                        help="length of the long request served as a full-prompt hit (0 skips it)")
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not 0 < args.shared_tokens <= min(args.prompt_1_tokens, args.prompt_2_tokens):
         parser.error("--shared-tokens must be in (0, shorter prompt length]")
+    if args.long_prompt_tokens < 0:
+        parser.error("--long-prompt-tokens must be >= 0")
 
-    cfg = ModelConfig()
+    # The RoPE table and the paged cache grow only when the long request needs more than the defaults.
+    cfg = ModelConfig(max_positions=max(ModelConfig.max_positions, args.long_prompt_tokens))
     model = TinyLlama(cfg, seed=args.seed)
-    block_size, num_blocks = TILE, 256
+    block_size = TILE
+    num_blocks = max(256, -(-args.long_prompt_tokens // block_size))
     cache = PagedKVCache(args.layout, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads,
                          cfg.head_size, torch.float32)
     allocator = BlockAllocator(num_blocks, seed=args.seed + 1)
@@ -334,6 +429,10 @@ def main() -> int:
     if args.shared_tokens < args.prompt_1_tokens and len(suffix):
         suffix[0] = (prompt_1[args.shared_tokens] + 1) % cfg.vocab_size
     prompt_2 = torch.cat((prompt_1[:args.shared_tokens], suffix))
+    # The long request: its own tokens (a generator of its own leaves requests 1 and 2 as they were).
+    long_rng = torch.Generator().manual_seed(args.seed + 3)
+    prompt_long = torch.randint(0, cfg.vocab_size, (args.long_prompt_tokens,), generator=long_rng,
+                                dtype=torch.int32)
 
     config = {"chunk_size": args.chunk_size, "max_local_cpu_size": 1.0}
     print(f"layout: {args.layout}  model: {cfg.num_layers} layers, {cfg.num_heads} heads / "
@@ -382,28 +481,47 @@ def main() -> int:
 
         stats = engine.stats()
 
-    # Comparisons: logits of every token the cached path computed, and every token's KV.
-    logits_equal = torch.equal(logits_cached, logits_full[first_computed:])
-    kv_equal = all(
-        torch.equal(cached, full)
-        for layer in range(cfg.num_layers)
-        for cached, full in zip(cache.gather(layer, slots_2), cache.gather(layer, slots_3))
-    )
-    # Request 1 and request 2 share the prefix, so the tiles wholly inside it give equal logits too.
-    shared_tiles_end = args.shared_tokens // TILE * TILE
-    prefix_logits_equal = torch.equal(logits_1[:shared_tiles_end], logits_full[:shared_tiles_end])
-    max_logit_difference = (logits_cached - logits_full[first_computed:]).abs().max().item()
+        # Comparisons: logits of every token the cached path computed, and every token's KV.
+        logits_equal = torch.equal(logits_cached, logits_full[first_computed:])
+        kv_equal = all(
+            torch.equal(cached, full)
+            for layer in range(cfg.num_layers)
+            for cached, full in zip(cache.gather(layer, slots_2), cache.gather(layer, slots_3))
+        )
+        # Request 1 and request 2 share the prefix, so the tiles wholly inside it give equal logits too.
+        shared_tiles_end = args.shared_tokens // TILE * TILE
+        prefix_logits_equal = torch.equal(logits_1[:shared_tiles_end], logits_full[:shared_tiles_end])
+        max_logit_difference = (logits_cached - logits_full[first_computed:]).abs().max().item()
+        allocator.free(blocks_2 + blocks_3)
+        cache.poison(blocks_2 + blocks_3)
+
+        long_result = None
+        if args.long_prompt_tokens:
+            long_result = serve_long_request(engine, model, cache, allocator, prompt_long)
 
     print(f"time to first token, request 1 (cold):          {ttft_request_1 * 1e3:8.1f} ms")
     print(f"time to first token, request 2 with LMCache:    {ttft_cached * 1e3:8.1f} ms "
           f"(computed {len(prompt_2) - first_computed} of {len(prompt_2)} tokens)")
     print(f"time to first token, request 2 without cache:  {ttft_full * 1e3:8.1f} ms")
+    if long_result:
+        print(f"time to first token, long request with LMCache: {long_result.ttft_cached * 1e3:8.1f} ms "
+              f"(computed {long_result.computed_tokens} of {len(prompt_long)} tokens)")
+        print(f"time to first token, long request without cache: {long_result.ttft_full * 1e3:8.1f} ms")
+        print(f"speed-up, long request (without / with cache): "
+              f"{long_result.ttft_full / long_result.ttft_cached:.1f}x")
     print(f"first output token: {first_output_token} (with cache) vs {reference_output_token} (recompute)")
+    if long_result:
+        print(f"first output token, long request: {long_result.first_output_token} (with cache) vs "
+              f"{long_result.reference_output_token} (recompute)")
     print(f"engine stats: stored_tokens={stats['stored_tokens']} retrieved_tokens={stats['retrieved_tokens']} "
           f"cached_chunks={stats['cached_chunks']} pool_used_bytes={stats['pool_used_bytes']}")
     print(f"logits identical: {logits_equal} (max |diff| {max_logit_difference:.3g}), "
           f"KV identical: {kv_equal}, shared-prefix logits of request 1 identical: {prefix_logits_equal}")
     ok = logits_equal and kv_equal and prefix_logits_equal and first_output_token == reference_output_token
+    if long_result:
+        print(f"long request: logits identical: {long_result.logits_equal} "
+              f"(max |diff| {long_result.max_logit_difference:.3g}), KV identical: {long_result.kv_equal}")
+        ok = ok and long_result.ok
     print("RESULT: PASS" if ok else "RESULT: FAIL")
     return 0 if ok else 1
 
