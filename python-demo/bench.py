@@ -57,6 +57,7 @@ import ctypes
 import datetime
 import gc
 import glob
+import hashlib
 import json
 import math
 import os
@@ -212,6 +213,27 @@ def measure_lookup(hash_algorithm: str, layers: list[torch.Tensor], tokens, slot
         assert hit.hit_tokens == tokens.length
     return {"median": statistics.median(wrapper_ns) / 1e3, "p99": percentile(wrapper_ns, 0.99) / 1e3,
             "raw_median": statistics.median(raw_ns) / 1e3, "raw_p99": percentile(raw_ns, 0.99) / 1e3}
+
+
+def measure_raw_sha256(num_tokens: int, chunk_size: int, calls: int) -> dict:
+    """What a SHA-256 lookup of num_tokens cannot go below: the digests of the very bytes the key
+    chain hashes (per chunk: the previous 32-byte key, the 4-byte token count and the tokens as
+    int32), with the same OpenSSL the library uses. "one_call": all those bytes in one digest;
+    "per_chunk": one digest per chunk, as the chain must (its floor; includes Python's call overhead)."""
+    chunks = -(-num_tokens // chunk_size)
+    chunk_input = bytes(32 + 4 + 4 * chunk_size)
+    everything = chunk_input * chunks
+    one_call, per_chunk = [], []
+    clock, sha256 = time.perf_counter_ns, hashlib.sha256
+    for _ in range(calls):
+        started = clock()
+        sha256(everything).digest()
+        one_call.append(clock() - started)
+        started = clock()
+        for _ in range(chunks):
+            sha256(chunk_input).digest()
+        per_chunk.append(clock() - started)
+    return {"one_call": statistics.median(one_call) / 1e3, "per_chunk": statistics.median(per_chunk) / 1e3}
 
 
 def measure_list_conversion() -> float:
@@ -749,6 +771,14 @@ def measure_and_print_lookups(algorithms: tuple, calls: int, metrics: dict, tiny
         name = {"xxh3_128": "xxh3"}.get(algorithm, algorithm)
         for statistic in ("median", "p99", "raw_median", "raw_p99"):
             metrics["latencies_us"][f"lookup_{name}_{statistic}"] = result[statistic]
+    if "sha256" in lookups:
+        floor = measure_raw_sha256(num_tokens, 256, calls)
+        ratio = lookups["sha256"]["raw_median"] / floor["one_call"]
+        print(f"SHA-256 of the same bytes (hashlib, the same OpenSSL): one digest {floor['one_call']:.1f} us, one per "
+              f"chunk {floor['per_chunk']:.1f} us; raw sha256 lookup / one digest: {ratio:.2f}")
+        metrics["latencies_us"]["sha256_same_bytes_one_digest_median"] = floor["one_call"]
+        metrics["latencies_us"]["sha256_same_bytes_per_chunk_median"] = floor["per_chunk"]
+        metrics["ratios"]["lookup_sha256_raw_vs_sha256_same_bytes_median"] = ratio
 
 
 def machine_info() -> dict:
