@@ -33,7 +33,8 @@ internal static unsafe class StatusNames
     private static Dictionary<int, nint> Build() =>
         Enum.GetValues<LmcStatus>().ToDictionary(s => (int)s, s => Utf8(HeaderName(s)));
 
-    private static nint Utf8(string text)
+    /// <summary>A NUL-terminated UTF-8 copy in memory that is never freed: static storage for C.</summary>
+    public static nint Utf8(string text)
     {
         byte[] bytes = Encoding.UTF8.GetBytes(text + "\0");
         nint memory = (nint)NativeMemory.Alloc((nuint)bytes.Length);

@@ -29,7 +29,7 @@ internal static unsafe class Exports
     public static int AbiVersionNumber() => AbiVersion;
 
     internal static string VersionText => $"{VersionMajor}.{VersionMinor}.{VersionPatch}";
-    private static readonly nint s_versionText = Utf8Static(VersionText);
+    private static readonly nint s_versionText = StatusNames.Utf8(VersionText);
 
     [UnmanagedCallersOnly(EntryPoint = "lmc_version_string")]
     public static byte* VersionString() => (byte*)s_versionText;
@@ -39,15 +39,6 @@ internal static unsafe class Exports
 
     [UnmanagedCallersOnly(EntryPoint = "lmc_last_error_message")]
     public static byte* LastErrorMessage() => ErrorState.Message;
-
-    /// <summary>A NUL-terminated UTF-8 copy in memory that is never freed (static storage for C).</summary>
-    private static nint Utf8Static(string text)
-    {
-        byte[] bytes = Encoding.UTF8.GetBytes(text + "\0");
-        nint memory = (nint)NativeMemory.Alloc((nuint)bytes.Length);
-        bytes.CopyTo(new Span<byte>((void*)memory, bytes.Length));
-        return memory;
-    }
 
     // ---- engine lifetime ----
 
