@@ -142,21 +142,17 @@ def test_remote_lookup_with_an_empty_or_overlong_path_is_an_invalid_argument(pat
 def test_an_extra_key_over_the_limit_is_an_invalid_argument(length):
     # calloc'd pages are never touched: the length is refused before any byte is read.
     big = np.zeros(length, dtype=np.uint8)
-    handle = _raw_engine()
-    try:
-        kv = torch.zeros(2, 8, 16, 2, 8)
-        with Engine({"chunk_size": 16}) as engine:
-            engine.register_layers([kv])
-            tokens = _tokens(32)
-            slots = np.arange(32, dtype=np.int64)
-            request = rr.request(tokens, slots=slots, extra_key=big.ctypes.data, extra_key_len=length)
-            assert rr.lookup(engine.handle, request)[0] == b.LMC_E_INVALID_ARGUMENT
-            assert "extra_key_len" in _message()
-            assert rr.store(engine.handle, request)[0] == b.LMC_E_INVALID_ARGUMENT
-            assert rr.retrieve(engine.handle, request, job=True) == (b.LMC_E_INVALID_ARGUMENT, None)
-            assert rr.prefetch(engine.handle, request) == (b.LMC_E_INVALID_ARGUMENT, None)
-    finally:
-        b.lmc_engine_destroy(handle)
+    kv = torch.zeros(2, 8, 16, 2, 8)
+    with Engine({"chunk_size": 16}) as engine:
+        engine.register_layers([kv])
+        tokens = _tokens(32)
+        slots = np.arange(32, dtype=np.int64)
+        request = rr.request(tokens, slots=slots, extra_key=big.ctypes.data, extra_key_len=length)
+        assert rr.lookup(engine.handle, request)[0] == b.LMC_E_INVALID_ARGUMENT
+        assert "extra_key_len" in _message()
+        assert rr.store(engine.handle, request)[0] == b.LMC_E_INVALID_ARGUMENT
+        assert rr.retrieve(engine.handle, request, job=True) == (b.LMC_E_INVALID_ARGUMENT, None)
+        assert rr.prefetch(engine.handle, request) == (b.LMC_E_INVALID_ARGUMENT, None)
 
 
 @pytest.mark.parametrize("config_text", [

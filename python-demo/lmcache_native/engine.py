@@ -193,13 +193,48 @@ _INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
-class TransferResult(int):
+class _ResultInt(int):
+    """A library result struct read as an int (the value of ``_VALUE_FIELD``) with every field as
+    an attribute; fixed arrays become tuples. Pickles as its fields."""
+
+    _FIELDS: tuple = ()
+    _VALUE_FIELD = ""
+
+    @classmethod
+    def _from_fields(cls, values: dict):
+        result = int.__new__(cls, values[cls._VALUE_FIELD])
+        for name in cls._FIELDS:
+            value = values[name]
+            setattr(result, name, value if isinstance(value, int) else tuple(value))
+        return result
+
+    @classmethod
+    def _from_c(cls, struct):
+        return cls._from_fields({name: getattr(struct, name) for name in cls._FIELDS})
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self._FIELDS}
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
+        return f"{type(self).__name__}({inner})"
+
+    __str__ = int.__repr__  # str(), f"{result}" and "%d" read like the plain count
+
+    def __reduce__(self):
+        return (type(self)._from_fields, (self.as_dict(),))
+
+
+class TransferResult(_ResultInt):
     """What a store, retrieve or prefetch did (lmc_transfer_result). Its int value is
     ``tokens_matched`` (store: tokens from the rounded-down skip point now cached; retrieve: the
     cached prefix length; prefetch: leading tokens now in the CPU tier), so it compares like the
     token count the v1 calls returned. ``chunks_by_tier[0]`` is the CPU tier, ``[i]`` the lower tier
     i - 1 (store: ``[0]`` = chunks already cached)."""
 
+    _FIELDS = ("tokens_matched", "tokens_copied", "bytes_copied", "chunks_skipped_for_space",
+               "chunks_by_tier", "elapsed_ns")
+    _VALUE_FIELD = "tokens_matched"
     tokens_matched: int
     tokens_copied: int
     bytes_copied: int
@@ -207,76 +242,16 @@ class TransferResult(int):
     chunks_by_tier: tuple
     elapsed_ns: int
 
-    @classmethod
-    def _from_c(cls, result: "_b.LmcTransferResult") -> "TransferResult":
-        value = int.__new__(cls, result.tokens_matched)
-        value.tokens_matched = result.tokens_matched
-        value.tokens_copied = result.tokens_copied
-        value.bytes_copied = result.bytes_copied
-        value.chunks_skipped_for_space = result.chunks_skipped_for_space
-        value.chunks_by_tier = tuple(result.chunks_by_tier)
-        value.elapsed_ns = result.elapsed_ns
-        return value
 
-    def as_dict(self) -> dict:
-        return {name: getattr(self, name) for name in (
-            "tokens_matched", "tokens_copied", "bytes_copied", "chunks_skipped_for_space",
-            "chunks_by_tier", "elapsed_ns")}
-
-    def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
-        return f"TransferResult({inner})"
-
-    __str__ = int.__repr__  # str(), f"{result}" and "%d" read like the plain count
-
-    def __reduce__(self):
-        return (_transfer_result_from_dict, (self.as_dict(),))
-
-
-def _transfer_result_from_dict(values: dict) -> TransferResult:
-    result = _b.LmcTransferResult()
-    for name, value in values.items():
-        if name == "chunks_by_tier":
-            result.chunks_by_tier[:] = list(value)
-        else:
-            setattr(result, name, value)
-    return TransferResult._from_c(result)
-
-
-class LookupResult(int):
+class LookupResult(_ResultInt):
     """What a lookup found (lmc_lookup_result). Its int value is ``hit_tokens``; ``tokens_by_tier``
     says how many of them each tier holds ([0] CPU, [i] lower tier i - 1; they add up)."""
 
+    _FIELDS = ("hit_tokens", "tokens_by_tier", "elapsed_ns")
+    _VALUE_FIELD = "hit_tokens"
     hit_tokens: int
     tokens_by_tier: tuple
     elapsed_ns: int
-
-    @classmethod
-    def _from_c(cls, result: "_b.LmcLookupResult") -> "LookupResult":
-        value = int.__new__(cls, result.hit_tokens)
-        value.hit_tokens = result.hit_tokens
-        value.tokens_by_tier = tuple(result.tokens_by_tier)
-        value.elapsed_ns = result.elapsed_ns
-        return value
-
-    def as_dict(self) -> dict:
-        return {"hit_tokens": self.hit_tokens, "tokens_by_tier": self.tokens_by_tier,
-                "elapsed_ns": self.elapsed_ns}
-
-    def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
-        return f"LookupResult({inner})"
-
-    __str__ = int.__repr__  # str(), f"{result}" and "%d" read like the plain count
-
-    def __reduce__(self):
-        return (_lookup_result_from_dict, (self.as_dict(),))
-
-
-def _lookup_result_from_dict(values: dict) -> LookupResult:
-    result = _b.LmcLookupResult(hit_tokens=values["hit_tokens"], elapsed_ns=values["elapsed_ns"])
-    result.tokens_by_tier[:] = list(values["tokens_by_tier"])
-    return LookupResult._from_c(result)
 
 
 def _check_int(name: str, value, low: int, high: int) -> int:

@@ -177,9 +177,15 @@ public sealed record EngineConfig
     });
 
     /// <summary>Every key with its type, default, range and meaning, as a JSON array (lmc_config_schema).</summary>
-    public static string SchemaJson { get; } = WriteJson(w =>
+    public static string SchemaJson => s_schemaJson ??= BuildSchemaJson();
+
+    // Built on first use (lmc_config_schema), not when the first engine parses its configuration.
+    private static string? s_schemaJson;
+
+    private static string BuildSchemaJson() => WriteJson(w =>
     {
-        var defaults = JsonDocument.Parse(new EngineConfig().ToJson()).RootElement;
+        using var defaultsDocument = JsonDocument.Parse(new EngineConfig().ToJson());
+        var defaults = defaultsDocument.RootElement;
         w.WriteStartArray();
         foreach (var key in Keys)
         {

@@ -73,9 +73,6 @@ public sealed class CacheEngine : IDisposable
     public int ChunkSize => Config.ChunkSize;
     public bool IsRegistered => _registration is not null;
 
-    /// <summary>The registered model's KV shape (bytes per token and per chunk); null before registration.</summary>
-    public KvShape? Shape => _registration?.Shape;
-
     /// <summary>Bytes of KV per token across all registered layers and K/V (0 before registration).</summary>
     public long BytesPerToken => _registration?.Shape.BytesPerToken ?? 0;
 

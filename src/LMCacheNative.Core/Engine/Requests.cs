@@ -36,13 +36,6 @@ public struct TierCounts : IEquatable<TierCounts>
     public const int MaxTiers = 4;
     private long _first;
 
-    public readonly long Total()
-    {
-        long total = 0;
-        foreach (long count in this) total += count;
-        return total;
-    }
-
     // An inline array has no built-in equality; results that hold one compare by value.
     public readonly bool Equals(TierCounts other) => ((ReadOnlySpan<long>)this).SequenceEqual(other);
     public override readonly bool Equals(object? obj) => obj is TierCounts other && Equals(other);

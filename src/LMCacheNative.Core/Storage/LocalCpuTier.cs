@@ -100,12 +100,6 @@ public sealed class LocalCpuTier : IDisposable
         lock (_lock) return _index.ContainsKey(key);
     }
 
-    /// <summary>Whether another caller has reserved the key and is filling it right now.</summary>
-    public bool IsPending(in ChunkKey key)
-    {
-        lock (_lock) return _pending.ContainsKey(key);
-    }
-
     /// <summary>Marks a chunk most recently used.</summary>
     public void Touch(CachedChunk chunk)
     {
@@ -152,7 +146,7 @@ public sealed class LocalCpuTier : IDisposable
 
     /// <summary>
     /// Takes a slab for a new chunk, evicting least recently used chunks as needed. The returned
-    /// chunk is pinned and not yet visible; fill it, then <see cref="Publish"/> or <see cref="Abandon"/> it.
+    /// chunk is pinned and not yet visible; fill it, then publish it (<see cref="Publish"/>, <see cref="PublishAll"/>) or give it back (<see cref="AbandonAndRelease"/>).
     /// Returns null when every cached chunk is pinned and the pool is full.
     /// </summary>
     public CachedChunk? TryReserve(in ChunkKey key, int tokenCount, long payloadBytes)
@@ -179,11 +173,6 @@ public sealed class LocalCpuTier : IDisposable
     /// If another store published the same key meanwhile, that chunk wins: this one's slab goes back
     /// to the pool and the winner is returned, pinned for the caller instead.
     /// </summary>
-    public CachedChunk PublishPinned(CachedChunk chunk)
-    {
-        lock (_lock) return PublishPinnedLocked(chunk);
-    }
-
     private CachedChunk PublishPinnedLocked(CachedChunk chunk)
     {
         if (chunk.Published) throw new InvalidOperationException("chunk already published");
@@ -206,11 +195,6 @@ public sealed class LocalCpuTier : IDisposable
     }
 
     /// <summary>Returns a reserved, unpublished chunk's slab to the pool.</summary>
-    public void Abandon(CachedChunk chunk)
-    {
-        lock (_lock) AbandonLocked(chunk);
-    }
-
     private void AbandonLocked(CachedChunk chunk)
     {
         if (chunk.Published) throw new InvalidOperationException("chunk already published");
