@@ -42,6 +42,10 @@ public sealed record EngineConfig
     public string RemoteSerde { get; init; } = "naive";
     /// <summary>LMCache's free-form <c>extra_config</c> object, kept verbatim (raw JSON).</summary>
     public string ExtraConfigJson { get; init; } = "{}";
+    /// <summary>LMCache's <c>enable_kv_events</c>: queue BlockStored / BlockRemoved / AllBlocksCleared events for routers.</summary>
+    public bool EnableKvEvents { get; init; }
+    /// <summary>Bound on the KV event queue (events); when full, new events are dropped and counted.</summary>
+    public int KvEventsQueueSize { get; init; } = 65536;
 
     public long MaxLocalCpuBytes => LocalCpu ? (long)(MaxLocalCpuSize * BytesPerGb) : 0;
 
@@ -111,6 +115,10 @@ public sealed record EngineConfig
                 w.WritePropertyName("extra_config");
                 w.WriteRawValue(Secrets.RedactJson(c.ExtraConfigJson));
             }) { Nullable = true },
+        BoolKey("enable_kv_events", c => c.EnableKvEvents, (c, v) => c with { EnableKvEvents = v },
+            "queue KV events (chunk stored in / removed from a tier, CPU tier cleared) for KV-aware routers; drained with lmc_engine_poll_events"),
+        IntKey("kv_events_queue_size", 1, 1 << 24, c => c.KvEventsQueueSize, (c, v) => c with { KvEventsQueueSize = v },
+            "most KV events held until polled; when full, newer events are dropped and counted (enable_kv_events)"),
         new("gds_path", "string", "GPUDirect Storage path: not in this build (null only)", NullOnly, (w, _) => w.WriteNull("gds_path"))
             { Nullable = true, UnsupportedValues = ["any path"] },
         AbsentFeature("use_layerwise", "layer-wise transfers: not in this build"),

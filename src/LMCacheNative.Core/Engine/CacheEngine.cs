@@ -34,11 +34,19 @@ public sealed class CacheEngine : IDisposable
     private readonly EngineCounters _counters = new();
     private readonly JobRunner _jobs;
     private readonly InFlight _inFlight = new();
+    // KV events for routers (enable_kv_events); null when off, and then no event code runs.
+    private readonly KvEventQueue? _events;
     private Registration? _registration;
     private bool _disposed;
 
     /// <summary>What a registration fixes: layers, keys, the CPU tier and the copy path.</summary>
-    private sealed record Registration(KvLayerLayout[] Layers, ChunkHasher Hasher, LocalCpuTier Tier, IKvTransfer Transfer, IHostMemoryAllocator Allocator)
+    /// <param name="EventHasher">
+    /// KV events with more than one tensor-parallel rank: the keys a single-rank engine would compute
+    /// (world size 1, worker 0), so that every rank names a chunk alike in its events. Null when
+    /// events are off or there is one rank (the event hash is then the chunk key itself).
+    /// </param>
+    private sealed record Registration(KvLayerLayout[] Layers, ChunkHasher Hasher, LocalCpuTier Tier, IKvTransfer Transfer, IHostMemoryAllocator Allocator,
+        ChunkHasher? EventHasher = null)
     {
         public KvShape Shape => Transfer.Shape;
         public long NumSlots => Layers[0].NumSlots;
@@ -59,7 +67,9 @@ public sealed class CacheEngine : IDisposable
         WorkerId = workerId;
         _allocator = allocator ?? AlignedHostAllocator.Instance;
         _deviceBackend = deviceBackend;
-        _lowerTiers = LowerTierChain.Create(config, remoteTierFactory);
+        if (config.EnableKvEvents)
+            _events = new KvEventQueue(config.KvEventsQueueSize, config.HashAlgorithm == ChunkHashAlgorithm.Sha256 ? 32 : 16);
+        _lowerTiers = LowerTierChain.Create(config, remoteTierFactory, _events);
         _jobs = new JobRunner(2, "lmcache-native job");
     }
 
@@ -119,12 +129,17 @@ public sealed class CacheEngine : IDisposable
                     _lowerTiers.Flush(Timeout.InfiniteTimeSpan);
                     _counters.TierReplaced(previous.Tier.EvictedChunks);
                     previous.Tier.Dispose();
+                    // Every chunk of the old pool is gone at once.
+                    _events?.TryEnqueue(KvEvent.AllCleared(KvEventMedium.Cpu));
                 }
                 // Queued writes pin CPU chunks: a quarter of the pool at most, so stores keep room.
                 _lowerTiers.Bind(new TierBinding(keyNamespace, Config.HashAlgorithm, ChunkSize, transfer.Shape.BytesPerToken),
                     (int)Math.Clamp(tier.CapacitySlabs / 4, 1, int.MaxValue));
             }
-            _registration = new Registration(layers.ToArray(), new ChunkHasher(Config.HashAlgorithm, keyNamespace), tier, transfer, allocator);
+            var eventHasher = _events is not null && WorldSize > 1
+                ? new ChunkHasher(Config.HashAlgorithm, keyNamespace with { WorldSize = 1, WorkerId = 0 })
+                : null;
+            _registration = new Registration(layers.ToArray(), new ChunkHasher(Config.HashAlgorithm, keyNamespace), tier, transfer, allocator, eventHasher);
             installed = true;
             previous?.Transfer.Dispose();
         }
@@ -142,7 +157,7 @@ public sealed class CacheEngine : IDisposable
         // once written down (LMCache sizes that buffer with max_local_cpu_size too).
         bool stagingOnly = !Config.LocalCpu;
         long poolBytes = Config.LocalCpu || _lowerTiers.Count > 0 ? (long)(Config.MaxLocalCpuSize * EngineConfig.BytesPerGb) : 0;
-        return new LocalCpuTier(new SlabPool(slabBytes, poolBytes, allocator), stagingOnly);
+        return new LocalCpuTier(new SlabPool(slabBytes, poolBytes, allocator), stagingOnly, _events);
     }
 
     // ---- lookup ----
@@ -221,9 +236,16 @@ public sealed class CacheEngine : IDisposable
             }
         }
 
-        using var keys = ChunkKeys.Compute(reg.Hasher, tokens[..Math.Min(tokens.Length, storableChunks * ChunkSize)], request.ExtraKey, ChunkSize);
+        var keyedTokens = tokens[..Math.Min(tokens.Length, storableChunks * ChunkSize)];
+        using var keys = ChunkKeys.Compute(reg.Hasher, keyedTokens, request.ExtraKey, ChunkSize);
         int numTokens = tokens.Length;
         var plan = reg.Tier.PlanStore(keys.Span[..storableChunks], firstChunk, c => Math.Min(ChunkSize, numTokens - c * ChunkSize), reg.Shape.BytesPerToken);
+        if (_events is not null && plan.Fresh.Count > 0)
+        {
+            // The reserved chunks are this request's alone until published: no lock needed.
+            var eventKeys = EventKeys(reg, keyedTokens, request.ExtraKey, keys.Span);
+            foreach (var (index, chunk) in plan.Fresh) chunk.Lineage = Lineage(eventKeys, keyedTokens, index);
+        }
         var transfers = plan.Fresh.Select(f => new ChunkTransfer(f.Chunk.Data, f.Index * ChunkSize, f.Chunk.TokenCount, f.Index * ChunkSize)).ToArray();
         long tokensMatched = Math.Max(Math.Min((long)plan.ReachedChunk * ChunkSize, tokens.Length) - alignedSkip, 0);
         return PendingTransfer.Store(reg, plan, transfers, tokensMatched, numTokens);
@@ -303,9 +325,17 @@ public sealed class CacheEngine : IDisposable
         var held = reg.Tier.PinPrefix(keys.Span);
         byTier[0] = held.Count;
         int numTokens = tokens.Length;
+        Func<int, ChunkLineage>? lineage = null;
+        if (_events is not null && _lowerTiers.Count > 0 && held.Count < keys.Span.Length)
+        {
+            var eventKeys = EventKeys(reg, tokens, extraKey, keys.Span);
+            var tokenArray = tokens.ToArray();
+            lineage = c => Lineage(eventKeys, tokenArray, c);
+        }
         try
         {
-            _lowerTiers.Promote(reg.Tier, keys.Span, held.Count, c => Math.Min(ChunkSize, numTokens - c * ChunkSize), reg.Shape.BytesPerToken, held, ref byTier);
+            _lowerTiers.Promote(reg.Tier, keys.Span, held.Count, c => Math.Min(ChunkSize, numTokens - c * ChunkSize), reg.Shape.BytesPerToken, held, ref byTier,
+                lineage);
         }
         catch
         {
@@ -314,6 +344,50 @@ public sealed class CacheEngine : IDisposable
         }
         return (held, byTier);
     }
+
+    // ---- KV events ----
+
+    /// <summary>The event hash of each chunk: its key with one rank, else the key a single-rank engine would compute.</summary>
+    private ChunkKey[] EventKeys(Registration reg, ReadOnlySpan<int> tokens, ReadOnlySpan<byte> extraKey, ReadOnlySpan<ChunkKey> keys)
+    {
+        if (reg.EventHasher is null) return keys.ToArray();
+        var eventKeys = new ChunkKey[keys.Length];
+        reg.EventHasher.ComputeKeys(tokens, extraKey, ChunkSize, eventKeys);
+        return eventKeys;
+    }
+
+    private ChunkLineage Lineage(ChunkKey[] eventKeys, ReadOnlySpan<int> tokens, int index)
+    {
+        int start = index * ChunkSize;
+        int count = Math.Min(ChunkSize, tokens.Length - start);
+        return new ChunkLineage(eventKeys[index], index > 0 ? eventKeys[index - 1] : null, tokens.Slice(start, count).ToArray());
+    }
+
+    /// <summary>Whether <c>enable_kv_events</c> is on.</summary>
+    public bool KvEventsEnabled => _events is not null;
+
+    /// <summary>Bytes of an event hash: 32 for SHA-256 keys, 16 for XXH3-128.</summary>
+    public int KvEventHashBytes => Config.HashAlgorithm == ChunkHashAlgorithm.Sha256 ? 32 : 16;
+
+    /// <summary>
+    /// Moves the oldest queued KV events into <paramref name="destination"/> without waiting (see
+    /// <see cref="KvEventQueue.Drain"/>); with events off, nothing and 0 dropped. Any thread.
+    /// </summary>
+    public (int Events, long TokenIds, long Dropped) PollEvents(Span<KvEvent> destination, long tokenCapacity)
+    {
+        using var scope = EnterCall();
+        return _events?.Drain(destination, tokenCapacity) ?? (0, 0, 0);
+    }
+
+    /// <summary>Token ids of the next queued event: the room a poll needs to make progress.</summary>
+    public int NextKvEventTokenCount()
+    {
+        using var scope = EnterCall();
+        return _events?.PeekTokenCount() ?? 0;
+    }
+
+    /// <summary>KV events dropped because the queue was full, since the engine started.</summary>
+    public long KvEventsDropped => _events?.DroppedTotal ?? 0;
 
     // ---- one path for stores and retrieves, synchronous or not: plan, copy, complete ----
 

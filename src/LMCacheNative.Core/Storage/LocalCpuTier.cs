@@ -34,6 +34,11 @@ public sealed class CachedChunk
     internal bool Published;
     /// <summary>Removed from the index while pinned: the slab goes back to the pool at the last unpin.</summary>
     internal bool Orphaned;
+    /// <summary>
+    /// Event hash, parent and tokens for KV events; null unless <c>enable_kv_events</c> is on. Set by
+    /// the store or promotion that reserved the chunk, before it publishes it; read-only after.
+    /// </summary>
+    public ChunkLineage? Lineage { get; internal set; }
 }
 
 /// <summary>
@@ -63,12 +68,18 @@ public sealed class LocalCpuTier : IDisposable
     private CachedChunk? _newest;
     private CachedChunk? _oldest;
     private long _evictedChunks;
+    // KV events of this tier (medium CPU), queued under _lock so that they keep the order of the
+    // index changes; null when events are off, and for a staging-only pool, whose chunks are only in
+    // transit to the lower tiers and never worth routing to.
+    private readonly KvEventQueue? _events;
 
     /// <param name="stagingOnly">chunks leave the tier when their last holder releases them</param>
-    public LocalCpuTier(SlabPool pool, bool stagingOnly = false)
+    /// <param name="events">where BlockStored / BlockRemoved (CPU) and AllBlocksCleared go; null: no events</param>
+    public LocalCpuTier(SlabPool pool, bool stagingOnly = false, KvEventQueue? events = null)
     {
         _pool = pool;
         _stagingOnly = stagingOnly;
+        _events = stagingOnly ? null : events;
     }
 
     public int Count
@@ -185,6 +196,7 @@ public sealed class LocalCpuTier : IDisposable
         EndPending(chunk.Key);
         _index.Add(chunk.Key, chunk);
         chunk.Published = true;
+        if (_events is not null && chunk.Lineage is { } lineage) _events.TryEnqueue(KvEvent.Stored(KvEventMedium.Cpu, lineage));
         return chunk;
     }
 
@@ -203,11 +215,14 @@ public sealed class LocalCpuTier : IDisposable
         _pool.Return(chunk.Data);
     }
 
-    /// <summary>Removes every chunk; pinned ones are freed when their last reader unpins them.</summary>
+    /// <summary>Removes every chunk; pinned ones are freed when their last reader unpins them. One AllBlocksCleared event, no BlockRemoved.</summary>
     public void Clear()
     {
         lock (_lock)
-            foreach (var chunk in _index.Values.ToArray()) Remove(chunk);
+        {
+            foreach (var chunk in _index.Values.ToArray()) Remove(chunk, announce: false);
+            _events?.TryEnqueue(KvEvent.AllCleared(KvEventMedium.Cpu));
+        }
     }
 
     // ---- compound operations: one critical section each ----
@@ -355,8 +370,10 @@ public sealed class LocalCpuTier : IDisposable
         else _pending[key] = count - 1;
     }
 
-    private void Remove(CachedChunk chunk)
+    private void Remove(CachedChunk chunk, bool announce = true)
     {
+        if (announce && _events is not null && chunk.Lineage is { } lineage)
+            _events.TryEnqueue(KvEvent.Removed(KvEventMedium.Cpu, lineage.EventHash, chunk.TokenCount));
         _index.Remove(chunk.Key);
         chunk.Published = false;
         if (chunk.InLru) Unlink(chunk);

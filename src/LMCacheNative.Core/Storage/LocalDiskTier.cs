@@ -88,6 +88,13 @@ public sealed class LocalDiskTier : IStorageTier
     }
 
     public string Name => "LocalDiskBackend";
+
+    /// <summary>
+    /// Told, under the tier's lock, of each of this namespace's records that leaves the index
+    /// (evicted, found corrupt, deleted by the directory's owner); set once before use (KV events).
+    /// It must be quick and must not call back into the tier.
+    /// </summary>
+    public Action<ChunkKey>? RecordRemoved { get; set; }
     public string DirectoryPath => _directory;
     /// <summary>False when another engine owns the directory: this one only reads.</summary>
     public bool IsOwner => _ownerLock is not null;
@@ -377,6 +384,7 @@ public sealed class LocalDiskTier : IStorageTier
         if (!_index.Remove(key, out var node)) return;
         _lru.Remove(node);
         _stats.UsedBytes -= node.Value.Bytes;
+        RecordRemoved?.Invoke(key);
     }
 
     private void TryDelete(string path)

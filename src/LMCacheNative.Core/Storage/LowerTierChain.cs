@@ -19,11 +19,45 @@ public readonly record struct TierStats(string Name, StorageTierStats Counters);
 public sealed class LowerTierChain : IDisposable
 {
     private readonly TierWriter[] _writers;
+    private readonly DiskEvents? _diskEvents;
 
-    private LowerTierChain(TierWriter[] writers) => _writers = writers;
+    private LowerTierChain(TierWriter[] writers, DiskEvents? diskEvents)
+    {
+        _writers = writers;
+        _diskEvents = diskEvents;
+    }
+
+    /// <summary>
+    /// KV events of the disk tier. A disk record is known by its storage key only, so the chain
+    /// remembers the event hash of each record it announced (BlockStored DISK) until the record
+    /// leaves (eviction, a corrupt record dropped): a record it never announced (found on disk at
+    /// start-up) leaves silently, so a router never hears of a removal without the store before it.
+    /// About 80 bytes per announced record.
+    /// </summary>
+    private sealed class DiskEvents(KvEventQueue events)
+    {
+        private readonly System.Collections.Concurrent.ConcurrentDictionary<ChunkKey, (ChunkKey Hash, int Tokens)> _announced = new();
+
+        public void Stored(CachedChunk chunk)
+        {
+            if (chunk.Lineage is not { } lineage) return;
+            _announced[chunk.Key] = (lineage.EventHash, chunk.TokenCount);
+            events.TryEnqueue(KvEvent.Stored(KvEventMedium.Disk, lineage));
+        }
+
+        // Called by the disk tier under its lock, so removals keep their order.
+        public void Removed(ChunkKey key)
+        {
+            if (_announced.TryRemove(key, out var announced))
+                events.TryEnqueue(KvEvent.Removed(KvEventMedium.Disk, announced.Hash, announced.Tokens));
+        }
+
+        public void Forget() => _announced.Clear();
+    }
 
     /// <summary>The tiers the configuration asks for (none without <c>local_disk</c> or <c>remote_url</c>).</summary>
-    public static LowerTierChain Create(EngineConfig config, RemoteTierFactory? remoteTierFactory)
+    /// <param name="events">the engine's KV event queue; null when events are off</param>
+    public static LowerTierChain Create(EngineConfig config, RemoteTierFactory? remoteTierFactory, KvEventQueue? events = null)
     {
         var tiers = new List<IStorageTier>();
         try
@@ -43,7 +77,24 @@ public sealed class LowerTierChain : IDisposable
             throw;
         }
         // A written chunk's pin goes back to the CPU tier that holds it.
-        return new LowerTierChain(tiers.Select(t => new TierWriter(t, static chunk => chunk.Owner.Release(chunk))).ToArray());
+        static void Release(CachedChunk chunk) => chunk.Owner.Release(chunk);
+        DiskEvents? diskEvents = events is null ? null : new DiskEvents(events);
+        var writers = tiers.Select(tier =>
+        {
+            if (events is null) return new TierWriter(tier, Release);
+            if (tier is LocalDiskTier disk)
+            {
+                disk.RecordRemoved = diskEvents!.Removed;
+                return new TierWriter(tier, Release, diskEvents.Stored);
+            }
+            // A remote store's expiry (TTL) and other clients' deletions cannot be seen without
+            // polling it: remote chunks get BlockStored events only.
+            return new TierWriter(tier, Release, chunk =>
+            {
+                if (chunk.Lineage is { } lineage) events.TryEnqueue(KvEvent.Stored(KvEventMedium.Remote, lineage));
+            });
+        }).ToArray();
+        return new LowerTierChain(writers, diskEvents);
     }
 
     public int Count => _writers.Length;
@@ -56,6 +107,8 @@ public sealed class LowerTierChain : IDisposable
     /// </summary>
     public void Bind(TierBinding binding, int maxQueuedChunks)
     {
+        // The disk tier re-indexes its directory for the new binding: earlier announcements are moot.
+        _diskEvents?.Forget();
         foreach (var writer in _writers)
         {
             writer.Tier.Bind(binding);
@@ -94,8 +147,9 @@ public sealed class LowerTierChain : IDisposable
     /// for which the CPU tier has no room. Counts each chunk's source in <paramref name="byTier"/>.
     /// </summary>
     /// <param name="tokenCount">tokens of chunk i (the last may be partial)</param>
+    /// <param name="lineage">event hash, parent and tokens of chunk i, for KV events; null when events are off</param>
     public void Promote(LocalCpuTier cpu, ReadOnlySpan<ChunkKey> keys, int start, Func<int, int> tokenCount, long bytesPerToken,
-        List<CachedChunk> held, ref TierCounts byTier)
+        List<CachedChunk> held, ref TierCounts byTier, Func<int, ChunkLineage>? lineage = null)
     {
         if (start >= keys.Length || _writers.Length == 0) return;
 
@@ -123,6 +177,7 @@ public sealed class LowerTierChain : IDisposable
                 }
                 int tokens = tokenCount(index);
                 if (cpu.TryReserve(keys[index], tokens, tokens * bytesPerToken) is not { } reserved) break; // no room: the prefix ends here
+                reserved.Lineage = lineage?.Invoke(index);
                 targets.Add((reserved, true));
             }
 

@@ -15,6 +15,8 @@ internal sealed class TierWriter : IDisposable
     private readonly IStorageTier _tier;
     private readonly BlockingCollection<CachedChunk> _queue;
     private readonly Action<CachedChunk> _release;
+    // Called on the writer thread once the tier holds a chunk (written now, or found there); null when KV events are off.
+    private readonly Action<CachedChunk>? _stored;
     private readonly Thread _thread;
     private int _inFlight;
     private long _drops;
@@ -23,10 +25,12 @@ internal sealed class TierWriter : IDisposable
 
     private int _queued;
 
-    public TierWriter(IStorageTier tier, Action<CachedChunk> release)
+    /// <param name="stored">told of each chunk the tier holds after its write (KV events); null for none</param>
+    public TierWriter(IStorageTier tier, Action<CachedChunk> release, Action<CachedChunk>? stored = null)
     {
         _tier = tier;
         _release = release;
+        _stored = stored;
         _queue = new BlockingCollection<CachedChunk>(new ConcurrentQueue<CachedChunk>());
         _thread = new Thread(Run) { IsBackground = true, Name = "lmcache-native write-behind: " + tier.Name };
         _thread.Start();
@@ -98,8 +102,9 @@ internal sealed class TierWriter : IDisposable
             Interlocked.Decrement(ref _queued);
             try
             {
-                if (!_tier.Contains(chunk.Key))
-                    _tier.Write(chunk.Key, chunk.TokenCount, new ReadOnlySpan<byte>((void*)chunk.Data, checked((int)chunk.PayloadBytes)));
+                bool held = _tier.Contains(chunk.Key)
+                            || _tier.Write(chunk.Key, chunk.TokenCount, new ReadOnlySpan<byte>((void*)chunk.Data, checked((int)chunk.PayloadBytes)));
+                if (held) _stored?.Invoke(chunk);
             }
             catch (Exception)
             {
