@@ -576,6 +576,90 @@ LMC_API lmc_status lmc_engine_flush(lmc_engine *engine, int64_t timeout_ms);
  *  @return LMC_OK, LMC_E_INVALID_HANDLE. */
 LMC_API lmc_status lmc_engine_clear(lmc_engine *engine);
 
+/* ---------------------------------------------------------------------------------------------- */
+/* KV events for routers (enable_kv_events)                                                        */
+/* ---------------------------------------------------------------------------------------------- */
+
+/*
+ * With the config key "enable_kv_events": true, the engine queues one event each time a chunk
+ * becomes available in a tier or its last copy leaves it, so that a KV-aware router knows which
+ * prefixes this engine can serve from cache. With it false (the default) nothing is queued and
+ * every poll returns 0 events.
+ *
+ *  - BLOCK_STORED: a chunk is now in `medium`: CPU when a store publishes it or a retrieve or
+ *    prefetch promotes it from disk or remote; DISK when its record is written (write-behind);
+ *    REMOTE when the remote write succeeded. Carries the token ids and the parent's hash.
+ *  - BLOCK_REMOVED: the chunk left `medium`: CPU eviction (LRU); a disk record evicted or found
+ *    corrupt. Only for chunks the engine announced before. A remote store's expiry (TTL) and
+ *    other clients' deletions cannot be seen without polling the store: REMOTE chunks are never
+ *    reported removed.
+ *  - ALL_BLOCKS_CLEARED (medium CPU): every chunk of the CPU tier was dropped at once
+ *    (lmc_engine_clear, or layers registered with another key namespace). Lower tiers keep theirs.
+ * A CPU pool used only for staging (local_cpu false) reports no CPU events.
+ *
+ * Hashes: block_hash names a chunk; it is the chunk key of the engine (32 bytes for sha256, 16
+ * for xxh3_128, see pre_caching_hash_algorithm) as a single-rank engine computes it, so every
+ * tensor-parallel rank names the same chunk alike (with world_size 1 it is exactly the engine's
+ * key). parent_hash is the previous chunk's (none for a prefix's first chunk): chunks form a chain
+ * over the prompt, as vLLM's blocks do. token_count is the chunk's length (chunk_size, fewer for a
+ * trailing partial chunk).
+ *
+ * Order: events of one chunk in one medium are queued in the order they happened. The queue holds
+ * kv_events_queue_size events; when it is full, NEW events are dropped and counted, and the next
+ * poll reports the count in dropped_out: the consumer's view is then incomplete and it should
+ * resynchronise (forget what it knew, as after ALL_BLOCKS_CLEARED). Producing an event never
+ * blocks a store or retrieve.
+ */
+#define LMC_KV_EVENT_BLOCK_STORED 1
+#define LMC_KV_EVENT_BLOCK_REMOVED 2
+#define LMC_KV_EVENT_ALL_BLOCKS_CLEARED 3
+
+#define LMC_KV_MEDIUM_CPU 1    /* vLLM medium "CPU" */
+#define LMC_KV_MEDIUM_DISK 2   /* "DISK" */
+#define LMC_KV_MEDIUM_REMOTE 3 /* "REMOTE" */
+
+#define LMC_KV_HASH_MAX_BYTES 32
+
+/** One KV event (104 bytes), written by lmc_engine_poll_events. */
+typedef struct lmc_kv_event {
+  uint32_t struct_size;     /* bytes of this element the library wrote: min(event_size, its own) */
+  uint32_t kind;            /* LMC_KV_EVENT_* */
+  uint32_t medium;          /* LMC_KV_MEDIUM_* */
+  uint32_t hash_len;        /* bytes of block_hash in use (32 sha256, 16 xxh3_128); 0 for ALL_BLOCKS_CLEARED */
+  uint8_t block_hash[LMC_KV_HASH_MAX_BYTES];  /* the chunk's hash; bytes past hash_len are 0 */
+  uint8_t parent_hash[LMC_KV_HASH_MAX_BYTES]; /* the previous chunk's hash; bytes past parent_hash_len are 0 */
+  uint32_t parent_hash_len; /* 0: the chunk starts its prefix, or a kind that carries no parent (REMOVED, CLEARED) */
+  uint32_t token_count;     /* tokens in the chunk; 0 for ALL_BLOCKS_CLEARED */
+  int64_t token_ids_offset; /* BLOCK_STORED: index of its first token id in the poll's token_ids */
+  int64_t token_ids_count;  /* BLOCK_STORED: token_count; 0 for the other kinds */
+} lmc_kv_event;
+
+/**
+ * Moves the oldest queued events, in order, into events[0 .. *num_events_out) and their token ids
+ * into token_ids[0 .. *num_token_ids_out); never waits. Stops at `capacity` events, or before an
+ * event whose token ids would not fit in what is left of token_capacity (it stays queued, first in
+ * line). Nothing is owned across calls: the caller owns both arrays, the library keeps no pointer.
+ * Any thread; concurrent polls each get different events.
+ *
+ * @param[out] num_events_out     events written (0 when none are queued or events are off)
+ * @param[out] num_token_ids_out  token ids written, over all events
+ * @param[out] dropped_out        events dropped because the queue was full since the previous
+ *                                poll (reported once); nonzero means: resynchronise
+ * @param[out] events             capacity elements of event_size bytes; NULL only if capacity is 0
+ * @param event_size              sizeof(lmc_kv_event) as the caller compiled it (>= 104): the stride
+ * @param[out] token_ids          token_capacity int32; NULL only if token_capacity is 0. A buffer
+ *                                of capacity * chunk_size never stops a poll early.
+ * @return LMC_OK; LMC_E_INVALID_HANDLE; LMC_E_INVALID_ARGUMENT (NULL out-parameter, NULL array
+ *         with a nonzero size, negative sizes, event_size < 104); LMC_E_BUFFER_TOO_SMALL when
+ *         capacity > 0 but token_capacity cannot hold the next event's token ids (nothing is
+ *         taken from the queue; the message says how many it needs).
+ */
+LMC_API lmc_status lmc_engine_poll_events(int64_t *num_events_out, int64_t *num_token_ids_out,
+                                          uint64_t *dropped_out, lmc_engine *engine,
+                                          lmc_kv_event *events, uint32_t event_size,
+                                          int64_t capacity, int32_t *token_ids,
+                                          int64_t token_capacity);
+
 LMC_END_DECL
 
 #endif /* LMCACHE_NATIVE_H */

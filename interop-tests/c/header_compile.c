@@ -121,6 +121,17 @@ LMC_TEST_ASSERT(LMC_VERSION_NUMBER ==
                     LMC_VERSION_MAJOR * 10000 + LMC_VERSION_MINOR * 100 + LMC_VERSION_PATCH,
                 "LMC_VERSION_NUMBER");
 LMC_TEST_ASSERT(LMC_ABI_VERSION == 2, "LMC_ABI_VERSION");
+LMC_TEST_ASSERT(sizeof(lmc_kv_event) == 104, "sizeof(lmc_kv_event) must be 104");
+LMC_TEST_ASSERT(offsetof(lmc_kv_event, block_hash) == 16, "lmc_kv_event.block_hash at 16");
+LMC_TEST_ASSERT(offsetof(lmc_kv_event, parent_hash) == 48, "lmc_kv_event.parent_hash at 48");
+LMC_TEST_ASSERT(offsetof(lmc_kv_event, parent_hash_len) == 80, "lmc_kv_event.parent_hash_len at 80");
+LMC_TEST_ASSERT(offsetof(lmc_kv_event, token_ids_offset) == 88, "lmc_kv_event.token_ids_offset at 88");
+LMC_TEST_ASSERT(LMC_KV_EVENT_BLOCK_STORED == 1, "LMC_KV_EVENT_BLOCK_STORED");
+LMC_TEST_ASSERT(LMC_KV_EVENT_BLOCK_REMOVED == 2, "LMC_KV_EVENT_BLOCK_REMOVED");
+LMC_TEST_ASSERT(LMC_KV_EVENT_ALL_BLOCKS_CLEARED == 3, "LMC_KV_EVENT_ALL_BLOCKS_CLEARED");
+LMC_TEST_ASSERT(LMC_KV_MEDIUM_CPU == 1, "LMC_KV_MEDIUM_CPU");
+LMC_TEST_ASSERT(LMC_KV_MEDIUM_DISK == 2, "LMC_KV_MEDIUM_DISK");
+LMC_TEST_ASSERT(LMC_KV_MEDIUM_REMOTE == 3, "LMC_KV_MEDIUM_REMOTE");
 
 /* The prototypes, one pointer each: every LMC_API function of the header, in header order. Keep
  * in step with the header: a mismatch is an ABI change. */
@@ -153,6 +164,8 @@ struct lmc_test_prototypes {
   lmc_status (*engine_get_tier_stats)(lmc_engine *, int32_t, lmc_tier_stats *);
   lmc_status (*engine_flush)(lmc_engine *, int64_t);
   lmc_status (*engine_clear)(lmc_engine *);
+  lmc_status (*engine_poll_events)(int64_t *, int64_t *, uint64_t *, lmc_engine *, lmc_kv_event *,
+                                   uint32_t, int64_t, int32_t *, int64_t);
 };
 
 /* Not static: referenced from main, so every function must resolve when the test is linked. */
@@ -186,6 +199,7 @@ struct lmc_test_prototypes lmc_test_prototypes_table(void) {
   t.engine_get_tier_stats = lmc_engine_get_tier_stats;
   t.engine_flush = lmc_engine_flush;
   t.engine_clear = lmc_engine_clear;
+  t.engine_poll_events = lmc_engine_poll_events;
   return t;
 }
 

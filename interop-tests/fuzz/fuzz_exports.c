@@ -559,7 +559,7 @@ static const char *const k_keys[] = {
     "lookup_timeout_ms", "blocking_timeout_secs", "max_local_disk_size", "remote_serde", "priority_limit",
     "extra_config", "local_disk", "remote_url", "gds_path", "use_layerwise", "enable_blending", "enable_pd",
     "enable_p2p", "enable_controller", "local_cpu_use_hugepages", "enable_lazy_memory_allocator",
-    "use_gpu_connector_v3",
+    "use_gpu_connector_v3", "enable_kv_events", "kv_events_queue_size",
 };
 #define N_KEYS (sizeof k_keys / sizeof k_keys[0])
 
@@ -636,6 +636,8 @@ static void json_good_value(sbuf *b, reader *r, const char *key) {
                               "\"valkey://127.0.0.1:1/3\"", "\"redis://:pw@127.0.0.1:1/0\""};
     sb_put(b, u[v % 6]);
   } else if (!strcmp(key, "gds_path")) sb_put(b, "null");
+  else if (!strcmp(key, "enable_kv_events")) sb_put(b, v % 4 ? "true" : "false"); /* mostly on */
+  else if (!strcmp(key, "kv_events_queue_size")) { static const int q[] = {1, 2, 3, 16, 65536}; sb_printf(b, "%d", q[v % 5]); }
   else sb_put(b, v % 4 == 0 ? "true" : "false"); /* the boolean keys */
 }
 
@@ -2136,6 +2138,79 @@ static void op_clear(reader *r) {
   check_handle_status(st, h, 1);
 }
 
+/* lmc_engine_poll_events: any capacities, strides and NULLs; on LMC_OK every event must be well
+ * formed and inside the caller's arrays, and nothing past them written; on failure the
+ * out-parameters are untouched. */
+#define POLL_EVENTS_MAX 16
+#define POLL_STRIDE_MAX 160
+#define POLL_TOKENS_MAX 1024
+static uint8_t g_poll_events[POLL_EVENTS_MAX * POLL_STRIDE_MAX + 64];
+static int32_t g_poll_tokens[POLL_TOKENS_MAX + 16];
+
+static void op_poll_events(reader *r) {
+  static const uint32_t strides[] = {sizeof(lmc_kv_event), sizeof(lmc_kv_event), 0, 8, 103, 112, POLL_STRIDE_MAX};
+  uint64_t h = pick_handle(r, 1);
+  uint8_t sel = u8(r);
+  uint32_t stride = strides[u8(r) % (sizeof strides / sizeof strides[0])];
+  int64_t cap_sel = u8(r) < 200 ? (int64_t)(sel % (POLL_EVENTS_MAX + 1)) : any64(r);
+  int64_t tok_sel = u8(r);
+  int64_t token_cap = tok_sel < 64 ? tok_sel : tok_sel < 200 ? POLL_TOKENS_MAX : any64(r);
+  int null_events = (sel & 0x40) && (sel & 0x80);
+  int null_tokens = (sel & 0x20) && (sel & 0x80);
+  int null_out = (sel & 0x10) && (sel & 0x80) ? 1 + sel % 3 : 0;
+  /* Sizes the call may believe: never more than the arrays hold (a caller's honest mistake aside,
+   * lying about a buffer's size is outside the contract). Negative ones are passed through. */
+  int64_t capacity = cap_sel;
+  if (capacity > 0 && stride >= sizeof(lmc_kv_event) && capacity > (int64_t)(POLL_EVENTS_MAX * POLL_STRIDE_MAX / stride))
+    capacity = POLL_EVENTS_MAX * POLL_STRIDE_MAX / stride;
+  if (token_cap > POLL_TOKENS_MAX) token_cap = POLL_TOKENS_MAX;
+  memset(g_poll_events, CANARY, sizeof g_poll_events);
+  for (size_t i = 0; i < sizeof g_poll_tokens / sizeof g_poll_tokens[0]; i++) g_poll_tokens[i] = 0x5A5A5A5A;
+  int64_t n = -777, ntok = -777;
+  uint64_t dropped = 777;
+  set_call("lmc_engine_poll_events(%s, %s, %s, 0x%" PRIx64 ", %s, %u, %" PRId64 ", %s, %" PRId64 ")",
+           null_out == 1 ? "NULL" : "&n", null_out == 2 ? "NULL" : "&ntok", null_out == 3 ? "NULL" : "&dropped", h,
+           null_events ? "NULL" : "events", stride, capacity, null_tokens ? "NULL" : "tokens", token_cap);
+  lmc_status st = lmc_engine_poll_events(null_out == 1 ? NULL : &n, null_out == 2 ? NULL : &ntok, null_out == 3 ? NULL : &dropped,
+                                         (lmc_engine *)(uintptr_t)h, null_events ? NULL : (lmc_kv_event *)(void *)g_poll_events,
+                                         stride, capacity, null_tokens ? NULL : g_poll_tokens, token_cap);
+  check_status(st);
+  if (!null_out) check_handle_status(st, h, 1);
+  if (null_out && st == LMC_OK) die("LMC_OK with an out-parameter NULL");
+  if (st != LMC_OK) {
+    if (n != -777 || ntok != -777 || dropped != 777) die("out-parameters written on failure");
+    return;
+  }
+  if (n < 0 || n > capacity || ntok < 0 || ntok > token_cap) die("%" PRId64 " events, %" PRId64 " token ids: outside the arrays", n, ntok);
+  int64_t used = 0;
+  for (int64_t i = 0; i < n; i++) {
+    lmc_kv_event e;
+    memcpy(&e, g_poll_events + i * stride, sizeof e);
+    if (e.struct_size != sizeof e) die("event %" PRId64 ": struct_size %u", i, e.struct_size);
+    if (e.kind < LMC_KV_EVENT_BLOCK_STORED || e.kind > LMC_KV_EVENT_ALL_BLOCKS_CLEARED) die("event %" PRId64 ": kind %u", i, e.kind);
+    if (e.medium < LMC_KV_MEDIUM_CPU || e.medium > LMC_KV_MEDIUM_REMOTE) die("event %" PRId64 ": medium %u", i, e.medium);
+    if (e.kind == LMC_KV_EVENT_ALL_BLOCKS_CLEARED ? e.hash_len != 0 : e.hash_len != 16 && e.hash_len != 32)
+      die("event %" PRId64 ": hash_len %u", i, e.hash_len);
+    if (e.parent_hash_len != 0 && e.parent_hash_len != e.hash_len) die("event %" PRId64 ": parent_hash_len %u", i, e.parent_hash_len);
+    if (e.kind == LMC_KV_EVENT_BLOCK_STORED) {
+      if (e.token_ids_offset != used || e.token_ids_count != (int64_t)e.token_count || e.token_count == 0)
+        die("event %" PRId64 ": token ids at %" PRId64 " (+%" PRId64 "), token_count %u; expected at %" PRId64, i,
+            e.token_ids_offset, e.token_ids_count, e.token_count, used);
+      used += e.token_ids_count;
+    } else if (e.token_ids_count != 0) {
+      die("event %" PRId64 ": %" PRId64 " token ids for a kind without any", i, e.token_ids_count);
+    }
+    if (stride > sizeof e)
+      for (uint32_t b = sizeof e; b < stride; b++)
+        if (g_poll_events[i * stride + b] != CANARY) die("event %" PRId64 ": byte %u of the caller's stride written", i, b);
+  }
+  if (used != ntok) die("events account for %" PRId64 " token ids, the call reported %" PRId64, used, ntok);
+  for (int64_t b = n * (int64_t)stride; b < (int64_t)sizeof g_poll_events; b++)
+    if (g_poll_events[b] != CANARY) die("events array written past event %" PRId64 " (byte %" PRId64 ")", n, b);
+  for (int64_t t = ntok; t < (int64_t)(sizeof g_poll_tokens / sizeof g_poll_tokens[0]); t++)
+    if (g_poll_tokens[t] != 0x5A5A5A5A) die("token ids written past the %" PRId64 " reported", ntok);
+}
+
 static char g_sock[512];
 
 static void op_server_start(reader *r) {
@@ -2369,7 +2444,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     case 17: op_tier_count(&r); break;
     case 18: op_tier_stats(&r); break;
     case 19: op_flush(&r); break;
-    case 20: op_clear(&r); break;
+    case 20: code & 0x80 ? op_poll_events(&r) : op_clear(&r); break; /* POLL_EVENTS: 20 with bit 7 set */
     case 21: op_server_start(&r); break;
     case 22: code & 0x80 ? op_server_stop(&r) : op_remote_lookup(&r); break;
     case 23: op_misc(&r); break;

@@ -25,11 +25,14 @@ PREFETCH, JOB_WAIT, JOB_DESTROY, STORE_JOB, RETRIEVE_JOB = 10, 11, 12, 13, 14
 GET_CONFIG, STATS, TIER_COUNT, TIER_STATS, FLUSH, CLEAR, SERVER_START = 15, 16, 17, 18, 19, 20, 21
 REMOTE_LOOKUP, SERVER_STOP, MISC = 22, 22 + 28 * 4, 23  # SERVER_STOP: 22 with bit 7 set (134)
 JOB_POLL, JOB_RESULT, SCHEMA, TWIN = 24, 25, 26, 27
+POLL_EVENTS = 20 + 28 * 4  # CLEAR with bit 7 set (132)
 
 KEYS = ["chunk_size", "local_cpu", "max_local_cpu_size", "save_unfull_chunk", "save_decode_cache",
         "pre_caching_hash_algorithm", "cache_policy", "min_retrieve_tokens", "enable_async_loading",
         "lookup_timeout_ms", "blocking_timeout_secs", "max_local_disk_size", "remote_serde", "priority_limit",
-        "extra_config", "local_disk", "remote_url"]
+        "extra_config", "local_disk", "remote_url", "gds_path", "use_layerwise", "enable_blending", "enable_pd",
+        "enable_p2p", "enable_controller", "local_cpu_use_hugepages", "enable_lazy_memory_allocator",
+        "use_gpu_connector_v3", "enable_kv_events", "kv_events_queue_size"]
 
 LIVE = b"\x00"  # pick_handle: the first live handle of the expected kind
 OTHER_KIND = b"\x09"  # pick_handle: a live handle of the other kind
@@ -129,6 +132,13 @@ def request(n: int, op: str = "store", kind: str = "slots", first: int = 0, key:
     out += bytes([0]) if struct_size is None else bytes([200 + sizes.index(struct_size)])
     out += bytes([192 if struct_size and struct_size > 88 else 0])  # garbage past sizeof(lmc_request)
     return out + bytes([255 if null else 0])
+
+
+def poll_events(handle: bytes = LIVE, cap: int = 16, stride: int = 0, tokens: int = 255, sel: int | None = None) -> bytes:
+    """op_poll_events: capacity cap (sel % 17 when the capacity byte is < 200), stride index into
+    its table (0: sizeof(lmc_kv_event), 6: 160), token capacity (< 64 as given, else the whole buffer)."""
+    sel = cap if sel is None else sel
+    return bytes([POLL_EVENTS]) + handle + bytes([sel, stride, 0, tokens if tokens < 64 else 64])
 
 
 RESULT = bytes([0, 0])  # result struct of the real size, not NULL
@@ -278,6 +288,15 @@ SEEDS: dict[str, bytes] = {
     "regress_job_result_as_first_call": bytes([JOB_RESULT]) + NULL_HANDLE + RESULT,
     # An extra key of 0x7FFFFFC7 bytes (read-only zero pages): refused before it is copied; the
     # request's extra key, and prefetch's (a job copies the request).
+    # KV events: stores into a pool of a few chunks (evictions), polls with small arrays, a caller's
+    # larger stride, too few token slots, NULLs, a clear, a queue of 2 that overflows.
+    "kv_events": create(good("chunk_size", 4), good("max_local_cpu_size", 5), good("enable_kv_events", 1)) + register()
+    + store(32) + store(32, seed=9) + poll_events(cap=2) + poll_events(cap=16, stride=6) + poll_events(cap=3, tokens=7)
+    + poll_events(sel=0xC0 | 4) + bytes([CLEAR]) + LIVE + poll_events(cap=16) + poll_events(cap=0)
+    + bytes([DESTROY]) + LIVE
+    + create(*SMALL, good("enable_kv_events", 1), good("kv_events_queue_size", 1)) + register()
+    + store(40) + poll_events(cap=16) + poll_events(handle=DEAD_ENGINE, cap=1),
+    "regress_poll_events_as_first_call": poll_events(handle=NULL_HANDLE, cap=1),
     "regress_extra_key_0x7FFFFFC7": create(*SMALL) + register() + lookup(8, extra=bytes([112, 0]))
     + prefetch(8, extra=bytes([112, 0])) + store(8, job=True, extra=bytes([112, 0])),
 }

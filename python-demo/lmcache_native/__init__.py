@@ -30,12 +30,14 @@ _DEFINED_IN = {
     "LmcTransferResult": "_bindings",
     "LmcStats": "_bindings",
     "LmcTierStats": "_bindings",
+    "LmcKvEvent": "_bindings",
     **{name: "_errors" for name in (
         "LmcBufferTooSmall", "LmcCudaError", "LmcError", "LmcInternalError", "LmcInvalidArgument",
         "LmcInvalidHandle", "LmcIOError", "LmcNoDevice", "LmcNotFound", "LmcOutOfMemory", "LmcTimeout",
         "LmcUnsupported", "check")},
     **{name: "engine" for name in (
-        "BlockIdBuffer", "Engine", "Job", "LookupResult", "SlotBuffer", "TokenBuffer", "TransferResult",
+        "BlockIdBuffer", "Engine", "Job", "KvEvent", "LookupResult", "PolledEvents", "SlotBuffer", "TokenBuffer",
+        "TransferResult",
         "as_int32_buffer", "as_int64_buffer", "config_schema", "cuda_device_count", "remote_lookup")},
 }
 

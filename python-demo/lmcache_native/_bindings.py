@@ -220,6 +220,33 @@ class LmcLookupResult(ctypes.Structure):
         return values
 
 
+# KV events (lmc_kv_event.kind / .medium), pinned by the header.
+LMC_KV_EVENT_BLOCK_STORED = 1
+LMC_KV_EVENT_BLOCK_REMOVED = 2
+LMC_KV_EVENT_ALL_BLOCKS_CLEARED = 3
+LMC_KV_MEDIUM_CPU = 1
+LMC_KV_MEDIUM_DISK = 2
+LMC_KV_MEDIUM_REMOTE = 3
+LMC_KV_HASH_MAX_BYTES = 32
+
+
+class LmcKvEvent(ctypes.Structure):
+    """lmc_kv_event: one KV event written by lmc_engine_poll_events (token ids in a separate buffer)."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),  # bytes the library wrote (sizeof(lmc_kv_event) == 104)
+        ("kind", c_uint32),  # LMC_KV_EVENT_*
+        ("medium", c_uint32),  # LMC_KV_MEDIUM_*
+        ("hash_len", c_uint32),  # bytes of block_hash in use: 32 sha256, 16 xxh3_128, 0 for a clear
+        ("block_hash", ctypes.c_uint8 * LMC_KV_HASH_MAX_BYTES),
+        ("parent_hash", ctypes.c_uint8 * LMC_KV_HASH_MAX_BYTES),
+        ("parent_hash_len", c_uint32),  # 0: no parent (a prefix's first chunk) or not carried
+        ("token_count", c_uint32),
+        ("token_ids_offset", c_int64),  # BLOCK_STORED: first token id's index in the token buffer
+        ("token_ids_count", c_int64),
+    ]
+
+
 # Sizes of the header's structs on LP64 (the only data model NativeAOT targets here).
 STRUCT_SIZES = {
     LmcKvLayerDesc: 88,
@@ -228,6 +255,7 @@ STRUCT_SIZES = {
     LmcRequest: 88,
     LmcTransferResult: 80,
     LmcLookupResult: 56,
+    LmcKvEvent: 104,
 }
 for _struct, _size in STRUCT_SIZES.items():
     assert ctypes.sizeof(_struct) == _size, (_struct.__name__, ctypes.sizeof(_struct), _size)
@@ -295,6 +323,11 @@ FUNCTION_SIGNATURES: dict[str, tuple[list, object]] = {
     "lmc_engine_get_tier_stats": ([_HANDLE, c_int32, POINTER(LmcTierStats)], _STATUS),
     "lmc_engine_flush": ([_HANDLE, c_int64], _STATUS),
     "lmc_engine_clear": ([_HANDLE], _STATUS),
+    # KV events
+    "lmc_engine_poll_events": (
+        [POINTER(c_int64), POINTER(c_int64), POINTER(c_uint64), _HANDLE, _OUT_PTR, c_uint32, c_int64, _OUT_PTR, c_int64],
+        _STATUS,
+    ),
 }
 
 # Every C function of the header, for parity checks against the library's exports.

@@ -335,7 +335,7 @@ PREFIXED_CONNECTOR_KEYS: dict[str, KeySpec] = {key: spec for key, spec in CONNEC
 # Keys of LMCache's configuration (lmcache/v1/config.py) that this build does not implement: they are
 # accepted with a warning naming them and otherwise ignored, so LMCache configuration files load.
 IGNORED_LMCACHE_KEYS = frozenset({
-    "py_enable_gc", "enable_kv_events", "reserve_local_cpu_size", "numa_mode",
+    "py_enable_gc", "reserve_local_cpu_size", "numa_mode",
     "cost_aware_half_life_seconds", "cost_aware_ewma_alpha", "lazy_memory_initial_ratio",
     "lazy_memory_expand_trigger_ratio", "lazy_memory_step_ratio", "lazy_memory_safe_size",
     "pin_timeout_sec", "pin_check_interval_sec", "local_disk_path_sharding", "gds_buffer_size",

@@ -14,7 +14,10 @@ import operator
 import os
 import struct
 import sys
-from ctypes import byref, c_int32, c_int64, c_void_p
+import threading
+from ctypes import byref, c_int32, c_int64, c_uint64, c_void_p
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import _bindings as _b
 from ._errors import LmcInvalidArgument, LmcInvalidHandle, check, error_for_status, last_error_message
@@ -308,6 +311,53 @@ def _request(tokens, extra_key, first_token: int = 0, slot_mapping=None, block_i
     return request, (tokens, destination, extra_key)
 
 
+_KV_EVENT_KINDS = {
+    _b.LMC_KV_EVENT_BLOCK_STORED: "BlockStored",
+    _b.LMC_KV_EVENT_BLOCK_REMOVED: "BlockRemoved",
+    _b.LMC_KV_EVENT_ALL_BLOCKS_CLEARED: "AllBlocksCleared",
+}
+# vLLM's medium strings.
+_KV_EVENT_MEDIA = {_b.LMC_KV_MEDIUM_CPU: "CPU", _b.LMC_KV_MEDIUM_DISK: "DISK", _b.LMC_KV_MEDIUM_REMOTE: "REMOTE"}
+
+
+@dataclass(frozen=True)
+class KvEvent:
+    """One KV event of ``Engine.poll_events`` (lmc_kv_event). Hashable: equal events compare equal.
+
+    ``kind``: "BlockStored", "BlockRemoved" or "AllBlocksCleared"; ``medium``: "CPU", "DISK" or
+    "REMOTE" (vLLM's strings; a clear is "CPU"). ``block_hash`` / ``parent_hash``: the chunk's and
+    the previous chunk's hash (32 bytes for sha256 keys, 16 for xxh3_128); ``parent_hash`` is None
+    for a prefix's first chunk and for removals, ``block_hash`` None for a clear. ``token_ids``: the
+    chunk's tokens (BlockStored only, else None); ``token_count`` its length."""
+
+    kind: str
+    medium: str
+    block_hash: bytes | None
+    parent_hash: bytes | None
+    token_count: int
+    token_ids: tuple[int, ...] | None
+
+    @classmethod
+    def _from_c(cls, event, token_ids) -> "KvEvent":
+        kind = _KV_EVENT_KINDS.get(event.kind, f"unknown({event.kind})")
+        medium = _KV_EVENT_MEDIA.get(event.medium, f"unknown({event.medium})")
+        block_hash = bytes(event.block_hash[:event.hash_len]) if event.hash_len else None
+        parent_hash = bytes(event.parent_hash[:event.parent_hash_len]) if event.parent_hash_len else None
+        ids = None
+        if event.kind == _b.LMC_KV_EVENT_BLOCK_STORED:
+            start = event.token_ids_offset
+            ids = tuple(token_ids[start:start + event.token_ids_count])
+        return cls(kind, medium, block_hash, parent_hash, event.token_count, ids)
+
+
+class PolledEvents(NamedTuple):
+    """What one ``Engine.poll_events`` returned: the events, oldest first, and how many were dropped
+    (queue full) since the previous poll."""
+
+    events: list
+    dropped: int
+
+
 class Engine:
     """One LMCacheNative engine: a CPU KV cache keyed by token prefixes.
 
@@ -321,6 +371,8 @@ class Engine:
         self._handle = None  # int address of the lmc_engine, None once closed
         self._registered_owners = []  # tensors whose memory the engine reads and writes
         self._bytes_per_token = 0
+        self._events_lock = threading.Lock()
+        self._event_buffers = None  # (lmc_kv_event array, int32 token array), reused by poll_events
         if isinstance(config, dict):
             config_json = json.dumps(config).encode("utf-8")
         elif isinstance(config, str):
@@ -518,6 +570,24 @@ class Engine:
         """Drops every chunk of the CPU tier that is not being read; lower tiers keep their records
         and counters are kept."""
         check(_b.lmc_engine_clear(self.handle))
+
+    # -- KV events (enable_kv_events) -------------------------------------------------------------
+    def poll_events(self, max_events: int = 256) -> "PolledEvents":
+        """Takes up to ``max_events`` queued KV events, oldest first, without waiting (none when
+        ``enable_kv_events`` is off). ``dropped``: events lost because the queue was full since
+        the previous poll; nonzero means the caller's view is incomplete and should be rebuilt."""
+        max_events = _check_int("max_events", operator.index(max_events), 1, 1 << 20)
+        handle = self.handle
+        with self._events_lock:
+            if self._event_buffers is None or len(self._event_buffers[0]) < max_events:
+                chunk_size = int(self.config()["chunk_size"])
+                # Room for every event's tokens: a poll never stops early for want of token space.
+                self._event_buffers = ((_b.LmcKvEvent * max_events)(), (c_int32 * (max_events * chunk_size))())
+            events, token_ids = self._event_buffers
+            count, num_tokens, dropped = c_int64(), c_int64(), c_uint64()
+            check(_b.lmc_engine_poll_events(byref(count), byref(num_tokens), byref(dropped), handle, events,
+                                            ctypes.sizeof(_b.LmcKvEvent), max_events, token_ids, len(token_ids)))
+            return PolledEvents([KvEvent._from_c(events[i], token_ids) for i in range(count.value)], dropped.value)
 
 
 def cuda_device_count() -> int:

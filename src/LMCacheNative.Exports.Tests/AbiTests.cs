@@ -46,6 +46,22 @@ public class AbiTests
         Assert.That(Marshal.OffsetOf<NativeTransferResult>(nameof(NativeTransferResult.ElapsedNs)), Is.EqualTo((nint)72));
         Assert.That(Marshal.SizeOf<NativeLookupResult>(), Is.EqualTo(NativeLookupResult.SizeV1).And.EqualTo(56));
         Assert.That(Marshal.OffsetOf<NativeLookupResult>(nameof(NativeLookupResult.ElapsedNs)), Is.EqualTo((nint)48));
+        Assert.That(Marshal.SizeOf<NativeKvEvent>(), Is.EqualTo(NativeKvEvent.SizeV1).And.EqualTo(104));
+        Assert.That(Marshal.OffsetOf<NativeKvEvent>(nameof(NativeKvEvent.ParentHashLen)), Is.EqualTo((nint)80));
+        Assert.That(Marshal.OffsetOf<NativeKvEvent>(nameof(NativeKvEvent.TokenIdsCount)), Is.EqualTo((nint)96));
+    }
+
+    [Test]
+    public void KvEventKindsAndMedia_EqualTheHeader()
+    {
+        var defines = HeaderDefines();
+        Assert.That(defines["LMC_KV_EVENT_BLOCK_STORED"], Is.EqualTo((int)LMCacheNative.Core.Storage.KvEventKind.BlockStored));
+        Assert.That(defines["LMC_KV_EVENT_BLOCK_REMOVED"], Is.EqualTo((int)LMCacheNative.Core.Storage.KvEventKind.BlockRemoved));
+        Assert.That(defines["LMC_KV_EVENT_ALL_BLOCKS_CLEARED"], Is.EqualTo((int)LMCacheNative.Core.Storage.KvEventKind.AllBlocksCleared));
+        Assert.That(defines["LMC_KV_MEDIUM_CPU"], Is.EqualTo((int)LMCacheNative.Core.Storage.KvEventMedium.Cpu));
+        Assert.That(defines["LMC_KV_MEDIUM_DISK"], Is.EqualTo((int)LMCacheNative.Core.Storage.KvEventMedium.Disk));
+        Assert.That(defines["LMC_KV_MEDIUM_REMOTE"], Is.EqualTo((int)LMCacheNative.Core.Storage.KvEventMedium.Remote));
+        Assert.That(defines["LMC_KV_HASH_MAX_BYTES"], Is.EqualTo(LMCacheNative.Core.Keys.ChunkKey.MaxBytes));
     }
 
     [Test]
@@ -55,6 +71,7 @@ public class AbiTests
                  {
                      ("lmc_kv_layer_desc", typeof(NativeKvLayerDesc)), ("lmc_stats", typeof(NativeStats)), ("lmc_tier_stats", typeof(NativeTierStats)),
                      ("lmc_request", typeof(NativeRequest)), ("lmc_transfer_result", typeof(NativeTransferResult)), ("lmc_lookup_result", typeof(NativeLookupResult)),
+                     ("lmc_kv_event", typeof(NativeKvEvent)),
                  })
         {
             var body = Regex.Match(Header, @"typedef struct " + cName + @" \{(.*?)\} " + cName + ";", RegexOptions.Singleline).Groups[1].Value;

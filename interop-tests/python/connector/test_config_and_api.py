@@ -178,7 +178,7 @@ def test_precedence_file_then_environment_then_extra_config(monkeypatch, tmp_pat
 
 def test_unknown_and_unsupported_keys_warn_by_name_and_are_dropped(monkeypatch, tmp_path, logs):
     config_file = tmp_path / "lmcache.yaml"
-    config_file.write_text("chunk_size: 16\nno_such_key: 1\nenable_kv_events: true\n")
+    config_file.write_text("chunk_size: 16\nno_such_key: 1\nnuma_mode: auto\n")
     monkeypatch.setenv("LMCACHE_CONFIG_FILE", str(config_file))
     monkeypatch.setenv("LMCACHE_BOGUS_SETTING", "x")
     spec = Spec(era=V0_14, extra_config={"lmcache.another_unknown": 3, "unrelated_key_of_vllm": 1})
@@ -189,7 +189,7 @@ def test_unknown_and_unsupported_keys_warn_by_name_and_are_dropped(monkeypatch, 
         assert "unknown LMCache config key 'bogus_setting' (from environment variable LMCACHE_BOGUS_SETTING)" in warnings
         assert "unknown LMCache config key 'another_unknown' (from kv_connector_extra_config 'lmcache.another_unknown')" \
             in warnings
-        assert "'enable_kv_events'" in warnings and "not supported by LMCacheNative" in warnings
+        assert "'numa_mode'" in warnings and "not supported by LMCacheNative" in warnings
         assert "unrelated_key_of_vllm" not in warnings
         assert cluster.workers[0].conn._worker.engine.config()["chunk_size"] == 16
     finally:
