@@ -1,7 +1,7 @@
 """Engine.poll_events (lmc_engine_poll_events through ctypes): KV events for routers.
 
-Expected hashes are computed here from the key scheme the docs state (docs/architecture.md, chunk
-keys): K_-1 = SHA-256(namespace bytes || len(extra) int64 LE || extra), K_i = SHA-256(K_{i-1} ||
+Expected hashes are computed here from the key scheme (ChunkHasher in
+src/LMCacheNative.Core/Keys/ChunkKey.cs): K_-1 = SHA-256(namespace bytes || len(extra) int64 LE || extra), K_i = SHA-256(K_{i-1} ||
 token count int32 LE || tokens int32 LE), the namespace being "lmcache-native:1", the model name
 (int64 length + UTF-8) and int32 element size, KV heads, head size, layers, K/V count, world size 1
 and worker 0.

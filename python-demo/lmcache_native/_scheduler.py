@@ -9,7 +9,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import _compat
+from . import _compat, _events
 from ._connector_common import (LOCAL_ENGINES, build_extra_key, has_prompt_embeds, kv_params, logger,
                                 lookup_socket_path, module_lock)
 from ._metadata import LMCacheNativeConnectorMetadata, LoadSpec, SaveSpec, new_stats_dict
@@ -110,6 +110,9 @@ class SchedulerPart:
         # slices (memcpy) of it. Dropped with the request (_forget) and at shutdown.
         self._token_buffers: dict[str, array.array] = {}
         self._stats = new_stats_dict()
+        # Combines the TP ranks' KV events into one per chunk (enable_kv_events, on a vLLM that
+        # carries connector events); None otherwise.
+        self._kv_events = _events.EventAggregator(settings.world_size) if settings.kv_events else None
 
     def _packed_tokens(self, req_id, tokens) -> array.array:
         """The request's int32 token buffer holding all of ``tokens`` (created on first use)."""
@@ -414,6 +417,21 @@ class SchedulerPart:
         # A load admitted in this very step is still emitted (the workers report it as received,
         # which vLLM needs for a request it keeps waiting for remote KV).
         return delay, None
+
+    # -- KV events ----------------------------------------------------------------------------------
+    def add_kv_events(self, kv_cache_events) -> None:
+        """The workers' records of one step (vLLM's combined KVConnectorKVEvents)."""
+        if self._kv_events is None or kv_cache_events is None:
+            return
+        if not isinstance(kv_cache_events, _events.LMCacheNativeKVEvents):
+            return  # another connector's container (a multi-connector setup): not ours to read
+        self._kv_events.add(kv_cache_events.get_all_events())
+
+    def take_kv_events(self) -> list:
+        return self._kv_events.take() if self._kv_events is not None else []
+
+    def kv_event_state_sizes(self) -> dict:
+        return self._kv_events.sizes() if self._kv_events is not None else {}
 
     # -- the rest ----------------------------------------------------------------------------------
     def take_stats(self) -> dict:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
-from . import _compat
+from . import _compat, _events
 from ._connector_common import LOCAL_ENGINES, logger, lookup_socket_path, module_lock
 from ._metadata import LMCacheNativeConnectorMetadata, LoadSpec, SaveSpec, new_stats_dict
 
@@ -79,6 +79,9 @@ class WorkerPart:
         self._invalid_block_ids: set[int] = set()
         self._failed_load_reqs: set[str] = set()
         self._stats = new_stats_dict()
+        # KV events of this rank not yet handed to vLLM (records of _events), e.g. the clear that a
+        # replaced engine implies; None when enable_kv_events is off or vLLM cannot carry them.
+        self._kv_event_backlog: Optional[list] = [] if settings.kv_events else None
 
     # -- registration ------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict) -> None:
@@ -94,6 +97,8 @@ class WorkerPart:
         namespace = _kv_layout.namespace_string(s.model, layers, connector._vllm_config)
         if self.engine is not None:
             self._close_engine()
+            if self._kv_event_backlog is not None:  # the old engine's CPU tier is gone with it
+                self._kv_event_backlog.append(_events.RankEvent(s.rank, _events.CLEARED, "CPU", None, None, 0, None))
         engine = self._lmc.Engine(s.engine_config, model_name=namespace, world_size=s.world_size,
                                   worker_id=s.rank)
         try:
@@ -394,6 +399,26 @@ class WorkerPart:
         logger.info("[req_id=%s] Stored %d out of total %d tokens. size: %.6f GB, cost %.4f ms, throughput: "
                     "%.4f GB/s", save.req_id, tokens, len(save.token_ids), gigabytes, seconds * 1000,
                     gigabytes / seconds if seconds > 0 else 0.0)
+
+    # -- KV events ----------------------------------------------------------------------------------
+    def take_kv_events(self):
+        """This rank's engine events since the last call, as an ``LMCacheNativeKVEvents`` (None when
+        there are none, events are off, or this vLLM cannot carry them). Never raises."""
+        if self._kv_event_backlog is None:
+            return None
+        try:
+            records, self._kv_event_backlog = self._kv_event_backlog, []
+            engine = self.engine
+            if engine is not None:
+                while True:  # drain: a step may have produced more than one poll's worth
+                    polled = engine.poll_events(1024)
+                    records += _events.records_from_poll(self._settings.rank, polled)
+                    if len(polled.events) < 1024:
+                        break
+            return _events.LMCacheNativeKVEvents(records) if records else None
+        except Exception as error:
+            logger.warning("LMCacheNative: reading KV events failed: %s", error)
+            return None
 
     # -- shutdown and introspection ----------------------------------------------------------------
     def reset_cache(self) -> bool:

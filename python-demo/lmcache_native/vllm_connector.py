@@ -75,6 +75,7 @@ class _Settings:
     dp_rank: int
     rpc_port: int
     lookup_namespace: str
+    kv_events: bool = False  # enable_kv_events, on a vLLM that carries connector KV events
 
 
 def _settings(vllm_config, lmc) -> _Settings:
@@ -117,7 +118,14 @@ def _settings(vllm_config, lmc) -> _Settings:
         block_size=int(getattr(cache_config, "block_size", None) or 16),
         model=model, use_mla=bool(getattr(model_config, "use_mla", False)),
         world_size=tp * pp, rank=rank, dp_rank=dp_rank, rpc_port=rpc_port,
-        lookup_namespace=f"{model}|{rpc_port}|{dp_rank}")
+        lookup_namespace=f"{model}|{rpc_port}|{dp_rank}",
+        kv_events=bool(config.get("enable_kv_events")) and _kv_events_supported())
+
+
+def _kv_events_supported() -> bool:
+    from . import _events
+
+    return _events.supported()
 
 
 def _load_library():
@@ -226,6 +234,12 @@ class LMCacheNativeConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set:
         return self._worker.get_block_ids_with_load_errors() if self._worker is not None else set()
 
+    def get_kv_connector_kv_cache_events(self):
+        """This rank's KV events since the last call (an ``LMCacheNativeKVEvents``, vLLM's
+        KVConnectorKVEvents), or None. vLLM combines the ranks' and hands them to the scheduler's
+        ``update_connector_output``."""
+        return self._worker.take_kv_events() if self._worker is not None else None
+
     def get_kv_connector_stats(self):
         """This instance's counters since the last call (None when nothing happened, or on a vLLM
         without the stats API)."""
@@ -269,10 +283,24 @@ class LMCacheNativeConnector(KVConnectorBase_V1):
         return False, None
 
     def update_connector_output(self, connector_output) -> None:
-        """Nothing to reconcile: the workers track their jobs."""
+        """The workers track their jobs; only their KV events (combined by vLLM) are taken in here."""
+        if self._scheduler is None:
+            return
+        try:
+            self._scheduler.add_kv_events(getattr(connector_output, "kv_cache_events", None))
+        except Exception as error:  # events are advisory: never fail a step for them
+            logger.warning("LMCacheNative: KV events of the workers not read: %s", error)
 
     def take_events(self) -> Iterable:
-        return ()
+        """vLLM's BlockStored / BlockRemoved / AllBlocksCleared since the last call, one per chunk
+        and medium across the TP ranks (docs/vllm-connector.md, "KV events")."""
+        if self._scheduler is None:
+            return ()
+        try:
+            return self._scheduler.take_kv_events()
+        except Exception as error:
+            logger.warning("LMCacheNative: KV events not published: %s", error)
+            return ()
 
     def get_finished_count(self):
         return None

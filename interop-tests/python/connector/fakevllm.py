@@ -8,7 +8,8 @@ class. Eras are (major, minor) tuples:
   V0_10  ≈0.10: two-argument constructor; CachedRequestData.resumed_from_preemption (list of bools);
          no handle_preemptions, no get_block_ids_with_load_errors, no stats API.
   V0_14  ≈0.14: kv_cache_config as an optional third constructor argument; resumed_req_ids (set);
-         handle_preemptions(set of ids) before bind; load errors; KVConnectorStats.
+         handle_preemptions(set of ids) before bind; load errors; KVConnectorStats; KV events from
+         connectors (KVConnectorKVEvents in KVConnectorOutput.kv_cache_events, BlockStored with a medium).
   NEW    2026 (≈0.28): kv_cache_config required and the two-argument constructor refused by the factory;
          handle_preemptions(metadata); has_sync_kv_loads and start_load_kv after the forward unless it
          is set; resumed requests arrive as new requests (MRv2); get_transfer_results.
@@ -17,6 +18,7 @@ class. Eras are (major, minor) tuples:
 from __future__ import annotations
 
 import abc
+import collections
 import enum
 import importlib
 import inspect
@@ -32,12 +34,12 @@ ERAS = {"v0.10": V0_10, "v0.14": V0_14, "new": NEW}
 CONNECTOR_MODULE = "lmcache_native.vllm_connector"
 # Every module of the connector that is built on vLLM's classes: re-imported against each era's.
 CONNECTOR_MODULES = [CONNECTOR_MODULE, "lmcache_native._compat", "lmcache_native._metadata",
-                     "lmcache_native._scheduler", "lmcache_native._worker"]
+                     "lmcache_native._scheduler", "lmcache_native._worker", "lmcache_native._events"]
 
 MODULE_NAMES = [
     "vllm", "vllm.distributed", "vllm.distributed.kv_transfer", "vllm.distributed.kv_transfer.kv_connector",
     "vllm.distributed.kv_transfer.kv_connector.v1", "vllm.distributed.kv_transfer.kv_connector.v1.base",
-    "vllm.distributed.kv_transfer.kv_connector.v1.metrics", "vllm.config", "vllm.v1", "vllm.v1.core",
+    "vllm.distributed.kv_transfer.kv_connector.v1.metrics", "vllm.distributed.kv_events", "vllm.config", "vllm.v1", "vllm.v1.core",
     "vllm.v1.core.sched", "vllm.v1.core.sched.output", "vllm.v1.request", "vllm.v1.outputs",
     "vllm.v1.kv_cache_interface", "vllm.forward_context", "vllm.logger", "vllm.version",
 ]
@@ -268,6 +270,171 @@ class KVConnectorStats:
         raise NotImplementedError
 
 
+# ------------------------------------------------------------------------------------------------
+# vllm/distributed/kv_events.py. The real events are msgspec Structs (tagged, hashable, compared by
+# value); frozen dataclasses behave alike here. Eras: ≈0.10 BlockStored without a medium and no
+# connector events; ≈0.14 medium and KVConnectorKVEvents; 2026 also lora_name (required) and the
+# optional extra_keys / group_idx.
+# ------------------------------------------------------------------------------------------------
+class KVCacheEvent:
+    """Base class of the KV cache events."""
+
+
+@dataclass(frozen=True)
+class BlockStored_V0_10(KVCacheEvent):
+    block_hashes: list
+    parent_block_hash: Any
+    token_ids: list
+    block_size: int
+    lora_id: Optional[int]
+
+    def __hash__(self):
+        return hash((tuple(self.block_hashes), self.parent_block_hash, tuple(self.token_ids), self.block_size,
+                     self.lora_id))
+
+
+@dataclass(frozen=True)
+class BlockStored_V0_14(KVCacheEvent):
+    block_hashes: list
+    parent_block_hash: Any
+    token_ids: list
+    block_size: int
+    lora_id: Optional[int]
+    medium: Optional[str]
+
+    def __hash__(self):
+        return hash((tuple(self.block_hashes), self.parent_block_hash, tuple(self.token_ids), self.block_size,
+                     self.lora_id, self.medium))
+
+
+@dataclass(frozen=True)
+class BlockStored_NEW(KVCacheEvent):
+    block_hashes: list
+    parent_block_hash: Any
+    token_ids: list
+    block_size: int
+    lora_id: Optional[int]
+    medium: Optional[str]
+    lora_name: Optional[str]
+    extra_keys: Optional[list] = None
+    group_idx: Optional[int] = None
+    kv_cache_spec_kind: Optional[str] = None
+    kv_cache_spec_sliding_window: Optional[int] = None
+
+    def __hash__(self):
+        return hash((tuple(self.block_hashes), self.parent_block_hash, tuple(self.token_ids), self.block_size,
+                     self.lora_id, self.medium, self.group_idx))
+
+
+@dataclass(frozen=True)
+class BlockRemoved_V0_10(KVCacheEvent):
+    block_hashes: list
+
+    def __hash__(self):
+        return hash(tuple(self.block_hashes))
+
+
+@dataclass(frozen=True)
+class BlockRemoved_NEW(KVCacheEvent):
+    block_hashes: list
+    medium: Optional[str]
+    group_idx: Optional[int] = None
+
+    def __hash__(self):
+        return hash((tuple(self.block_hashes), self.medium, self.group_idx))
+
+
+@dataclass(frozen=True)
+class AllBlocksCleared(KVCacheEvent):
+    pass
+
+
+class KVEventAggregator:
+    """Counts events across workers; the common ones are those every worker emitted."""
+
+    def __init__(self, num_workers: int) -> None:
+        if num_workers <= 0:
+            raise ValueError("num_workers must be greater than zero.")
+        self._event_counter = collections.Counter()
+        self._num_workers = num_workers
+
+    def add_events(self, events: list) -> None:
+        if not isinstance(events, list):
+            raise TypeError("events must be a list of KVCacheEvent.")
+        self._event_counter.update(events)
+
+    def get_common_events(self) -> list:
+        return [event for event, count in self._event_counter.items() if count == self._num_workers]
+
+    def get_all_events(self) -> list:
+        return list(self._event_counter.elements())
+
+    def clear_events(self) -> None:
+        self._event_counter.clear()
+
+    def increment_workers(self, count: int = 1) -> None:
+        if count <= 0:
+            raise ValueError("count must be positive.")
+        self._num_workers += count
+
+    def reset_workers(self) -> None:
+        self._num_workers = 1
+
+    def get_number_of_workers(self) -> int:
+        return self._num_workers
+
+
+class KVConnectorKVEvents(abc.ABC):
+    """Container of a connector's KV events (worker -> scheduler)."""
+
+    @abc.abstractmethod
+    def add_events(self, events: list) -> None:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def aggregate(self) -> "KVConnectorKVEvents":
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def increment_workers(self, count: int = 1) -> None:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def get_all_events(self) -> list:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def get_number_of_workers(self) -> int:
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def clear_events(self) -> None:
+        raise NotImplementedError
+
+    def merge(self, other: "KVConnectorKVEvents") -> "KVConnectorKVEvents":
+        self.add_events(other.get_all_events())
+        return self
+
+
+def _install_kv_events(era, module) -> None:
+    """vllm.distributed.kv_events as the era has it (class names as vLLM's)."""
+    if era < (0, 14):
+        stored, removed = BlockStored_V0_10, BlockRemoved_V0_10
+    elif era < NEW:
+        stored, removed = BlockStored_V0_14, BlockRemoved_NEW
+    else:
+        stored, removed = BlockStored_NEW, BlockRemoved_NEW
+    classes = {"KVCacheEvent": KVCacheEvent, "BlockStored": stored, "BlockRemoved": removed,
+               "AllBlocksCleared": AllBlocksCleared, "KVEventAggregator": KVEventAggregator}
+    if era >= (0, 14):
+        classes["KVConnectorKVEvents"] = KVConnectorKVEvents
+    for name, cls in classes.items():
+        cls.__module__ = module.__name__
+        cls.__name__ = cls.__qualname__ = name  # the era's class under vLLM's name (repr, pickle)
+        setattr(module, name, cls)
+    module.MEDIUM_GPU = "GPU"
+
+
 # Classes whose pickles must resolve in other processes live in their vllm.* module.
 _HOMES = {
     "vllm.config": [KVTransferConfig, CacheConfig, ParallelConfig, ModelConfig, SchedulerConfig, DeviceConfig,
@@ -462,6 +629,7 @@ def install(era=V0_14):
         del sys.modules["vllm.distributed.kv_transfer.kv_connector.v1.metrics"]
         delattr(mods["vllm.distributed.kv_transfer.kv_connector.v1"], "metrics")
     _make_base_module(era, mods["vllm.distributed.kv_transfer.kv_connector.v1.base"])
+    _install_kv_events(era, mods["vllm.distributed.kv_events"])
     mods["vllm.logger"].init_logger = logging.getLogger
     mods["vllm.version"].__version__ = "%d.%d.0" % era
     CURRENT_ERA = era

@@ -295,6 +295,7 @@ class MiniScheduler:
         self.spec = spec
         self.era = spec.era
         self.bs = spec.block_size
+        self.published_events: list = []  # every event take_events yielded, in order
         self.pool = BlockPool(spec.num_blocks)
         self.requests: dict = {}
         self.waiting: collections.deque = collections.deque()
@@ -553,7 +554,7 @@ class MiniScheduler:
             self._free(self.requests[rid])
         events = self.conn.take_events()
         assert events is not None
-        list(events)
+        self.published_events.extend(events)  # what vLLM's KV-event publisher would send
 
 
 # ------------------------------------------------------------------------------------------------
@@ -731,11 +732,13 @@ class MiniWorker:
             sending, recving = self._watch("get_finished", True, allowed, conn.get_finished, output.finished_req_ids)
         invalid = set(conn.get_block_ids_with_load_errors()) if era >= (0, 11) else set()
         stats = conn.get_kv_connector_stats() if era >= (0, 11) else None
+        # vLLM's model runner asks every worker for its connector's KV events after the step (≥0.14).
+        kv_events = conn.get_kv_connector_kv_cache_events() if era >= (0, 14) else None
         conn.clear_connector_metadata()
         assert conn._connector_metadata is None
         kv_output = KVConnectorOutput(finished_sending=set(sending) if sending else None,
                                       finished_recving=set(recving) if recving else None,
-                                      kv_connector_stats=stats, invalid_block_ids=invalid)
+                                      kv_connector_stats=stats, invalid_block_ids=invalid, kv_cache_events=kv_events)
         report = {"violations": self.violations, "corrupt": self.corrupt, "load_writes": self.load_writes}
         self.violations = []
         return kv_output, report
@@ -856,6 +859,17 @@ def aggregate(outputs: list, pending: dict) -> KVConnectorOutput:
         for other in stats[1:]:
             merged = merged.aggregate(other)
         result.kv_connector_stats = merged
+    # KV events as vLLM's KVOutputAggregator combines them: the first worker's container collects
+    # every other worker's events, one increment_workers per worker added.
+    combined = None
+    for output in outputs:
+        if combined is None:
+            combined = output.kv_cache_events
+        elif output.kv_cache_events:
+            assert isinstance(combined, type(output.kv_cache_events))
+            combined.add_events(output.kv_cache_events.get_all_events())
+            combined.increment_workers(1)
+    result.kv_cache_events = combined or None
     result.finished_sending = result.finished_sending or None
     result.finished_recving = result.finished_recving or None
     return result
