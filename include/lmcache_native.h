@@ -636,7 +636,8 @@ typedef struct lmc_kv_event {
 
 /**
  * Moves the oldest queued events, in order, into events[0 .. *num_events_out) and their token ids
- * into token_ids[0 .. *num_token_ids_out); never waits. Stops at `capacity` events, or before an
+ * into token_ids[0 .. *num_token_ids_out); never waits. Stops at `capacity` events (at most 4096
+ * per call; poll again while a call returns as many as it could take), or before an
  * event whose token ids would not fit in what is left of token_capacity (it stays queued, first in
  * line). Nothing is owned across calls: the caller owns both arrays, the library keeps no pointer.
  * Any thread; concurrent polls each get different events.

@@ -106,3 +106,20 @@ def test_poll_events_checks_its_argument_and_a_closed_engine():
     engine.close()
     with pytest.raises(LmcInvalidHandle):
         engine.poll_events()
+
+
+def test_remote_writes_yield_block_stored_remote(make_rig, shared_redis_url, unique_model):
+    rig = make_rig({"chunk_size": CHUNK, "max_local_cpu_size": 0.01, "remote_url": shared_redis_url,
+                    "enable_kv_events": True}, model_name=unique_model)
+    tokens = rig.tokens(3 * CHUNK)
+    rig.engine.store(tokens, rig.slots(len(tokens)))
+    rig.engine.flush(10)
+    keys = expected_keys(tokens.tolist(), model=unique_model)
+    events, _ = drain(rig.engine)
+    remote = [e for e in events if e.medium == "REMOTE"]
+    assert [(e.kind, e.block_hash, e.parent_hash, e.token_ids) for e in remote] == [
+        ("BlockStored", keys[i], keys[i - 1] if i else None, tuple(tokens[i * CHUNK:(i + 1) * CHUNK].tolist()))
+        for i in range(3)]
+    # The CPU copies go; the remote records stay, and no removal is claimed for them.
+    rig.engine.clear()
+    assert [e.kind for e in drain(rig.engine)[0]] == ["AllBlocksCleared"]

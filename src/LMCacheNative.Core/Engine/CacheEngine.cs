@@ -328,9 +328,13 @@ public sealed class CacheEngine : IDisposable
         Func<int, ChunkLineage>? lineage = null;
         if (_events is not null && _lowerTiers.Count > 0 && held.Count < keys.Span.Length)
         {
-            var eventKeys = EventKeys(reg, tokens, extraKey, keys.Span);
+            // Most retrieves promote nothing: the event hashes (a second hash chain with several
+            // ranks) are computed only when the first chunk is promoted.
             var tokenArray = tokens.ToArray();
-            lineage = c => Lineage(eventKeys, tokenArray, c);
+            var extraArray = extraKey.ToArray();
+            var keyArray = keys.Span.ToArray();
+            ChunkKey[]? eventKeys = null;
+            lineage = c => Lineage(eventKeys ??= EventKeys(reg, tokenArray, extraArray, keyArray), tokenArray, c);
         }
         try
         {
