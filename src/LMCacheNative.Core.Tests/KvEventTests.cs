@@ -231,6 +231,28 @@ public class KvEventTests
         Assert.That(keys, Is.Not.EqualTo(Keys(tokens, 2, 0)), "the ranks' own storage keys differ from the event hashes");
     }
 
+    [Test]
+    public void WithTensorParallelRanks_DiskWritesPromotionsAndEvictions_UseTheSharedHashes()
+    {
+        // 12 chunks: the write-behind queue (a quarter of the pool) takes the store's 3 at once.
+        using var engine = Engine(extra: DiskConfig(100), cpuChunks: 12, worldSize: 2, workerId: 1);
+        int[] tokens = Tokens(24, 19);
+        var keys = Keys(tokens);
+        engine.Store(tokens, _slots.AsSpan(0, 24), 0, default);
+        Assert.That(engine.Flush(TimeSpan.FromSeconds(10)), Is.True);
+        var events = Drain(engine);
+        Assert.That(events.Where(e => e.Medium == KvEventMedium.Disk).Select(e => e.BlockHash), Is.EqualTo(keys));
+        engine.Clear();
+        _source.RetrieveAndCheck(engine, TestLayout.FlashNhd, tokens, _slots, 24);
+        events = Drain(engine);
+        for (int i = 0; i < 3; i++) AssertStored(events[1 + i], KvEventMedium.Cpu, keys, tokens, i);
+        // 10 new chunks into a pool of 12 holding the 3 promoted ones evict the least recently used of
+        // them: the prefix's last (a retrieve releases its chunks last to first).
+        engine.Store(Tokens(80, 20), _slots.AsSpan(0, 80), 0, default);
+        var removed = Drain(engine).Where(e => e.Kind == KvEventKind.BlockRemoved && e.Medium == KvEventMedium.Cpu).ToList();
+        Assert.That(removed.Select(e => e.BlockHash), Is.EqualTo(new[] { keys[2] }));
+    }
+
     // ---- the disk tier ----
 
     [Test]
