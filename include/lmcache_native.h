@@ -588,7 +588,9 @@ LMC_API lmc_status lmc_engine_clear(lmc_engine *engine);
  *
  *  - BLOCK_STORED: a chunk is now in `medium`: CPU when a store publishes it or a retrieve or
  *    prefetch promotes it from disk or remote; DISK when its record is written (write-behind);
- *    REMOTE when the remote write succeeded. Carries the token ids and the parent's hash.
+ *    REMOTE when the remote write succeeded. Carries the token ids and the parent's hash. A write
+ *    that finds the record already there reports it too, so a chunk may be announced again:
+ *    treat BLOCK_STORED as idempotent.
  *  - BLOCK_REMOVED: the chunk left `medium`: CPU eviction (LRU); a disk record evicted or found
  *    corrupt. Only for chunks the engine announced before. A remote store's expiry (TTL) and
  *    other clients' deletions cannot be seen without polling the store: REMOTE chunks are never

@@ -895,6 +895,7 @@ FIRST_CALLS = {
     "lmc_engine_get_tier_stats": "lib.lmc_engine_get_tier_stats(None, 0, byref(tier))",
     "lmc_engine_flush": "lib.lmc_engine_flush(None, 0)",
     "lmc_engine_clear": "lib.lmc_engine_clear(None)",
+    "lmc_engine_poll_events": "lib.lmc_engine_poll_events(byref(i64), byref(i64), byref(i64), None, None, 104, 0, None, 0)",
 }
 
 
