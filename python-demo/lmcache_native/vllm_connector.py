@@ -35,7 +35,8 @@ from . import _compat
 from . import _connector_config as _cfg
 from ._compat import KVConnectorBase_V1, KVConnectorRole
 from ._connector_common import build_extra_key, configure_logging, logger, lookup_socket_path, module_lock
-from ._metadata import LMCacheNativeConnectorMetadata, LMCacheNativeKVConnectorStats, LoadSpec, SaveSpec
+from ._metadata import (LMCacheNativeConnectorMetadata, LMCacheNativeKVConnectorStats, LMCacheNativePromMetrics,
+                        LoadSpec, SaveSpec)
 from ._redact import redact_config
 from ._scheduler import LOOKUP_POOL_THREADS
 
@@ -299,6 +300,14 @@ class LMCacheNativeConnector(KVConnectorBase_V1):
         if LMCacheNativeKVConnectorStats is None:
             return None
         return LMCacheNativeKVConnectorStats(data=data or {})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        """vLLM's per-connector Prometheus metrics over the stats reports (None on a vLLM without
+        them). LMCache's lmcache:* metrics are published separately (docs/metrics.md)."""
+        if LMCacheNativePromMetrics is None:
+            return None
+        return LMCacheNativePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     # -- shutdown ---------------------------------------------------------------------------------
     def shutdown(self) -> None:
