@@ -16,7 +16,9 @@ delegates by role, as vLLM's larger connectors do:
 * ``_worker.WorkerPart`` -- the engine and its KV layers, loads and saves as the library's jobs, the
   preemption fences, ``get_finished``;
 * ``_metadata`` -- the picklable metadata and statistics; ``_compat`` -- the vLLM era shims;
-  ``_connector_config`` -- the configuration (engine keys from the library's schema).
+  ``_connector_config`` -- the configuration (engine keys from the library's schema);
+* ``_prometheus`` -- LMCache's ``lmcache:*`` Prometheus metrics through prometheus_client, every rank
+  and the scheduler (docs/metrics.md).
 
 Importing this module loads nothing: no library, no torch, no threads, no sockets. The library is
 loaded in ``__init__``; the worker creates its engine in ``register_kv_caches``. No hook raises for a
