@@ -199,6 +199,44 @@ public class MetricsTests
     }
 
     [Test]
+    public void TheLookupServer_CountsDroppedConnections_NotIdleOnesOrAnsweredLookups()
+    {
+        using var engine = Engine(4, disk: false);
+        int[] tokens = Tokens(16, 6);
+        engine.Store(tokens, _slots.AsSpan(0, 16), 0, default);
+        string socketPath = Path.Combine(Path.GetTempPath(), $"lmcn-metrics-{Guid.NewGuid():N}.sock");
+        var peers = new List<System.Net.Sockets.Socket>();
+        System.Net.Sockets.Socket Connect()
+        {
+            var socket = new System.Net.Sockets.Socket(System.Net.Sockets.AddressFamily.Unix, System.Net.Sockets.SocketType.Stream,
+                System.Net.Sockets.ProtocolType.Unspecified);
+            socket.Connect(new System.Net.Sockets.UnixDomainSocketEndPoint(socketPath));
+            peers.Add(socket);
+            return socket;
+        }
+        try
+        {
+            using (new LMCacheNative.Core.Lookup.LookupServer(engine, socketPath))
+            {
+                Connect().Send("NOPE, not a lookup"u8.ToArray()); // wrong magic: dropped (1)
+                Connect().Send("LMLQ"u8.ToArray());                 // half a header, then silence: dropped at the deadline (2)
+                Connect();                                           // idle: closed at the deadline, not counted
+                Assert.That(LMCacheNative.Core.Lookup.LookupClient.Lookup(socketPath, tokens, [], TimeSpan.FromSeconds(5)), Is.EqualTo(16));
+                Thread.Sleep(LMCacheNative.Core.Lookup.LookupServer.RequestDeadline + TimeSpan.FromMilliseconds(600));
+                var m = Samples(engine.GetPrometheusMetrics());
+                Assert.That(Value(m, "lmcache:lookup_server_dropped_connections_total"), Is.EqualTo(2));
+                Assert.That(Value(m, "lmcache:lookup_server_refused_connections_total"), Is.EqualTo(0), "this user's peers are served");
+                Assert.That(Value(m, "lmcache:num_lookup_requests_total"), Is.EqualTo(1), "the answered lookup");
+            }
+        }
+        finally
+        {
+            foreach (var peer in peers) peer.Dispose();
+            if (File.Exists(socketPath)) File.Delete(socketPath);
+        }
+    }
+
+    [Test]
     public void TheText_FollowsTheExpositionFormat()
     {
         using var engine = new CacheEngine(EngineConfig.Parse("{\"chunk_size\": 8}"), "a \"quoted\"\\model\nname", 1, 0);
