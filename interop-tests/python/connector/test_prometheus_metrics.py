@@ -152,3 +152,30 @@ def test_vllms_connector_prom_metrics_count_the_stats_reports():
     assert registry.get_sample_value("vllm:lmcache_native_loaded_tokens_total", labels) == 27
     assert registry.get_sample_value("vllm:lmcache_native_load_failures_total", labels) == 0
     assert promtool_problems(generate_latest(registry).decode()) == []
+
+
+def test_the_connector_works_without_prometheus_client():
+    """prometheus_client is optional: without it the connector serves requests and publishes nothing."""
+    code = """
+        import sys
+        sys.modules["prometheus_client"] = None  # import prometheus_client now raises ImportError
+        import fakevllm
+        from sim import Cluster, Req, Spec
+        from lmcache_native import _prometheus
+        assert not _prometheus.available()
+        cluster = Cluster(Spec(era=fakevllm.V0_14, tp=1, extra_config=%r))
+        try:
+            cluster.add(Req("first", %r, max_tokens=1))
+            cluster.run()
+            cluster.add(Req("again", %r, max_tokens=2))
+            cluster.run()
+            print("LOADED", cluster.loaded_tokens("again")[-1] + 1)
+        finally:
+            cluster.shutdown()
+    """ % (EXTRA, PROMPT, PROMPT)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(TESTS), str(REPO / "python-demo")])
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LOADED 27" in result.stdout
