@@ -566,6 +566,35 @@ LMC_API lmc_status lmc_engine_tier_count(int32_t *count_out, lmc_engine *engine)
 LMC_API lmc_status lmc_engine_get_tier_stats(lmc_engine *engine, int32_t tier_index,
                                              lmc_tier_stats *stats);
 
+/* ---------------------------------------------------------------------------------------------- */
+/* Metrics (Prometheus)                                                                            */
+/* ---------------------------------------------------------------------------------------------- */
+
+/**
+ * Writes the engine's metrics in the Prometheus text exposition format (version 0.0.4), as a
+ * NUL-terminated UTF-8 string: what an HTTP handler for /metrics returns with
+ * "Content-Type: text/plain; version=0.0.4". Names, help texts, types and histogram buckets are
+ * LMCache's (lmcache/observability.py): counters such as lmcache:num_hit_tokens_total, gauges such
+ * as lmcache:local_cache_usage, histograms such as lmcache:time_to_retrieve (_bucket/_sum/_count);
+ * then what this library counts beyond LMCache under the same "lmcache:" prefix. docs/metrics.md
+ * lists every metric. Every sample is labelled model_name (as given to lmc_engine_create),
+ * worker_id (its worker_id) and role ("worker"); per-tier metrics add backend ("LocalCPUBackend",
+ * "LocalDiskBackend", "RemoteBackend"). Counters are cumulative since the engine was created; no
+ * value is NaN (hit rates are 0 before the first request).
+ *
+ * Counting is done by the engine as requests complete (atomic adds, no lock on the copy path); this
+ * call only reads and formats (tens of KiB), so it may be called from any thread at any time.
+ *
+ * Same size-query protocol as lmc_engine_get_config:
+ * @param[out] needed_out  receives the size in bytes including the NUL, also on BUFFER_TOO_SMALL.
+ *                         The text grows as values grow: size the buffer with some room, and retry
+ *                         on LMC_E_BUFFER_TOO_SMALL.
+ * @param[out] buffer      destination; may be NULL when capacity is 0 (to ask for the size).
+ * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT, LMC_E_BUFFER_TOO_SMALL.
+ */
+LMC_API lmc_status lmc_engine_get_metrics(int64_t *needed_out, lmc_engine *engine, char *buffer,
+                                          int64_t capacity);
+
 /** Waits up to timeout_ms (0 to INT32_MAX ms; -1 = forever) until the lower tiers have written
  *  everything stored so far (stores write them in the background).
  *  @return LMC_OK, LMC_E_TIMEOUT, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT. */

@@ -25,7 +25,7 @@ PY=/usr/bin/python3
 WARN=(-Wall -Wextra -Werror -pedantic)
 TEST_TIMEOUT=300
 # The areas in the order they run; each is test_<area>.c with a main() and "# <area>: …" last.
-AREAS=(versions_errors engine_config layers transfer jobs tiers lookup_channel cuda threads events)
+AREAS=(versions_errors engine_config layers transfer jobs tiers lookup_channel cuda threads events metrics)
 
 passed=0
 failed=0

@@ -2001,6 +2001,37 @@ static void op_get_config(reader *r) {
   } else if (needed != SENT) die("needed_out written on %s", sname(st));
 }
 
+/* lmc_engine_get_metrics: the size-query protocol of lmc_engine_get_config over any handle and
+ * capacity. Statuses pinned; nothing written past the capacity; on LMC_OK a NUL-terminated text of
+ * exactly needed bytes that starts with a "# HELP lmcache:" line and contains no NaN. */
+static void op_get_metrics(reader *r) {
+  uint64_t h = pick_handle(r, 1);
+  uint8_t sel = u8(r);
+  char *buf = g_cfgbuf;
+  int64_t cap;
+  if (sel < 64) buf = NULL, cap = sel < 48 ? 0 : any64(r);
+  else if (sel < 128) cap = CONFIG_BUF;
+  else if (sel < 240) cap = u16(r) % 32768;
+  else cap = any64(r), cap = cap > CONFIG_BUF ? CONFIG_BUF : cap;
+  memset(g_cfgbuf, CANARY, sizeof g_cfgbuf);
+  int64_t needed = SENT;
+  set_call("lmc_engine_get_metrics(&needed, 0x%" PRIx64 ", %s, %" PRId64 ")", h, buf ? "buffer" : "NULL", cap);
+  lmc_status st = lmc_engine_get_metrics(&needed, (lmc_engine *)(uintptr_t)h, buf, cap);
+  check_status(st);
+  check_handle_status(st, h, 1);
+  size_t untouched_from = buf && cap > 0 ? (size_t)cap : 0;
+  for (size_t i = untouched_from; i < sizeof g_cfgbuf; i++)
+    if ((uint8_t)g_cfgbuf[i] != CANARY) die("wrote byte %zu of the metrics buffer, past capacity %" PRId64, i, cap);
+  if (st == LMC_OK) {
+    if (needed < 1 || needed > cap) die("LMC_OK with needed %" PRId64 " and capacity %" PRId64, needed, cap);
+    if (g_cfgbuf[needed - 1] != 0 || strlen(g_cfgbuf) != (size_t)needed - 1 || strncmp(g_cfgbuf, "# HELP lmcache:", 15) != 0)
+      die("metrics are not a NUL-terminated Prometheus text of %" PRId64 " bytes", needed);
+    if (strstr(g_cfgbuf, "NaN")) die("metrics contain NaN");
+  } else if (st == LMC_E_BUFFER_TOO_SMALL) {
+    if (needed <= cap || needed < 1) die("BUFFER_TOO_SMALL with needed %" PRId64 " and capacity %" PRId64, needed, cap);
+  } else if (needed != SENT) die("needed_out written on %s", sname(st));
+}
+
 static int64_t g_schema_needed; /* what the first successful size query said (the schema is static) */
 
 /* lmc_config_schema: the size-query protocol (needed_out NULL, buffer NULL with and without a
@@ -2439,7 +2470,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     case 12: destroy_job_handle(pick_handle(&r, 0)); break;
     case 13: op_transfer(&r, OP_STORE, 1); break;
     case 14: op_transfer(&r, OP_RETRIEVE, 1); break;
-    case 15: op_get_config(&r); break;
+    case 15: code & 0x80 ? op_get_metrics(&r) : op_get_config(&r); break; /* metrics: high bit */
     case 16: op_stats(&r); break;
     case 17: op_tier_count(&r); break;
     case 18: op_tier_stats(&r); break;

@@ -256,13 +256,14 @@ def _engine_calls(rig):
         "lmc_engine_get_tier_stats": lambda h: b.lmc_engine_get_tier_stats(h, 0, byref(tier)),
         "lmc_engine_flush": lambda h: b.lmc_engine_flush(h, 0),
         "lmc_engine_clear": lambda h: b.lmc_engine_clear(h),
+        "lmc_engine_get_metrics": lambda h: b.lmc_engine_get_metrics(byref(out), h, None, 0),
     }
 
 
 ENGINE_FUNCTIONS = ["lmc_engine_get_config", "lmc_engine_register_layers", "lmc_lookup", "lmc_store", "lmc_retrieve",
                     "lmc_store(job)", "lmc_retrieve(job)", "lmc_lookup_server_start", "lmc_lookup_server_stop",
                     "lmc_prefetch_start", "lmc_engine_get_stats", "lmc_engine_tier_count",
-                    "lmc_engine_get_tier_stats", "lmc_engine_flush", "lmc_engine_clear"]
+                    "lmc_engine_get_tier_stats", "lmc_engine_flush", "lmc_engine_clear", "lmc_engine_get_metrics"]
 
 
 @pytest.mark.parametrize("handle", HANDLES, ids=_vid)
@@ -896,6 +897,7 @@ FIRST_CALLS = {
     "lmc_engine_flush": "lib.lmc_engine_flush(None, 0)",
     "lmc_engine_clear": "lib.lmc_engine_clear(None)",
     "lmc_engine_poll_events": "lib.lmc_engine_poll_events(byref(i64), byref(i64), byref(i64), None, None, 104, 0, None, 0)",
+    "lmc_engine_get_metrics": "lib.lmc_engine_get_metrics(byref(i64), None, None, 0)",
 }
 
 

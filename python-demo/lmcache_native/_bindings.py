@@ -321,6 +321,8 @@ FUNCTION_SIGNATURES: dict[str, tuple[list, object]] = {
     "lmc_engine_get_stats": ([_HANDLE, POINTER(LmcStats)], _STATUS),
     "lmc_engine_tier_count": ([POINTER(c_int32), _HANDLE], _STATUS),
     "lmc_engine_get_tier_stats": ([_HANDLE, c_int32, POINTER(LmcTierStats)], _STATUS),
+    # Metrics: (int64_t *needed_out, lmc_engine *engine, char *buffer, int64_t capacity)
+    "lmc_engine_get_metrics": ([POINTER(c_int64), _HANDLE, POINTER(c_char), c_int64], _STATUS),
     "lmc_engine_flush": ([_HANDLE, c_int64], _STATUS),
     "lmc_engine_clear": ([_HANDLE], _STATUS),
     # KV events

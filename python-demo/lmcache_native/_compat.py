@@ -21,6 +21,11 @@ try:  # vLLM >= 0.11: the worker's stats travel to the scheduler inside the mode
 except Exception:  # this vLLM has no connector stats API
     KVConnectorStatsBase = None
 
+try:  # vLLM with per-connector Prometheus metrics (build_prom_metrics)
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics as KVConnectorPromMetricsBase
+except Exception:
+    KVConnectorPromMetricsBase = None
+
 
 def vllm_version() -> tuple:
     """(major, minor) of the running vLLM; (0, 0) when unreadable (counts as the oldest era)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ._compat import KVConnectorMetadata, KVConnectorStatsBase
+from ._compat import KVConnectorMetadata, KVConnectorPromMetricsBase, KVConnectorStatsBase
 
 
 @dataclass
@@ -107,3 +107,43 @@ if KVConnectorStatsBase is not None:
             return not any(self.data.get(key) for key in STATS_KEYS)
 else:
     LMCacheNativeKVConnectorStats = None
+
+
+# What LMCacheNativePromMetrics records from each stats report: (stats key, metric name, help).
+PROM_COUNTERS = (
+    ("num_loads", "vllm:lmcache_native_loads", "Loads (retrieves into vLLM's KV cache) the workers ran"),
+    ("num_load_failures", "vllm:lmcache_native_load_failures", "Loads that wrote fewer tokens than promised"),
+    ("loaded_tokens", "vllm:lmcache_native_loaded_tokens", "Tokens whose KV loads wrote into vLLM's KV cache"),
+    ("loaded_bytes", "vllm:lmcache_native_loaded_bytes", "Bytes of KV loads wrote into vLLM's KV cache"),
+    ("load_seconds", "vllm:lmcache_native_load_seconds", "Seconds the loads took, summed"),
+    ("num_stores", "vllm:lmcache_native_stores", "Stores (saves of vLLM's KV) the workers ran"),
+    ("stored_tokens", "vllm:lmcache_native_stored_tokens", "Tokens whose KV stores copied into the cache"),
+    ("stored_bytes", "vllm:lmcache_native_stored_bytes", "Bytes of KV stores copied into the cache"),
+    ("store_seconds", "vllm:lmcache_native_store_seconds", "Seconds the stores took, summed"),
+    ("num_lookups", "vllm:lmcache_native_lookups", "Lookups the scheduler answered"),
+    ("lookup_hit_tokens", "vllm:lmcache_native_lookup_hit_tokens", "Tokens the scheduler's lookups found cached"),
+)
+
+if KVConnectorPromMetricsBase is not None:
+    class LMCacheNativePromMetrics(KVConnectorPromMetricsBase):
+        """vLLM's per-connector Prometheus metrics (``build_prom_metrics``): the stats reports of
+        ``LMCacheNativeKVConnectorStats`` (summed over the workers by vLLM) as counters with vLLM's
+        labels, one series per engine. They travel with vLLM's own stats, so they reach ``/metrics``
+        without PROMETHEUS_MULTIPROC_DIR; LMCache's ``lmcache:*`` metrics are published by
+        ``_prometheus`` (docs/metrics.md)."""
+
+        def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+            super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+            self._counters = {}
+            for key, name, documentation in PROM_COUNTERS:
+                counter = self._counter_cls(name=name, documentation=documentation, labelnames=list(labelnames))
+                self._counters[key] = {engine: counter.labels(*values)
+                                       for engine, values in per_engine_labelvalues.items()}
+
+        def observe(self, transfer_stats_data: dict, engine_idx: int = 0):
+            for key, per_engine in self._counters.items():
+                value = (transfer_stats_data or {}).get(key, 0) or 0
+                if value > 0 and engine_idx in per_engine:
+                    per_engine[engine_idx].inc(value)
+else:
+    LMCacheNativePromMetrics = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import array
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -13,6 +14,7 @@ from . import _compat, _events
 from ._connector_common import (LOCAL_ENGINES, build_extra_key, has_prompt_embeds, kv_params, logger,
                                 lookup_socket_path, module_lock)
 from ._metadata import LMCacheNativeConnectorMetadata, LoadSpec, SaveSpec, new_stats_dict
+from ._prometheus import SchedulerMetrics
 
 LOOKUP_POOL_THREADS = 4
 
@@ -113,6 +115,7 @@ class SchedulerPart:
         # Combines the TP ranks' KV events into one per chunk (enable_kv_events, on a vLLM that
         # carries connector events); None otherwise.
         self._kv_events = _events.EventAggregator(settings.world_size) if settings.kv_events else None
+        self._metrics = SchedulerMetrics(settings.model, settings.dp_rank)
 
     def _packed_tokens(self, req_id, tokens) -> array.array:
         """The request's int32 token buffer holding all of ``tokens`` (created on first use)."""
@@ -158,6 +161,8 @@ class SchedulerPart:
             need = max(hit - num_computed_tokens - (1 if full else 0), 0)
             self._stats["num_lookups"] += 1
             self._stats["lookup_hit_tokens"] += hit
+            self._metrics.request_seen(req_id, getattr(request, "num_prompt_tokens", None) or num_tokens,
+                                       num_computed_tokens)
             if 0 < need < s.min_retrieve_tokens:
                 logger.info("Reqid: %s, Total tokens %d, Inference Engine computed tokens: %d, LMCache hit "
                             "tokens: %d, but need to load: %d < min_retrieve %d, skip retrieve but record for "
@@ -230,6 +235,7 @@ class SchedulerPart:
         with module_lock:
             local = dict(LOCAL_ENGINES.get(s.lookup_namespace, {}))
         hits = []
+        started, failures, timeouts = time.perf_counter(), 0, 0
         for rank in range(s.world_size):
             engine = local.get(rank)
             try:
@@ -243,10 +249,13 @@ class SchedulerPart:
             except Exception as error:  # LmcTimeout / LmcIOError / closed engine: a miss
                 logger.debug("LMCacheNative: lookup on rank %d failed, counted as a miss: %s", rank, error)
                 hit = 0
+                failures += 1
+                timeouts += type(error).__name__ == "LmcTimeout"
             hit = self._checked_hit(hit, len(tokens), f"rank {rank}")
             hits.append(hit)
             if hit == 0:
                 break
+        self._metrics.lookup_done(time.perf_counter() - started, failures, timeouts)
         return min(hits) if hits else 0
 
     def _checked_hit(self, hit, num_tokens: int, origin: str) -> int:
@@ -404,6 +413,7 @@ class SchedulerPart:
         self._pending_lookups.pop(req_id, None)
         self._token_buffers.pop(req_id, None)
         self._drop_background_lookup(req_id)
+        self._metrics.request_forgotten(req_id)
 
     def request_finished(self, request, block_ids) -> tuple:
         """(True, None) while an asynchronous save of the request may still read its blocks: vLLM

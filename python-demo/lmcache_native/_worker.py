@@ -21,6 +21,7 @@ from typing import Any, Optional
 from . import _compat, _events
 from ._connector_common import LOCAL_ENGINES, logger, lookup_socket_path, module_lock
 from ._metadata import LMCacheNativeConnectorMetadata, LoadSpec, SaveSpec, new_stats_dict
+from ._prometheus import EngineMirror
 
 
 class _Transfer:
@@ -82,6 +83,8 @@ class WorkerPart:
         # KV events of this rank not yet handed to vLLM (records of _events), e.g. the clear that a
         # replaced engine implies; None when enable_kv_events is off or vLLM cannot carry them.
         self._kv_event_backlog: Optional[list] = [] if settings.kv_events else None
+        # LMCache's Prometheus metrics: the engine's own counters, copied into prometheus_client
+        self._metrics = EngineMirror(settings.model, settings.rank)
 
     # -- registration ------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict) -> None:
@@ -256,6 +259,7 @@ class WorkerPart:
             logger.error("LMCacheNative: get_finished failed: %s", error, exc_info=True)
         sending, self._finished_sending = self._finished_sending, set()
         recving, self._finished_recving = self._finished_recving, set()
+        self._metrics.maybe_publish(self.engine)  # once a second at most, after the step's work
         return (sending or None), (recving or None)
 
     def get_block_ids_with_load_errors(self) -> set:
@@ -471,6 +475,7 @@ class WorkerPart:
         self._loads.clear()
         self._stores.clear()
         self._sending_pending.clear()
+        self._metrics.publish(self.engine)  # the final values, before the engine goes
         try:
             self._close_engine()
         except Exception as error:

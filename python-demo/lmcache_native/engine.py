@@ -542,6 +542,30 @@ class Engine:
             tiers.append(stats.as_dict())
         return tiers
 
+    def metrics(self) -> str:
+        """The engine's metrics in the Prometheus text exposition format (lmc_engine_get_metrics):
+        LMCache's ``lmcache:*`` names, labels model_name / worker_id / role and buckets; serve it as
+        ``text/plain; version=0.0.4``. docs/metrics.md lists every metric."""
+        handle = self.handle
+        needed = c_int64(0)
+        status = _b.lmc_engine_get_metrics(byref(needed), handle, None, 0)
+        if status not in (_b.LMC_OK, _b.LMC_E_BUFFER_TOO_SMALL):
+            raise error_for_status(status, last_error_message())
+        while True:
+            # Room for counters that gain digits between the size query and the read.
+            buffer = ctypes.create_string_buffer(max(needed.value, 1) + 1024)
+            status = _b.lmc_engine_get_metrics(byref(needed), handle, buffer, len(buffer))
+            if status != _b.LMC_E_BUFFER_TOO_SMALL:
+                check(status)
+                return buffer.value.decode("utf-8")
+
+    def metric_families(self) -> dict:
+        """``metrics()`` parsed with prometheus_client's parser: family name -> Metric (its
+        ``.samples`` have ``.name``, ``.labels``, ``.value``). Needs prometheus_client."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return {family.name: family for family in text_string_to_metric_families(self.metrics())}
+
     def flush(self, timeout_s: float | None = None) -> None:
         """Waits until the lower tiers have written everything stored so far (None: no limit);
         raises ``LmcTimeout`` when the time runs out first."""

@@ -16,7 +16,9 @@ delegates by role, as vLLM's larger connectors do:
 * ``_worker.WorkerPart`` -- the engine and its KV layers, loads and saves as the library's jobs, the
   preemption fences, ``get_finished``;
 * ``_metadata`` -- the picklable metadata and statistics; ``_compat`` -- the vLLM era shims;
-  ``_connector_config`` -- the configuration (engine keys from the library's schema).
+  ``_connector_config`` -- the configuration (engine keys from the library's schema);
+* ``_prometheus`` -- LMCache's ``lmcache:*`` Prometheus metrics through prometheus_client, every rank
+  and the scheduler (docs/metrics.md).
 
 Importing this module loads nothing: no library, no torch, no threads, no sockets. The library is
 loaded in ``__init__``; the worker creates its engine in ``register_kv_caches``. No hook raises for a
@@ -35,7 +37,8 @@ from . import _compat
 from . import _connector_config as _cfg
 from ._compat import KVConnectorBase_V1, KVConnectorRole
 from ._connector_common import build_extra_key, configure_logging, logger, lookup_socket_path, module_lock
-from ._metadata import LMCacheNativeConnectorMetadata, LMCacheNativeKVConnectorStats, LoadSpec, SaveSpec
+from ._metadata import (LMCacheNativeConnectorMetadata, LMCacheNativeKVConnectorStats, LMCacheNativePromMetrics,
+                        LoadSpec, SaveSpec)
 from ._redact import redact_config
 from ._scheduler import LOOKUP_POOL_THREADS
 
@@ -327,6 +330,14 @@ class LMCacheNativeConnector(KVConnectorBase_V1):
         if LMCacheNativeKVConnectorStats is None:
             return None
         return LMCacheNativeKVConnectorStats(data=data or {})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        """vLLM's per-connector Prometheus metrics over the stats reports (None on a vLLM without
+        them). LMCache's lmcache:* metrics are published separately (docs/metrics.md)."""
+        if LMCacheNativePromMetrics is None:
+            return None
+        return LMCacheNativePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     # -- shutdown ---------------------------------------------------------------------------------
     def shutdown(self) -> None:

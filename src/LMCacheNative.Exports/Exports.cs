@@ -112,7 +112,7 @@ internal static unsafe class Exports
     }
 
     /// <summary>The size-query protocol: reports the bytes needed (NUL included), writes only when they fit.</summary>
-    private static int WriteText(long* neededOut, byte* buffer, long capacity, string text, string what)
+    internal static int WriteText(long* neededOut, byte* buffer, long capacity, string text, string what)
     {
         if (capacity < 0) throw LmcException.InvalidArgument($"capacity must be >= 0, got {capacity}");
         if (buffer == null && capacity > 0) throw LmcException.InvalidArgument("buffer is NULL but capacity is not 0");

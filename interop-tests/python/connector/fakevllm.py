@@ -435,6 +435,45 @@ def _install_kv_events(era, module) -> None:
     module.MEDIUM_GPU = "GPU"
 
 
+class KVConnectorPromMetrics:
+    """vllm/distributed/kv_transfer/kv_connector/v1/metrics.py (≥0.11): a connector's Prometheus
+    metrics. ``metric_types`` maps prometheus_client's Gauge/Counter/Histogram to the classes vLLM
+    wants used (its own subclasses in a real server)."""
+
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self._kv_transfer_config = vllm_config.kv_transfer_config
+        self._gauge_cls = metric_types[Gauge]
+        self._counter_cls = metric_types[Counter]
+        self._histogram_cls = metric_types[Histogram]
+        self._labelnames = labelnames
+        self.per_engine_labelvalues = per_engine_labelvalues
+
+    def observe(self, transfer_stats_data: dict, engine_idx: int = 0):
+        raise NotImplementedError
+
+
+class KVConnectorProm:
+    """vLLM's driver of the above (same module): resolves the connector class from the config and
+    asks it for its metrics with prometheus_client's classes; ``observe`` forwards stats reports."""
+
+    def __init__(self, vllm_config, labelnames, per_engine_labelvalues):
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.prom_metrics = None
+        transfer = vllm_config.kv_transfer_config
+        if transfer and transfer.kv_connector:
+            connector_cls = getattr(importlib.import_module(transfer.kv_connector_module_path), transfer.kv_connector)
+            self.prom_metrics = connector_cls.build_prom_metrics(
+                vllm_config, {Gauge: Gauge, Counter: Counter, Histogram: Histogram}, labelnames, per_engine_labelvalues)
+
+    def observe(self, transfer_stats_data: dict, engine_idx: int = 0):
+        if self.prom_metrics is None:
+            return
+        self.prom_metrics.observe(transfer_stats_data, engine_idx)
+
+
 # Classes whose pickles must resolve in other processes live in their vllm.* module.
 _HOMES = {
     "vllm.config": [KVTransferConfig, CacheConfig, ParallelConfig, ModelConfig, SchedulerConfig, DeviceConfig,
@@ -444,7 +483,7 @@ _HOMES = {
     "vllm.v1.outputs": [KVConnectorOutput],
     "vllm.v1.request": [RequestStatus],
     "vllm.forward_context": [ForwardContext],
-    "vllm.distributed.kv_transfer.kv_connector.v1.metrics": [KVConnectorStats],
+    "vllm.distributed.kv_transfer.kv_connector.v1.metrics": [KVConnectorStats, KVConnectorPromMetrics, KVConnectorProm],
 }
 
 
@@ -563,6 +602,10 @@ def _make_base_module(era, module):
             return None
 
         @classmethod
+        def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+            return None
+
+        @classmethod
         def requires_piecewise_for_cudagraph(cls, extra_config):
             return False
 
@@ -572,6 +615,7 @@ def _make_base_module(era, module):
         KVConnectorBase_V1.get_block_ids_with_load_errors = get_block_ids_with_load_errors
         KVConnectorBase_V1.get_kv_connector_stats = get_kv_connector_stats
         KVConnectorBase_V1.build_kv_connector_stats = build_kv_connector_stats
+        KVConnectorBase_V1.build_prom_metrics = build_prom_metrics
         KVConnectorBase_V1.requires_piecewise_for_cudagraph = requires_piecewise_for_cudagraph
         KVConnectorBase_V1.reset_cache = reset_cache
     if era >= (0, 14):

@@ -4,6 +4,7 @@ using LMCacheNative.Core.Config;
 using LMCacheNative.Core.Keys;
 using LMCacheNative.Core.Layout;
 using LMCacheNative.Core.Memory;
+using LMCacheNative.Core.Metrics;
 using LMCacheNative.Core.Storage;
 using LMCacheNative.Core.Transfer;
 
@@ -32,6 +33,7 @@ public sealed class CacheEngine : IDisposable
     private readonly IDeviceBackend? _deviceBackend;
     private readonly LowerTierChain _lowerTiers;
     private readonly EngineCounters _counters = new();
+    private readonly EngineMetrics _metrics = new();
     private readonly JobRunner _jobs;
     private readonly InFlight _inFlight = new();
     // KV events for routers (enable_kv_events); null when off, and then no event code runs.
@@ -128,6 +130,8 @@ public sealed class CacheEngine : IDisposable
                     // Queued writes read slabs of the old pool: let them finish before it goes.
                     _lowerTiers.Flush(Timeout.InfiniteTimeSpan);
                     _counters.TierReplaced(previous.Tier.EvictedChunks);
+                    var replaced = previous.Tier.MetricsSnapshot();
+                    _metrics.CpuTierReplaced(replaced.EvictionRounds, replaced.EvictionFailures);
                     previous.Tier.Dispose();
                     // Every chunk of the old pool is gone at once.
                     _events?.TryEnqueue(KvEvent.AllCleared(KvEventMedium.Cpu));
@@ -188,7 +192,9 @@ public sealed class CacheEngine : IDisposable
             tokensByTier[t] = Math.Min(chunksByTier[t] * ChunkSize, remaining);
             remaining -= tokensByTier[t];
         }
-        return new LookupResult(hit, tokensByTier, Stopwatch.GetElapsedTime(started).Ticks * 100);
+        long elapsedNs = Stopwatch.GetElapsedTime(started).Ticks * 100;
+        _metrics.Lookup(hit, elapsedNs);
+        return new LookupResult(hit, tokensByTier, elapsedNs);
     }
 
     // ---- store ----
@@ -506,7 +512,9 @@ public sealed class CacheEngine : IDisposable
         tier.Release(held.OrderByDescending(h => h.Index).Select(h => h.Chunk));
         long tokensCopied = plan.Fresh.Sum(f => (long)f.Chunk.TokenCount);
         _counters.Store(tokensCopied, bytesCopied, plan.SkippedForSpace);
-        return new TransferResult(op.TokensMatched, tokensCopied, bytesCopied, plan.SkippedForSpace, op.ChunksByTier, Stopwatch.GetElapsedTime(started).Ticks * 100);
+        long elapsedNs = Stopwatch.GetElapsedTime(started).Ticks * 100;
+        _metrics.Store(tokensCopied, elapsedNs);
+        return new TransferResult(op.TokensMatched, tokensCopied, bytesCopied, plan.SkippedForSpace, op.ChunksByTier, elapsedNs);
     }
 
     /// <summary>The copy is done: counts the retrieve and releases the pins.</summary>
@@ -515,7 +523,9 @@ public sealed class CacheEngine : IDisposable
         op.Reg.Tier.Release(Enumerable.Reverse(op.Held));
         _counters.Retrieve(op.NumTokens, op.TokensMatched, bytesWritten);
         long tokensWritten = bytesWritten / op.Reg.Shape.BytesPerToken;
-        return new TransferResult(op.TokensMatched, tokensWritten, bytesWritten, 0, op.ChunksByTier, Stopwatch.GetElapsedTime(started).Ticks * 100);
+        long elapsedNs = Stopwatch.GetElapsedTime(started).Ticks * 100;
+        _metrics.Retrieve(op.TokensMatched, op.ChunksByTier, elapsedNs);
+        return new TransferResult(op.TokensMatched, tokensWritten, bytesWritten, 0, op.ChunksByTier, elapsedNs);
     }
 
     /// <summary>The copy failed or could not start: reserved chunks are dropped, pins released, nothing published.</summary>
@@ -560,6 +570,22 @@ public sealed class CacheEngine : IDisposable
         var tier = _registration?.Tier;
         var (chunks, evicted, used) = tier?.Snapshot() ?? (0, 0, 0);
         return _counters.Snapshot(chunks, evicted, used, tier?.CapacityBytes ?? Config.MaxLocalCpuBytes);
+    }
+
+    /// <summary>What the engine counts for Prometheus beyond <see cref="GetStats"/> (the lookup server adds to it).</summary>
+    internal EngineMetrics Metrics => _metrics;
+
+    /// <summary>
+    /// Every metric in the Prometheus text exposition format (version 0.0.4), with LMCache's names,
+    /// labels (model_name, worker_id, role = "worker") and histogram buckets; docs/metrics.md lists them.
+    /// </summary>
+    public string GetPrometheusMetrics()
+    {
+        using var scope = EnterCall();
+        var tier = _registration?.Tier;
+        var cpu = tier?.MetricsSnapshot() ?? default;
+        var stats = _counters.Snapshot(cpu.Chunks, cpu.EvictedChunks, cpu.UsedBytes, tier?.CapacityBytes ?? Config.MaxLocalCpuBytes);
+        return EngineExposition.Render(this, stats, cpu, _metrics, _lowerTiers.Stats(), _lowerTiers.Timings(), _registration is not null);
     }
 
     /// <summary>

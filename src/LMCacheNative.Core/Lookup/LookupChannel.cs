@@ -219,7 +219,12 @@ public sealed class LookupServer : IDisposable
                 else if (_connections.TryGetValue(socket, out var connection)) Receive(connection);
             }
             long now = Stopwatch.GetTimestamp();
-            foreach (var late in _connections.Values.Where(c => c.Deadline < now).ToList()) Drop(late);
+            foreach (var late in _connections.Values.Where(c => c.Deadline < now).ToList())
+            {
+                // An idle connection (no byte of a next request) closing is routine; a half-sent request is not.
+                if (late.HeaderReceived > 0) _engine.Metrics.LookupConnectionDropped();
+                Drop(late);
+            }
         }
     }
 
@@ -242,6 +247,7 @@ public sealed class LookupServer : IDisposable
             }
             if (!LookupWire.PeerIsTrusted(socket, out _))
             {
+                _engine.Metrics.LookupPeerRefused();
                 socket.Dispose();
                 continue;
             }
@@ -250,6 +256,7 @@ public sealed class LookupServer : IDisposable
             {
                 // Full: the idle connection that has waited longest for its request makes room.
                 var oldest = _connections.Values.MinBy(c => c.Deadline);
+                _engine.Metrics.LookupConnectionDropped();
                 if (oldest is null)
                 {
                     socket.Dispose();
@@ -279,6 +286,7 @@ public sealed class LookupServer : IDisposable
                 || BinaryPrimitives.ReadUInt16LittleEndian(header[4..]) != LookupWire.Version
                 || extraLength > LookupWire.MaxExtraKeyBytes || tokenCount > LookupWire.MaxTokens)
             {
+                _engine.Metrics.LookupConnectionDropped();
                 Drop(c); // not our protocol, or a request larger than any real one
                 return;
             }
@@ -301,7 +309,11 @@ public sealed class LookupServer : IDisposable
         }
         // Complete: the connection belongs to a lookup thread until it comes back through _answered.
         _connections.Remove(c.Socket);
-        if (!_requests.TryAdd(c)) Drop(c);
+        if (!_requests.TryAdd(c))
+        {
+            _engine.Metrics.LookupConnectionDropped();
+            Drop(c);
+        }
     }
 
     /// <summary>False (and the connection dropped) when the peer closed or the read failed.</summary>

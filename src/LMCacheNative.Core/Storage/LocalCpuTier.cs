@@ -42,6 +42,15 @@ public sealed class CachedChunk
 }
 
 /// <summary>
+/// The CPU tier for metrics. ActiveSlabs: slabs in use (cached, being filled, or removed while still
+/// read; LMCache's active_memory_objs_count). PinnedSlabs: those a request or a write holds (not
+/// evictable; pinned_memory_objs_count). EvictionRounds: reservations that evicted at least one
+/// chunk; EvictionFailures: reservations refused because every chunk was pinned.
+/// </summary>
+public readonly record struct CpuTierMetrics(int Chunks, long ActiveSlabs, long PinnedSlabs, long EvictedChunks, long EvictionRounds,
+    long EvictionFailures, long UsedBytes);
+
+/// <summary>
 /// The CPU tier: an index from chunk key to slab, bounded by a <see cref="SlabPool"/>, with O(1) LRU
 /// eviction. Only unpinned chunks sit in the LRU list, so the least recently used one can always be
 /// evicted without scanning past chunks being read. When nothing is evictable, <see cref="TryReserve"/>
@@ -72,6 +81,12 @@ public sealed class LocalCpuTier : IDisposable
     // index changes; null when events are off, and for a staging-only pool, whose chunks are only in
     // transit to the lower tiers and never worth routing to.
     private readonly KvEventQueue? _events;
+
+    // For metrics, counted under the tier's lock where the events happen: reservations that evicted
+    // (LMCache's local_cpu_evict_count), reservations that found nothing to evict
+    // (local_cpu_evict_failed_count), and chunks in the LRU list (the unpinned ones).
+    private long _evictionRounds, _evictionFailures;
+    private long _lruChunks;
 
     /// <param name="stagingOnly">chunks leave the tier when their last holder releases them</param>
     /// <param name="events">where BlockStored / BlockRemoved (CPU) and AllBlocksCleared go; null: no events</param>
@@ -169,12 +184,19 @@ public sealed class LocalCpuTier : IDisposable
     {
         if (payloadBytes > _pool.SlabBytes) throw new ArgumentException("chunk larger than a slab");
         nint slab;
+        bool evicted = false;
         while ((slab = _pool.TryRent()) == 0)
         {
-            if (_oldest is not { } victim) return null;
+            if (_oldest is not { } victim)
+            {
+                _evictionFailures++;
+                return null;
+            }
             Remove(victim);
             _evictedChunks++;
+            evicted = true;
         }
+        if (evicted) _evictionRounds++;
         _pending[key] = _pending.GetValueOrDefault(key) + 1;
         return new CachedChunk(this, key, slab, tokenCount, payloadBytes) { Pins = 1 };
     }
@@ -357,6 +379,16 @@ public sealed class LocalCpuTier : IDisposable
         }
     }
 
+    /// <summary>The tier's gauges and eviction counters for metrics, read together.</summary>
+    public CpuTierMetrics MetricsSnapshot()
+    {
+        lock (_lock)
+        {
+            long slabs = _pool.RentedSlabs;
+            return new CpuTierMetrics(_index.Count, slabs, slabs - _lruChunks, _evictedChunks, _evictionRounds, _evictionFailures, _pool.UsedBytes);
+        }
+    }
+
     /// <summary>Chunks, evictions and pool bytes, read together.</summary>
     public (int Chunks, long EvictedChunks, long UsedBytes) Snapshot()
     {
@@ -389,6 +421,7 @@ public sealed class LocalCpuTier : IDisposable
         _newest = chunk;
         _oldest ??= chunk;
         chunk.InLru = true;
+        _lruChunks++;
     }
 
     private void Unlink(CachedChunk chunk)
@@ -397,6 +430,7 @@ public sealed class LocalCpuTier : IDisposable
         if (chunk.Older is not null) chunk.Older.Newer = chunk.Newer; else _oldest = chunk.Newer;
         chunk.Newer = chunk.Older = null;
         chunk.InLru = false;
+        _lruChunks--;
     }
 
     /// <summary>Keys from least to most recently used (for tests and diagnostics; O(n)).</summary>
@@ -414,6 +448,7 @@ public sealed class LocalCpuTier : IDisposable
         {
             _index.Clear();
             _newest = _oldest = null;
+            _lruChunks = 0;
             _pool.Dispose();
         }
     }

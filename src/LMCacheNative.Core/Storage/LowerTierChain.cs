@@ -1,6 +1,7 @@
 using LMCacheNative.Core.Config;
 using LMCacheNative.Core.Engine;
 using LMCacheNative.Core.Keys;
+using LMCacheNative.Core.Metrics;
 
 namespace LMCacheNative.Core.Storage;
 
@@ -9,6 +10,12 @@ public delegate IStorageTier? RemoteTierFactory(string remoteUrl, EngineConfig c
 
 /// <summary>One lower tier's counters, for the C ABI's per-tier statistics.</summary>
 public readonly record struct TierStats(string Name, StorageTierStats Counters);
+
+/// <summary>
+/// One lower tier's timings for metrics: milliseconds per batched read (one <see cref="IStorageTier.ReadPrefix"/>
+/// call while promoting) and per record write, and the writes queued or in progress now.
+/// </summary>
+public readonly record struct TierTimings(string Name, HistogramSnapshot ReadMilliseconds, HistogramSnapshot WriteMilliseconds, int PendingWrites);
 
 /// <summary>
 /// The tiers below the CPU pool, in LMCache's lookup order (local disk, then remote), each with its
@@ -20,11 +27,13 @@ public sealed class LowerTierChain : IDisposable
 {
     private readonly TierWriter[] _writers;
     private readonly DiskEvents? _diskEvents;
+    private readonly Histogram[] _readMilliseconds;
 
     private LowerTierChain(TierWriter[] writers, DiskEvents? diskEvents)
     {
         _writers = writers;
         _diskEvents = diskEvents;
+        _readMilliseconds = writers.Select(_ => new Histogram(LMCacheBuckets.RemoteMilliseconds)).ToArray();
     }
 
     /// <summary>
@@ -197,7 +206,13 @@ public sealed class LowerTierChain : IDisposable
                     reads.Add(new TierRead(chunk.Key, chunk.TokenCount, chunk.Data, chunk.PayloadBytes));
                     readTargets.Add(i);
                 }
-                int ok = reads.Count == 0 ? 0 : _writers[tier].Tier.ReadPrefix(reads);
+                int ok = 0;
+                if (reads.Count > 0)
+                {
+                    long readStarted = System.Diagnostics.Stopwatch.GetTimestamp();
+                    ok = _writers[tier].Tier.ReadPrefix(reads);
+                    _readMilliseconds[tier].Observe(System.Diagnostics.Stopwatch.GetElapsedTime(readStarted).TotalMilliseconds);
+                }
                 if (ok < reads.Count)
                 {
                     filled = readTargets[ok];
@@ -261,6 +276,10 @@ public sealed class LowerTierChain : IDisposable
         counters.Errors += w.Errors;
         return new TierStats(w.Tier.Name, counters);
     }).ToArray();
+
+    /// <summary>Read and write timings of each tier, in lookup order.</summary>
+    public IReadOnlyList<TierTimings> Timings() => _writers.Select((w, t) =>
+        new TierTimings(w.Tier.Name, _readMilliseconds[t].Snapshot(), w.WriteMilliseconds.Snapshot(), w.Pending)).ToArray();
 
     /// <summary>Finishes the queued writes (what other processes expect to find), then closes the tiers.</summary>
     public void Dispose()

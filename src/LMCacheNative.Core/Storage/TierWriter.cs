@@ -1,4 +1,6 @@
 using System.Collections.Concurrent;
+using System.Diagnostics;
+using LMCacheNative.Core.Metrics;
 
 namespace LMCacheNative.Core.Storage;
 
@@ -47,6 +49,10 @@ internal sealed class TierWriter : IDisposable
     public long Drops => Interlocked.Read(ref _drops);
     /// <summary>Exceptions that escaped the tier's own error handling.</summary>
     public long Errors => Interlocked.Read(ref _errors);
+    /// <summary>Writes queued or being written now (LMCache's remote_put_task_num for the remote tier).</summary>
+    public int Pending => Math.Max(Volatile.Read(ref _inFlight), 0);
+    /// <summary>Milliseconds per record write, skipped writes of records the tier already has excluded.</summary>
+    public Histogram WriteMilliseconds { get; } = new(LMCacheBuckets.RemoteMilliseconds);
 
     /// <summary>Queues a pinned chunk; false (and the caller must unpin) when the queue is full or closed.</summary>
     public bool TryEnqueue(CachedChunk pinnedChunk)
@@ -102,8 +108,13 @@ internal sealed class TierWriter : IDisposable
             Interlocked.Decrement(ref _queued);
             try
             {
-                bool held = _tier.Contains(chunk.Key)
-                            || _tier.Write(chunk.Key, chunk.TokenCount, new ReadOnlySpan<byte>((void*)chunk.Data, checked((int)chunk.PayloadBytes)));
+                bool held = _tier.Contains(chunk.Key);
+                if (!held)
+                {
+                    long started = Stopwatch.GetTimestamp();
+                    held = _tier.Write(chunk.Key, chunk.TokenCount, new ReadOnlySpan<byte>((void*)chunk.Data, checked((int)chunk.PayloadBytes)));
+                    WriteMilliseconds.Observe(Stopwatch.GetElapsedTime(started).TotalMilliseconds);
+                }
                 if (held) _stored?.Invoke(chunk);
             }
             catch (Exception)
