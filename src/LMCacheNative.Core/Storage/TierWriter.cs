@@ -91,15 +91,24 @@ internal sealed class TierWriter : IDisposable
         }
     }
 
-    private unsafe void Run()
+    /// <summary>
+    /// Takes the oldest queued chunk and, up to the tier's <see cref="IStorageTier.WriteBatchSize"/>,
+    /// the ones queued behind it, and writes them in one batch (a request's chunks arrive together).
+    /// </summary>
+    private void Run()
     {
-        foreach (var chunk in _queue.GetConsumingEnumerable())
+        var batch = new List<CachedChunk>();
+        var writes = new List<TierWrite>();
+        foreach (var first in _queue.GetConsumingEnumerable())
         {
-            Interlocked.Decrement(ref _queued);
+            batch.Add(first);
+            int most = Math.Max(1, _tier.WriteBatchSize);
+            while (batch.Count < most && _queue.TryTake(out var next)) batch.Add(next);
+            Interlocked.Add(ref _queued, -batch.Count);
             try
             {
-                if (!_tier.Contains(chunk.Key))
-                    _tier.Write(chunk.Key, chunk.TokenCount, new ReadOnlySpan<byte>((void*)chunk.Data, checked((int)chunk.PayloadBytes)));
+                foreach (var chunk in batch) writes.Add(new TierWrite(chunk.Key, chunk.TokenCount, chunk.Data, chunk.PayloadBytes));
+                _tier.WriteBatch(writes);
             }
             catch (Exception)
             {
@@ -108,8 +117,13 @@ internal sealed class TierWriter : IDisposable
             }
             finally
             {
-                _release(chunk);
-                Done();
+                foreach (var chunk in batch)
+                {
+                    _release(chunk);
+                    Done();
+                }
+                batch.Clear();
+                writes.Clear();
             }
         }
     }
