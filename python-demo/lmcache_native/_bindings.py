@@ -293,6 +293,8 @@ FUNCTION_SIGNATURES: dict[str, tuple[list, object]] = {
     "lmc_engine_get_stats": ([_HANDLE, POINTER(LmcStats)], _STATUS),
     "lmc_engine_tier_count": ([POINTER(c_int32), _HANDLE], _STATUS),
     "lmc_engine_get_tier_stats": ([_HANDLE, c_int32, POINTER(LmcTierStats)], _STATUS),
+    # (int64_t *needed_out, lmc_engine *engine, int32_t tier_index, char *buffer, int64_t capacity)
+    "lmc_engine_get_tier_nodes": ([POINTER(c_int64), _HANDLE, c_int32, POINTER(c_char), c_int64], _STATUS),
     "lmc_engine_flush": ([_HANDLE, c_int64], _STATUS),
     "lmc_engine_clear": ([_HANDLE], _STATUS),
 }
