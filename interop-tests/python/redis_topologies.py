@@ -119,7 +119,8 @@ class Node:
 class Cluster:
     """A Redis Cluster of ``masters`` masters with one replica each, made by ``redis-cli --cluster create``."""
 
-    def __init__(self, directory: Path, masters: int = 3):
+    def __init__(self, directory: Path, masters: int = 3, replicas: int = 1):
+        self.replicas = replicas
         # The cluster bus gets a free port of its own (the default, port + 10000, may be taken or > 65535).
         self.nodes = [Node(directory / f"node{i}", ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                                                      "--cluster-port", str(free_port()),
@@ -127,14 +128,14 @@ class Cluster:
                                                      "--cluster-replica-validity-factor", "0",
                                                      "--cluster-require-full-coverage", "no",
                                                      "--repl-diskless-sync-delay", "0"])
-                      for i in range(2 * masters)]
+                      for i in range((1 + replicas) * masters)]
 
     def start(self, timeout: float = 30.0) -> "Cluster":
         try:
             for node in self.nodes:
                 node.start()
             result = subprocess.run([REDIS_CLI, "--cluster", "create", *[n.address for n in self.nodes],
-                                     "--cluster-replicas", "1", "--cluster-yes"],
+                                     "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                                     capture_output=True, text=True, timeout=60)
             assert result.returncode == 0, f"redis-cli --cluster create failed:\n{result.stdout}\n{result.stderr}"
             self.wait_healthy(timeout)
@@ -151,8 +152,8 @@ class Cluster:
                 states = [self.info(n, "cluster_state") for n in self.live()]
                 masters = self.masters()
                 # "state=online": the replica's initial sync is done (before, a failover loses data).
-                synced = all("state=online" in self.replication(m).get("slave0", "") for m in masters)
-                if all(s == "ok" for s in states) and len(masters) == len(self.nodes) // 2 and synced:
+                synced = self.replicas == 0 or all("state=online" in self.replication(m).get("slave0", "") for m in masters)
+                if all(s == "ok" for s in states) and len(masters) == len(self.nodes) // (1 + self.replicas) and synced:
                     return
             except (OSError, ConnectionError):
                 pass

@@ -37,6 +37,7 @@ from test_tiers import Source, check_retrieve, redis_config, tier
 
 TIMEOUT_S = 1.0   # blocking_timeout_secs of these tests
 SLACK_S = 1.5     # scheduling slack on a shared 2-core machine
+SENTINEL_TIMEOUT_S = 2.0
 
 pytestmark = pytest.mark.skipif(not (shutil.which("redis-server") and shutil.which("redis-cli")),
                                 reason="redis-server / redis-cli not installed (./build.sh installs them)")
@@ -154,7 +155,8 @@ def test_cluster_master_killed_under_load(cluster):
                 complete &= hit == 160
             if killed_at is not None and complete and min(hits[-len(requests):]) == 160 and any(h < 160 for h in hits):
                 back_at = time.monotonic() - started
-        assert max(timings) < TIMEOUT_S + SLACK_S, f"slowest call {max(timings):.2f} s"
+        # A retrieve is a lookup and a read, each bounded by the timeout.
+        assert max(timings) < 2 * TIMEOUT_S + SLACK_S, f"slowest call {max(timings):.2f} s"
         assert any(h < 160 for h in hits), "the killed master's chunks must miss until its replica takes over"
         remote = tier(engine, "RemoteBackend")
         assert remote["errors"] > 0, remote
@@ -186,7 +188,8 @@ def test_cluster_paused_master_bounds_every_call(cluster):
                 assert hit < 160
             _, seconds = timed(lambda: check_retrieve(engine, destination, source, 0, 160, None))
             timings.append(seconds)
-            assert max(timings) < TIMEOUT_S + SLACK_S, timings
+            assert max(timings[:3]) < TIMEOUT_S + SLACK_S, timings  # lookups
+            assert timings[3] < 2 * TIMEOUT_S + SLACK_S, timings  # a retrieve: a lookup and a read
         finally:
             victim.signal(signal.SIGCONT)
         # The paused master may have been failed over meanwhile; until every client has the new slot
@@ -195,14 +198,7 @@ def test_cluster_paused_master_bounds_every_call(cluster):
         def whole_hit():
             engine.clear()
             return check_retrieve(engine, destination, source, 0, 160, None) == 160
-        try:
-            wait_until(whole_hit, 30, "hits did not come back after SIGCONT")
-        except AssertionError:
-            print("DEBUG", cluster.keys_by_master(), [(n.address, cluster.replication(n).get("role")) for n in cluster.live()])
-            print("DEBUG", json.dumps(nodes(engine)))
-            engine.clear()
-            print("DEBUG lookup", engine.lookup(tokens), check_retrieve(engine, destination, source, 0, 160, None), tier(engine, "RemoteBackend"))
-            raise
+        wait_until(whole_hit, 30, "hits did not come back after SIGCONT")
 
 
 def test_cluster_live_reshard_under_load_loses_nothing(cluster):
@@ -294,7 +290,8 @@ def test_sentinel_finds_the_primary_and_follows_a_failover(tmp_path):
             assert time.monotonic() < deadline, "the replica did not receive the records"
             time.sleep(0.05)
 
-        with Engine(redis_config(url, blocking_timeout_secs=TIMEOUT_S), model_name="sentinel-model") as engine:
+        # 2 s: a Sentinel connect (ask a Sentinel, then connect to the primary) can take over 1 s here.
+        with Engine(redis_config(url, blocking_timeout_secs=SENTINEL_TIMEOUT_S), model_name="sentinel-model") as engine:
             destination.register(engine)
             ts.wait_for_remote(engine)
             check_retrieve(engine, destination, source, 0, 160, 160)
@@ -312,10 +309,25 @@ def test_sentinel_finds_the_primary_and_follows_a_failover(tmp_path):
                 misses += hit < 96
                 assert time.monotonic() - started < 40, "the promoted replica never served the chunks"
                 time.sleep(0.05)
-            assert max(timings) < TIMEOUT_S + SLACK_S, timings
-            assert pair.primary_port() == pair.replica.port, "the Sentinels promoted the replica"
-            check_retrieve(engine, destination, source, 0, 160, 160)
+            # A retrieve is a lookup and a read, each bounded by the timeout.
+            assert max(timings) < 2 * SENTINEL_TIMEOUT_S + SLACK_S, timings
+            # Reads may be served by the replica (the client prefers the primary, not requires it)
+            # even before the Sentinels promote it; writes need the promotion.
             assert any(n["endpoint"] == pair.replica.address and n["bytes_read"] > 0 for n in nodes(engine))
+            wait_until(lambda: pair.primary_port() == pair.replica.port, 30, "the Sentinels did not promote the replica")
+            engine.clear()
+            check_retrieve(engine, destination, source, 0, 160, 160)
+            source.register(engine)
+            tokens, slots = source.request(2, 64)
+            assert engine.store(tokens, slots) == 64
+
+            def written():
+                engine.flush(10)
+                return len(pair.replica.command("KEYS", "lmcn:*")) == 20
+            wait_until(written, 30, "writes did not reach the promoted replica")
+            engine.clear()
+            destination.register(engine)
+            check_retrieve(engine, destination, source, 2, 64, 64)
             print(f"Sentinel failover: hits back after {time.monotonic() - started:.1f} s, {misses} missed retrieves, "
                   f"slowest call {max(timings):.2f} s")
     finally:

@@ -92,12 +92,12 @@ public sealed class RedisTier : IStorageTier
         private Task<ConnectionMultiplexer> _connecting = tier.Connect();
         private long _retryAtMs = Environment.TickCount64 + 1000;
 
-        public ConnectionMultiplexer? Get(TimeSpan wait)
+        public ConnectionMultiplexer? Get(DateTime deadline)
         {
             var connecting = _connecting;
             if (!connecting.IsCompleted)
             {
-                try { connecting.Wait(wait); } catch (Exception) { }
+                try { connecting.Wait(Left(deadline)); } catch (Exception) { }
             }
             if (connecting.IsCompletedSuccessfully) return connecting.Result;
             if (connecting.IsCompleted && Environment.TickCount64 >= Interlocked.Read(ref _retryAtMs))
@@ -151,9 +151,10 @@ public sealed class RedisTier : IStorageTier
     {
         var databases = new List<IDatabase>(_pool.Length);
         int first = (int)((uint)Interlocked.Increment(ref _nextConnection) % (uint)_pool.Length);
+        var deadline = DateTime.UtcNow + _timeout; // the pool connects in parallel: one wait for all
         for (int i = 0; i < _pool.Length; i++)
         {
-            var multiplexer = _pool[(first + i) % _pool.Length].Get(_timeout);
+            var multiplexer = _pool[(first + i) % _pool.Length].Get(deadline);
             if (multiplexer is { IsConnected: true }) databases.Add(multiplexer.GetDatabase(_endpoint.Database));
         }
         return databases.ToArray();
@@ -537,7 +538,7 @@ public sealed class RedisTier : IStorageTier
         var known = new Dictionary<string, (string Role, bool Connected)>(StringComparer.Ordinal);
         foreach (var connection in _pool)
         {
-            if (connection.Get(TimeSpan.Zero) is not { } multiplexer) continue;
+            if (connection.Get(DateTime.MinValue) is not { } multiplexer) continue;
             try
             {
                 foreach (var endPoint in multiplexer.GetEndPoints())
