@@ -67,7 +67,8 @@ class Topology:
             self.masters = [("127.0.0.1", self.servers.port)]
             self.url = f"redis://127.0.0.1:{self.servers.port}/0"
         else:
-            self.servers = Cluster(directory / "cluster", masters=3, replicas=0).start()
+            # A production-like node timeout: a busy benchmark machine must not look like a failed node.
+            self.servers = Cluster(directory / "cluster", masters=3, replicas=0, node_timeout_ms=15000).start()
             self.masters = [("127.0.0.1", node.port) for node in self.servers.masters()]
             self.url = "redis://" + ",".join(f"{h}:{p}" for h, p in self.masters) + "/0"
 
@@ -221,7 +222,7 @@ def print_remote_tiers(remote: dict | None, metrics: dict) -> None:
           f"({any_result['kv_bytes'] / 2**20:.0f} MiB of KV, {bench.TIER_TOKENS // 256} chunks of "
           f"{any_result['kv_bytes'] / (bench.TIER_TOKENS // 256) / 2**20:.0f} MiB), CPU tier cleared before each read, "
           f"{len(any_result['retrieve_pooled'])} repetitions")
-    print(f"{'GB/s (1e9 B/s)':<44}{'best':>8}{'median':>8}{'engine/baseline (best, median)':>33}")
+    print(f"{'GB/s (1e9 B/s)':<50}{'best':>8}{'median':>8}{'engine/baseline (best, median)':>33}")
     for kind, r in remote.items():
         prefix = "redis" if kind == "single" else "redis_cluster"
         title = "one server" if kind == "single" else f"cluster of {r['masters']} masters (chunks per master {r['keys_per_master']})"
@@ -229,7 +230,7 @@ def print_remote_tiers(remote: dict | None, metrics: dict) -> None:
 
         def row(label, what, baseline=None, num_bytes=None):
             rates = bench.summarize(r[what], num_bytes or r["kv_bytes"])
-            text = f"  {label:<42}{rates['best']:>8.2f}{rates['median']:>8.2f}"
+            text = f"  {label:<48}{rates['best']:>8.2f}{rates['median']:>8.2f}"
             if baseline is not None:
                 base_what, base = baseline
                 text += f"{rates['best'] / base['best']:>20.2f}, {rates['median'] / base['median']:.2f}"

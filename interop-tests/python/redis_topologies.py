@@ -119,12 +119,12 @@ class Node:
 class Cluster:
     """A Redis Cluster of ``masters`` masters with one replica each, made by ``redis-cli --cluster create``."""
 
-    def __init__(self, directory: Path, masters: int = 3, replicas: int = 1):
+    def __init__(self, directory: Path, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000):
         self.replicas = replicas
         # The cluster bus gets a free port of its own (the default, port + 10000, may be taken or > 65535).
         self.nodes = [Node(directory / f"node{i}", ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                                                      "--cluster-port", str(free_port()),
-                                                     "--cluster-node-timeout", "1000",
+                                                     "--cluster-node-timeout", str(node_timeout_ms),
                                                      "--cluster-replica-validity-factor", "0",
                                                      "--cluster-require-full-coverage", "no",
                                                      "--repl-diskless-sync-delay", "0"])
