@@ -421,3 +421,38 @@ def test_tls_with_a_ca_file(tmp_path):
             assert tier(engine, "RemoteBackend")["errors"] > 0
     finally:
         node.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# lmc_engine_get_tier_nodes
+# ------------------------------------------------------------------------------------------------
+
+def test_tier_nodes_size_protocol_local_tiers_and_bad_index(tmp_path, shared_redis_url, unique_model):
+    import ctypes
+
+    from lmcache_native import _bindings as b
+    from test_tiers import disk_config
+
+    with Engine(disk_config(tmp_path / "disk"), model_name=unique_model) as engine:
+        assert engine.tier_nodes(0) == [], "a local tier has no nodes"
+        needed = ctypes.c_int64(0)
+        assert b.lmc_engine_get_tier_nodes(ctypes.byref(needed), engine.handle, 1, None, 0) == b.LMC_E_NOT_FOUND
+        assert b.lmc_engine_get_tier_nodes(ctypes.byref(needed), engine.handle, 0, None, -1) == b.LMC_E_INVALID_ARGUMENT
+        assert b.lmc_engine_get_tier_nodes(None, engine.handle, 0, None, 0) == b.LMC_E_INVALID_ARGUMENT
+
+    with Engine(redis_config(shared_redis_url), model_name=unique_model) as engine:
+        destination = ts.Destination()
+        destination.register(engine)
+        ts.wait_for_remote(engine)
+        needed = ctypes.c_int64(0)
+        assert b.lmc_engine_get_tier_nodes(ctypes.byref(needed), engine.handle, 0, None, 0) == b.LMC_E_BUFFER_TOO_SMALL
+        buffer = ctypes.create_string_buffer(needed.value)
+        assert b.lmc_engine_get_tier_nodes(ctypes.byref(needed), engine.handle, 0, buffer, needed.value - 1) == \
+            b.LMC_E_BUFFER_TOO_SMALL
+        assert b.lmc_engine_get_tier_nodes(ctypes.byref(needed), engine.handle, 0, buffer, needed.value) == b.LMC_OK
+        listed = json.loads(buffer.value.decode())
+        port = shared_redis_url.rsplit(":", 1)[1].split("/")[0]
+        assert [n["endpoint"] for n in listed] == [f"127.0.0.1:{port}"], listed
+        assert listed[0]["role"] == "master" and listed[0]["connected"] is True
+        assert set(listed[0]) == {"endpoint", "role", "connected", "bytes_read", "bytes_written", "errors",
+                                  "reconnects", "redirects", "last_error"}
