@@ -31,10 +31,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
-import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time

@@ -24,7 +24,6 @@ import json
 import shutil
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
@@ -32,6 +31,7 @@ import pytest
 import tier_scenario as ts
 from conftest import run_child_json
 from lmcache_native import Engine
+from redis_helpers import free_port
 from redis_topologies import REDIS_CLI, Cluster, Node, SentinelPair
 from test_tiers import Source, check_retrieve, redis_config, tier
 
@@ -307,7 +307,8 @@ def test_sentinel_finds_the_primary_and_follows_a_failover(tmp_path):
                 if hit == 96 and misses > 0:
                     break
                 misses += hit < 96
-                assert time.monotonic() - started < 40, "the promoted replica never served the chunks"
+                assert time.monotonic() - started < 60, \
+                    f"the promoted replica never served the chunks: primary now {pair.primary_port()}, {nodes(engine)}"
                 time.sleep(0.05)
             # A retrieve is a lookup and a read, each bounded by the timeout.
             assert max(timings) < 2 * SENTINEL_TIMEOUT_S + SLACK_S, timings
@@ -353,9 +354,12 @@ def test_wrong_password_is_a_counted_failure_with_a_clear_message(tmp_path):
             engine.flush(10)
             remote = tier(engine, "RemoteBackend")
             assert remote["errors"] > 0 and remote["writes"] == 0, remote
-            messages = " ".join(n["last_error"] or "" for n in nodes(engine))
-            assert "WRONGPASS" in messages or "Authentication" in messages, nodes(engine)
-            assert "wrong-secret" not in messages
+            # The reason comes from the first connect's log or from the next reconnect attempt.
+            def messages():
+                return " ".join(n["last_error"] or "" for n in nodes(engine))
+            wait_until(lambda: "WRONGPASS" in messages() or "Authentication" in messages(), 15,
+                       f"no authentication failure named in {nodes(engine)}")
+            assert "wrong-secret" not in messages()
             assert "wrong-secret" not in str(engine.config()), "the password is redacted"
         assert node.command("KEYS", "lmcn:*") == []
 
@@ -394,7 +398,7 @@ def test_tls_with_a_ca_file(tmp_path):
     ca, cert, key = _make_certificates(tmp_path / "pki")
     node = Node(tmp_path / "tls", [])
     tls_port = node.port
-    node.port = __import__("redis_helpers").free_port()  # plain port for the helper's PING; TLS on tls_port
+    node.port = free_port()  # plain port for the helper's PING; TLS on tls_port
     node.extra = ["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
                   "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
     node.start()

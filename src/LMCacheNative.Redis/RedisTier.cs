@@ -119,7 +119,10 @@ public sealed class RedisTier : IStorageTier
 
     private async Task<ConnectionMultiplexer> Connect()
     {
-        var multiplexer = await ConnectionMultiplexer.ConnectAsync(_endpoint.Options.Clone()).ConfigureAwait(false);
+        // The connect log says why a first connect failed (authentication, TLS): the events below
+        // are attached only once the multiplexer exists, after that first attempt.
+        var log = new StringWriter();
+        var multiplexer = await ConnectionMultiplexer.ConnectAsync(_endpoint.Options.Clone(), log).ConfigureAwait(false);
         multiplexer.ConnectionFailed += (_, e) =>
             NodeFailed(e.EndPoint, $"{e.FailureType}: {e.Exception?.Message ?? "connection failed"}");
         multiplexer.ConnectionRestored += (_, e) =>
@@ -136,14 +139,17 @@ public sealed class RedisTier : IStorageTier
         };
         multiplexer.ErrorMessage += (_, e) => NodeFailed(e.EndPoint, e.Message, countError: false);
         // A failure during the first connect happened before these handlers: record it too.
-        if (!multiplexer.IsConnected) NodeFailed(null, "not connected: " + FirstLine(multiplexer.GetStatus()));
+        if (!multiplexer.IsConnected) NodeFailed(null, "not connected: " + Reason(log.ToString()));
         return multiplexer;
     }
 
-    private static string FirstLine(string text)
+    /// <summary>The most telling line of a connect log: one naming an authentication or TLS failure, else the last one.</summary>
+    private static string Reason(string log)
     {
-        int end = text.IndexOfAny(['\r', '\n']);
-        return end < 0 ? text : text[..end];
+        var lines = log.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        string[] telling = ["WRONGPASS", "NOAUTH", "Authentication", "AuthenticationFailure", "certificate", "SSL", "TLS", "refused"];
+        return lines.LastOrDefault(l => telling.Any(t => l.Contains(t, StringComparison.OrdinalIgnoreCase)))
+               ?? lines.LastOrDefault() ?? "no connection";
     }
 
     /// <summary>The connected multiplexers' databases, the first one rotated per call; empty when none is connected.</summary>
