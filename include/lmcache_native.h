@@ -595,6 +595,26 @@ LMC_API lmc_status lmc_engine_get_tier_stats(lmc_engine *engine, int32_t tier_in
 LMC_API lmc_status lmc_engine_get_metrics(int64_t *needed_out, lmc_engine *engine, char *buffer,
                                           int64_t capacity);
 
+/**
+ * Per-node counters of lower tier tier_index, as a NUL-terminated UTF-8 JSON array with one object
+ * per node the tier has talked to or knows of (a remote tier's servers: the standalone server, every
+ * cluster master and replica, the primary found through Sentinel; "(tier)" holds failures not tied to
+ * one node, such as no connection at all). Local tiers give []. Fields, cumulative since the engine
+ * started: "endpoint" ("host:port"), "role" ("master", "replica", "sentinel" or "unknown"),
+ * "connected" (now), "bytes_read" and "bytes_written" (payload bytes), "errors" (failed operations
+ * and connection failures), "reconnects" (connections restored), "redirects" (slot moves the node
+ * answered with MOVED), "last_error" (the newest failure message, credentials redacted, or null).
+ * A text form rather than a struct so that nodes can be added without an ABI change.
+ * Same size-query protocol as lmc_engine_get_config.
+ *
+ * @param[out] needed_out  receives the size in bytes including the NUL, also on BUFFER_TOO_SMALL.
+ * @param[out] buffer      destination; may be NULL when capacity is 0 (to ask for the size).
+ * @return LMC_OK, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT, LMC_E_NOT_FOUND (no such tier),
+ *         LMC_E_BUFFER_TOO_SMALL.
+ */
+LMC_API lmc_status lmc_engine_get_tier_nodes(int64_t *needed_out, lmc_engine *engine, int32_t tier_index,
+                                             char *buffer, int64_t capacity);
+
 /** Waits up to timeout_ms (0 to INT32_MAX ms; -1 = forever) until the lower tiers have written
  *  everything stored so far (stores write them in the background).
  *  @return LMC_OK, LMC_E_TIMEOUT, LMC_E_INVALID_HANDLE, LMC_E_INVALID_ARGUMENT. */

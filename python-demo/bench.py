@@ -17,9 +17,11 @@
      /proc/sys/vm/drop_caches where allowed; the output says which worked and how much of the files
      stayed resident, measured with mincore) and warm, next to a plain sequential read of the same
      record files from the same directory in the same state;
-   - Redis on loopback (a redis-server started for the bench, stopped after): retrieve after store,
-     flush and clear(), next to a plain GET loop of the same values over a raw socket (RESP written
-     here; no redis-py), each reply read straight into a preallocated buffer.
+   - Redis on loopback, one server and a 3-master cluster started for the bench (python-demo/
+     bench_remote.py): retrieve after store, flush and clear() with one multiplexer and with a pool,
+     next to GET loops of the same values over raw sockets (RESP written here; no redis-py), one
+     socket per node and as many in parallel as the pool has, each reply read straight into a
+     preallocated buffer; and store + flush (pipelined writes).
    Each also times prefetch(...).wait() alone (tier read and promotion, no KV write) as a breakdown.
    Set LMC_BENCH_DISK_DIR to put the disk tier on another file system (default: the temp dir).
 4. The vLLM connector's own cost per request (scheduler and worker side), without the copy.
@@ -475,84 +477,12 @@ class RawRedis:
         self.sock.close()
 
 
-def start_redis_server() -> tuple[subprocess.Popen, int, str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    directory = tempfile.mkdtemp(prefix="lmcache-bench-redis-")
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", directory],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client = RawRedis(port)
-            try:
-                if client.command(b"PING") == b"+PONG":
-                    return server, port, directory
-            finally:
-                client.close()
-        except OSError:
-            pass
-        if time.monotonic() > deadline or server.poll() is not None:
-            stop_redis_server(server, directory)
-            raise RuntimeError("redis-server did not start")
-        time.sleep(0.05)
-
-
-def stop_redis_server(server: subprocess.Popen, directory: str) -> None:
-    server.terminate()
-    try:
-        server.wait(10)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
-    shutil.rmtree(directory, ignore_errors=True)
-
-
 def measure_redis_tier() -> dict | None:
-    if not shutil.which("redis-server"):
-        return None
-    generator = torch.Generator().manual_seed(4)
-    layers = allocate_cache("NHD", generator, TIER_BLOCKS)
-    tokens, slots = request(generator, TIER_TOKENS, TIER_BLOCKS)
-    reference = {index: layers[index].clone() for index in (0, NUM_LAYERS - 1)}
-    server, port, directory = start_redis_server()
-    result = {"engine": [], "get": [], "prefetch": []}
-    try:
-        config = {"chunk_size": 256, "max_local_cpu_size": 2, "remote_url": f"redis://127.0.0.1:{port}/0",
-                  "blocking_timeout_secs": 30}
-        with Engine(config, model_name="llama-3-8b-shape") as engine:
-            engine.register_layers(layers, layout="flash_attn")
-            wait_for_remote(engine)
-            assert engine.store(tokens, slots) == TIER_TOKENS
-            engine.flush(300)
-            remote = tier_counters(engine, "RemoteBackend")
-            assert remote["writes"] == TIER_TOKENS // 256 and remote["write_queue_drops"] == 0, remote
-            client = RawRedis(port)
-            keys = sorted(client.command(b"KEYS", b"lmcn:*"))
-            assert len(keys) == TIER_TOKENS // 256, keys
-            buffer = memoryview(bytearray(64 << 20)).cast("B")
-            buffer[:] = b"\x01" * len(buffer)  # pre-touch
-            value_bytes = 0
-            for _ in range(TIER_REPETITIONS):  # engine and GET loop interleaved
-                result["engine"].append(timed_tier_retrieve(engine, layers, tokens, slots, "RemoteBackend"))
-                check_tier_retrieve(layers, reference, slots)
-                started = time.perf_counter()
-                value_bytes = 0
-                for key in keys:
-                    client.send(b"GET", key)
-                    start, length = client.read_into(buffer)
-                    assert bytes(buffer[start:start + 8]) == b"LMCNREC1", bytes(buffer[:16])
-                    value_bytes += length
-                result["get"].append(time.perf_counter() - started)
-                result["prefetch"].append(timed_tier_prefetch(engine, tokens, "RemoteBackend"))
-            client.close()
-            result["kv_bytes"] = tier_counters(engine, "RemoteBackend")["bytes_read"] // (2 * TIER_REPETITIONS)
-            result["value_bytes"] = value_bytes
-    finally:
-        stop_redis_server(server, directory)
-    return result
+    """The remote tier on one server and on a 3-master cluster, with raw-socket baselines
+    (python-demo/bench_remote.py); None without redis-server."""
+    import bench_remote
+
+    return bench_remote.measure_remote_tiers(TIER_REPETITIONS)
 
 
 def print_tiers(disk: dict, redis: dict | None, metrics: dict) -> None:
@@ -590,14 +520,9 @@ def print_tiers(disk: dict, redis: dict | None, metrics: dict) -> None:
                                          "drop_caches": drop["/proc/sys/vm/drop_caches"],
                                          "max_resident_after_drop": None if any(map(math.isnan, residents))
                                          else max(residents)}
-    metrics["run"]["redis_measured"] = redis is not None
-    if redis is None:
-        print("redis-server not installed: Redis tier not measured")
-        return
-    get = row("GET loop, raw socket", "redis", "get_loop", redis["get"], redis["value_bytes"])
-    row("retrieve from Redis", "redis", "retrieve", redis["engine"], redis["kv_bytes"], get)
-    row("  prefetch only", "redis", "prefetch", redis["prefetch"], redis["kv_bytes"], get)
-    print("(prefetch only: the tier read and promotion into the CPU tier, without writing the KV cache)")
+    import bench_remote
+
+    bench_remote.print_remote_tiers(redis, metrics)
 
 
 def record_rates(metrics: dict, key: str, rates: dict, baseline_key: str | None = None,

@@ -162,6 +162,7 @@ struct lmc_test_prototypes {
   lmc_status (*engine_get_stats)(lmc_engine *, lmc_stats *);
   lmc_status (*engine_tier_count)(int32_t *, lmc_engine *);
   lmc_status (*engine_get_tier_stats)(lmc_engine *, int32_t, lmc_tier_stats *);
+  lmc_status (*engine_get_tier_nodes)(int64_t *, lmc_engine *, int32_t, char *, int64_t);
   lmc_status (*engine_flush)(lmc_engine *, int64_t);
   lmc_status (*engine_clear)(lmc_engine *);
   lmc_status (*engine_poll_events)(int64_t *, int64_t *, uint64_t *, lmc_engine *, lmc_kv_event *,
@@ -197,6 +198,7 @@ struct lmc_test_prototypes lmc_test_prototypes_table(void) {
   t.engine_get_stats = lmc_engine_get_stats;
   t.engine_tier_count = lmc_engine_tier_count;
   t.engine_get_tier_stats = lmc_engine_get_tier_stats;
+  t.engine_get_tier_nodes = lmc_engine_get_tier_nodes;
   t.engine_flush = lmc_engine_flush;
   t.engine_clear = lmc_engine_clear;
   t.engine_poll_events = lmc_engine_poll_events;

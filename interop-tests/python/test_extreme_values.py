@@ -254,6 +254,7 @@ def _engine_calls(rig):
         "lmc_engine_get_stats": lambda h: b.lmc_engine_get_stats(h, byref(stats)),
         "lmc_engine_tier_count": lambda h: b.lmc_engine_tier_count(byref(count), h),
         "lmc_engine_get_tier_stats": lambda h: b.lmc_engine_get_tier_stats(h, 0, byref(tier)),
+        "lmc_engine_get_tier_nodes": lambda h: b.lmc_engine_get_tier_nodes(byref(out), h, 0, None, 0),
         "lmc_engine_flush": lambda h: b.lmc_engine_flush(h, 0),
         "lmc_engine_clear": lambda h: b.lmc_engine_clear(h),
         "lmc_engine_get_metrics": lambda h: b.lmc_engine_get_metrics(byref(out), h, None, 0),
@@ -263,7 +264,8 @@ def _engine_calls(rig):
 ENGINE_FUNCTIONS = ["lmc_engine_get_config", "lmc_engine_register_layers", "lmc_lookup", "lmc_store", "lmc_retrieve",
                     "lmc_store(job)", "lmc_retrieve(job)", "lmc_lookup_server_start", "lmc_lookup_server_stop",
                     "lmc_prefetch_start", "lmc_engine_get_stats", "lmc_engine_tier_count",
-                    "lmc_engine_get_tier_stats", "lmc_engine_flush", "lmc_engine_clear", "lmc_engine_get_metrics"]
+                    "lmc_engine_get_tier_stats", "lmc_engine_get_tier_nodes", "lmc_engine_flush", "lmc_engine_clear",
+                    "lmc_engine_get_metrics"]
 
 
 @pytest.mark.parametrize("handle", HANDLES, ids=_vid)
@@ -894,6 +896,7 @@ FIRST_CALLS = {
     "lmc_engine_get_stats": "lib.lmc_engine_get_stats(None, byref(stats))",
     "lmc_engine_tier_count": "lib.lmc_engine_tier_count(byref(i32), None)",
     "lmc_engine_get_tier_stats": "lib.lmc_engine_get_tier_stats(None, 0, byref(tier))",
+    "lmc_engine_get_tier_nodes": "lib.lmc_engine_get_tier_nodes(byref(i64), None, 0, None, 0)",
     "lmc_engine_flush": "lib.lmc_engine_flush(None, 0)",
     "lmc_engine_clear": "lib.lmc_engine_clear(None)",
     "lmc_engine_poll_events": "lib.lmc_engine_poll_events(byref(i64), byref(i64), byref(i64), None, None, 104, 0, None, 0)",

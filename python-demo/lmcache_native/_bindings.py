@@ -323,6 +323,8 @@ FUNCTION_SIGNATURES: dict[str, tuple[list, object]] = {
     "lmc_engine_get_tier_stats": ([_HANDLE, c_int32, POINTER(LmcTierStats)], _STATUS),
     # Metrics: (int64_t *needed_out, lmc_engine *engine, char *buffer, int64_t capacity)
     "lmc_engine_get_metrics": ([POINTER(c_int64), _HANDLE, POINTER(c_char), c_int64], _STATUS),
+    # (int64_t *needed_out, lmc_engine *engine, int32_t tier_index, char *buffer, int64_t capacity)
+    "lmc_engine_get_tier_nodes": ([POINTER(c_int64), _HANDLE, c_int32, POINTER(c_char), c_int64], _STATUS),
     "lmc_engine_flush": ([_HANDLE, c_int64], _STATUS),
     "lmc_engine_clear": ([_HANDLE], _STATUS),
     # KV events

@@ -566,6 +566,22 @@ class Engine:
 
         return {family.name: family for family in text_string_to_metric_families(self.metrics())}
 
+    def tier_nodes(self, tier_index: int) -> list[dict]:
+        """Per-node counters of lower tier ``tier_index`` (lmc_engine_get_tier_nodes): one dict per
+        remote node with endpoint, role, connected, bytes_read, bytes_written, errors, reconnects,
+        redirects and last_error; [] for local tiers."""
+        handle = self.handle
+        needed = c_int64(0)
+        status = _b.lmc_engine_get_tier_nodes(byref(needed), handle, tier_index, None, 0)
+        if status not in (_b.LMC_OK, _b.LMC_E_BUFFER_TOO_SMALL):
+            raise error_for_status(status, last_error_message())
+        while True:
+            buffer = ctypes.create_string_buffer(max(needed.value, 1))
+            status = _b.lmc_engine_get_tier_nodes(byref(needed), handle, tier_index, buffer, len(buffer))
+            if status != _b.LMC_E_BUFFER_TOO_SMALL:  # nodes may appear between the two calls
+                check(status)
+                return json.loads(buffer.value.decode("utf-8"))
+
     def flush(self, timeout_s: float | None = None) -> None:
         """Waits until the lower tiers have written everything stored so far (None: no limit);
         raises ``LmcTimeout`` when the time runs out first."""

@@ -270,6 +270,49 @@ internal static unsafe class Exports
         }
     }
 
+    [UnmanagedCallersOnly(EntryPoint = "lmc_engine_get_tier_nodes")]
+    public static int EngineGetTierNodes(long* neededOut, nint engine, int tierIndex, byte* buffer, long capacity)
+    {
+        try
+        {
+            RequireOut(neededOut, "needed_out");
+            var tiers = HandleTable.Get(engine).GetTierStats();
+            if (tierIndex < 0 || tierIndex >= tiers.Count)
+                throw new LmcException(LmcStatus.NotFound, $"tier_index {tierIndex}: the engine has {tiers.Count} lower tier(s)");
+            return WriteText(neededOut, buffer, capacity, TierNodesJson(tiers[tierIndex].Counters.Nodes), "the node list");
+        }
+        catch (Exception e)
+        {
+            return ErrorState.FromException(e);
+        }
+    }
+
+    /// <summary>The per-node counters as the JSON array lmc_engine_get_tier_nodes documents (written by hand: no reflection under NativeAOT).</summary>
+    private static string TierNodesJson(IReadOnlyList<NodeStats> nodes)
+    {
+        using var stream = new MemoryStream();
+        using (var w = new System.Text.Json.Utf8JsonWriter(stream))
+        {
+            w.WriteStartArray();
+            foreach (var n in nodes)
+            {
+                w.WriteStartObject();
+                w.WriteString("endpoint", n.Endpoint);
+                w.WriteString("role", n.Role);
+                w.WriteBoolean("connected", n.Connected);
+                w.WriteNumber("bytes_read", n.BytesRead);
+                w.WriteNumber("bytes_written", n.BytesWritten);
+                w.WriteNumber("errors", n.Errors);
+                w.WriteNumber("reconnects", n.Reconnects);
+                w.WriteNumber("redirects", n.Redirects);
+                if (n.LastError is null) w.WriteNull("last_error"); else w.WriteString("last_error", Secrets.RedactUrls(n.LastError));
+                w.WriteEndObject();
+            }
+            w.WriteEndArray();
+        }
+        return Encoding.UTF8.GetString(stream.ToArray());
+    }
+
     /// <summary>
     /// Fills the caller's lmc_tier_stats. Kept out of the export on purpose: a local struct with a
     /// fixed buffer gives its method a stack cookie, and an export's cookie is read in its prologue,

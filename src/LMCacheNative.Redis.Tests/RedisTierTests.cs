@@ -179,6 +179,45 @@ public class RedisTierTests
         Assert.That(b.Lookup(tokens, default).HitTokens, Is.EqualTo(0));
     }
 
+    /// <summary>
+    /// Records of 32 and 128 MiB (a 256-token chunk of an 8B and of a 70B model) go through Redis's
+    /// defaults (proto-max-bulk-len 512 MB) unchanged: written in one pipelined batch over the pool,
+    /// read back byte for byte; a payload buffer of the wrong size is refused, not overrun.
+    /// </summary>
+    [Test]
+    public unsafe void LargeRecords_32And128MiB_RoundTripBitExact()
+    {
+        using var tier = new RedisTier(_server.Url, EngineConfig.Parse("""{"blocking_timeout_secs": 60}"""));
+        tier.Bind(new TierBinding(new LMCacheNative.Core.Keys.KeyNamespace("big", 2, 8, 128, 32, 2, 1, 0), ChunkHashAlgorithm.Sha256, 256, 128 * 1024));
+        int[] sizes = [32 << 20, 128 << 20];
+        var keys = sizes.Select((_, i) => LMCacheNative.Core.Keys.ChunkKey.FromBytes(System.Security.Cryptography.SHA256.HashData(new[] { (byte)i }))).ToArray();
+        var payloads = sizes.Select((size, i) =>
+        {
+            var bytes = GC.AllocateUninitializedArray<byte>(size, pinned: true);
+            new Random(100 + i).NextBytes(bytes);
+            return bytes;
+        }).ToArray();
+        var writes = new List<TierWrite>();
+        for (int i = 0; i < sizes.Length; i++)
+            writes.Add(new TierWrite(keys[i], 256, (nint)System.Runtime.CompilerServices.Unsafe.AsPointer(ref payloads[i][0]), sizes[i]));
+        Assert.That(tier.WriteBatch(writes), Is.EqualTo(2)); // the first call waits for the pool's connects
+        Assert.That(tier.GetStats().Writes, Is.EqualTo(2));
+        Assert.That(tier.WriteBatch(writes), Is.EqualTo(0), "records already held are not sent again");
+
+        var copies = sizes.Select(size => GC.AllocateArray<byte>(size, pinned: true)).ToArray();
+        var reads = new List<TierRead>();
+        for (int i = 0; i < sizes.Length; i++)
+            reads.Add(new TierRead(keys[i], 256, (nint)System.Runtime.CompilerServices.Unsafe.AsPointer(ref copies[i][0]), sizes[i]));
+        Assert.That(tier.ReadPrefix(reads), Is.EqualTo(2));
+        for (int i = 0; i < sizes.Length; i++) Assert.That(copies[i].AsSpan().SequenceEqual(payloads[i]), Is.True, $"record {i}");
+        var stats = tier.GetStats();
+        Assert.That(stats.BytesRead, Is.EqualTo(sizes.Sum(s => (long)s)));
+        Assert.That(stats.Nodes.Single(n => n.Endpoint == $"127.0.0.1:{_server.Port}").BytesRead, Is.EqualTo(stats.BytesRead));
+
+        var wrongSize = GC.AllocateArray<byte>(sizes[0] - 1, pinned: true);
+        Assert.That(tier.ReadPrefix([new TierRead(keys[0], 256, (nint)System.Runtime.CompilerServices.Unsafe.AsPointer(ref wrongSize[0]), wrongSize.Length)]), Is.EqualTo(0));
+    }
+
     [Test]
     public void BadUrls_AreRefusedWithTheKeyName()
     {

@@ -106,10 +106,12 @@ public sealed record EngineConfig
         NumberKey("max_local_disk_size", 0, 1 << 30, false, c => c.MaxLocalDiskSize, (c, v) => c with { MaxLocalDiskSize = v },
             "disk tier capacity in GB (2^30 bytes) for the whole directory, every model's records together"),
         OptionalTextKey("remote_url", c => c.RemoteUrl, (c, v) => c with { RemoteUrl = v },
-            "remote tier: redis://[user:password@]host:port/db, rediss:// for TLS", Secrets.RedactUrls),
+            "remote tier: redis://[user:password@]host:port[,host:port...]/db (a cluster is detected from the seeds), rediss:// for TLS, "
+            + "valkey[s]:// and redis-cluster:// as aliases, redis[s]-sentinel://host:port[,...]/<service> for Sentinel", Secrets.RedactUrls),
         new("remote_serde", "string", "serialisation of remote records", (c, k, v) => c with { RemoteSerde = Serde(k, v) },
             (w, c) => w.WriteString("remote_serde", c.RemoteSerde)) { Choices = ["naive"], UnsupportedValues = ["cachegen", "kivi"] },
-        new("extra_config", "object", "free-form object; remote_ttl_secs sets an expiry on remote records", (c, k, v) => c with { ExtraConfigJson = ExtraConfig(k, v) },
+        new("extra_config", "object", "free-form object; remote tier: remote_ttl_secs (alias valkey_ttl_sec) sets an expiry on remote records, "
+            + "valkey_mode (standalone | cluster), remote_connections (multiplexer pool size, default 4), remote_tls_ca_file (CA of the servers' certificates)", (c, k, v) => c with { ExtraConfigJson = ExtraConfig(k, v) },
             (w, c) =>
             {
                 w.WritePropertyName("extra_config");

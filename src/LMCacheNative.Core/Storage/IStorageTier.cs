@@ -18,12 +18,26 @@ public sealed class StorageTierStats
     public long Reconnects;      // connections restored (remote tiers)
     public long UsedBytes;       // bytes held now (records, headers included)
     public long CapacityBytes;   // bound on UsedBytes (0 = unbounded or not applicable)
+    /// <summary>Per-node counters of a remote tier (one per server it talked to); empty for local tiers. The tier hands out a fresh list each time.</summary>
+    public IReadOnlyList<NodeStats> Nodes = [];
 
     public StorageTierStats Snapshot() => (StorageTierStats)MemberwiseClone();
 }
 
+/// <summary>
+/// Cumulative counters of one remote node (a Redis server: standalone, cluster master or replica,
+/// Sentinel-found primary). <see cref="Redirects"/> counts slot moves this node answered with
+/// (MOVED); <see cref="LastError"/> is the newest failure message (connection, authentication,
+/// timeout), or null.
+/// </summary>
+public sealed record NodeStats(string Endpoint, string Role, bool Connected, long BytesRead, long BytesWritten, long Errors,
+    long Reconnects, long Redirects, string? LastError);
+
 /// <summary>One record to read into a payload buffer of <see cref="PayloadBytes"/> bytes at <see cref="Payload"/> (a pinned CPU slab).</summary>
 public readonly record struct TierRead(ChunkKey Key, int TokenCount, nint Payload, long PayloadBytes);
+
+/// <summary>One record to write from a payload of <see cref="PayloadBytes"/> bytes at <see cref="Payload"/> (a pinned CPU slab).</summary>
+public readonly record struct TierWrite(ChunkKey Key, int TokenCount, nint Payload, long PayloadBytes);
 
 /// <summary>What a tier stores records for: the engine's key namespace and chunk geometry.</summary>
 public sealed record TierBinding(KeyNamespace Namespace, ChunkHashAlgorithm Algorithm, int ChunkSize, long BytesPerToken)
@@ -76,6 +90,29 @@ public interface IStorageTier : IDisposable
 
     /// <summary>Writes one record synchronously (the engine calls it from its write-behind worker); false if skipped or failed.</summary>
     bool Write(in ChunkKey key, int tokenCount, ReadOnlySpan<byte> payload);
+
+    /// <summary>Most queued writes the write-behind worker hands to <see cref="WriteBatch"/> at once.</summary>
+    int WriteBatchSize => 1;
+
+    /// <summary>
+    /// Writes the records the tier does not hold yet, in one go (the remote tier pipelines them over
+    /// its connections); returns how many were written. The default checks and writes one at a time.
+    /// </summary>
+    /// <param name="held">when not empty (length = writes.Count): set to whether the tier holds each
+    /// record after the call, written now or found there (KV events announce exactly those)</param>
+    unsafe int WriteBatch(IReadOnlyList<TierWrite> writes, Span<bool> held = default)
+    {
+        int written = 0;
+        for (int i = 0; i < writes.Count; i++)
+        {
+            var w = writes[i];
+            bool present = Contains(w.Key);
+            bool wrote = !present && Write(w.Key, w.TokenCount, new ReadOnlySpan<byte>((void*)w.Payload, checked((int)w.PayloadBytes)));
+            if (wrote) written++;
+            if (!held.IsEmpty) held[i] = present || wrote;
+        }
+        return written;
+    }
 
     StorageTierStats GetStats();
 }
