@@ -43,9 +43,11 @@ LMC_BEGIN_DECL
 /* ---------------------------------------------------------------------------------------------- */
 
 #define LMC_VERSION_MAJOR 0
-#define LMC_VERSION_MINOR 2
+#define LMC_VERSION_MINOR 3
 #define LMC_VERSION_PATCH 0
-/* MAJOR * 10000 + MINOR * 100 + PATCH */
+/* MAJOR * 10000 + MINOR * 100 + PATCH. MINOR grows when functions are added without breaking the
+ * ABI: 0.3 added lmc_engine_get_metrics, lmc_engine_get_tier_nodes and lmc_engine_poll_events, so a
+ * program that calls them checks lmc_version_number() >= 300 before it does. */
 #define LMC_VERSION_NUMBER (LMC_VERSION_MAJOR * 10000 + LMC_VERSION_MINOR * 100 + LMC_VERSION_PATCH)
 /* Bumped only when the ABI breaks (a signature, struct layout or status value changes). Bindings
  * must refuse to run against a library whose lmc_abi_version() differs from the value they know. */

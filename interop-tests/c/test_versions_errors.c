@@ -17,8 +17,8 @@ static void test_versions(void) {
          (int)LMC_VERSION_NUMBER);
   report(abi == LMC_ABI_VERSION, "lmc_abi_version() = %d (header %d)", (int)abi,
          (int)LMC_ABI_VERSION);
-  report(LMC_ABI_VERSION == 2 && LMC_VERSION_NUMBER == 200,
-         "the header is ABI 2, version 0.2.0 (LMC_ABI_VERSION %d, LMC_VERSION_NUMBER %d)",
+  report(LMC_ABI_VERSION == 2 && LMC_VERSION_NUMBER == 300,
+         "the header is ABI 2, version 0.3.0 (LMC_ABI_VERSION %d, LMC_VERSION_NUMBER %d)",
          (int)LMC_ABI_VERSION, (int)LMC_VERSION_NUMBER);
   report(vs != NULL && strcmp(vs, want) == 0, "lmc_version_string() = \"%s\" (header \"%s\")",
          vs ? vs : "(NULL)", want);

@@ -17,7 +17,7 @@ namespace LMCacheNative.Exports;
 internal static unsafe class Exports
 {
     // Must equal LMC_VERSION_* and LMC_ABI_VERSION in the header (pinned by AbiTests).
-    internal const int VersionMajor = 0, VersionMinor = 2, VersionPatch = 0;
+    internal const int VersionMajor = 0, VersionMinor = 3, VersionPatch = 0;
     internal const int AbiVersion = 2;
 
     // ---- versions and errors: these cannot fail and leave the last error message unchanged ----
