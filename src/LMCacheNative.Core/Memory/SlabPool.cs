@@ -13,10 +13,16 @@ public interface IHostMemoryAllocator
     void Free(nint address, long bytes);
 }
 
-/// <summary>Page-aligned memory from the C runtime heap.</summary>
+/// <summary>
+/// Page-aligned memory from the C runtime heap. Allocations of at least one huge page (2 MiB) are
+/// aligned to 2 MiB and advised to use transparent huge pages: a slab is a whole chunk (tens of MiB
+/// for a Llama-sized model), streamed through at memory speed, and with 4 KiB pages every 4 KiB of
+/// it costs a TLB miss and, on first touch, a page fault (262,144 faults per GiB instead of 512).
+/// </summary>
 public sealed unsafe class AlignedHostAllocator : IHostMemoryAllocator
 {
     public const int Alignment = 4096;
+    public const int HugePageBytes = 2 << 20;
 
     public static readonly AlignedHostAllocator Instance = new();
 
@@ -24,7 +30,10 @@ public sealed unsafe class AlignedHostAllocator : IHostMemoryAllocator
     {
         try
         {
-            return (nint)NativeMemory.AlignedAlloc((nuint)bytes, Alignment);
+            bool huge = bytes >= HugePageBytes && OperatingSystem.IsLinux();
+            nint address = (nint)NativeMemory.AlignedAlloc((nuint)bytes, huge ? (nuint)HugePageBytes : Alignment);
+            if (huge) Posix.AdviseHugePages(address, bytes & ~((long)HugePageBytes - 1));
+            return address;
         }
         catch (OutOfMemoryException)
         {
