@@ -76,6 +76,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from lmcache_native import Engine, _bindings, as_int32_buffer, as_int64_buffer  # noqa: E402
+import bench_perf  # noqa: E402  (copies in every layout, scaling, the chart)
 
 NUM_LAYERS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 32, 8, 128, 16
 NUM_TOKENS = 8192
@@ -798,9 +799,19 @@ def machine_info() -> dict:
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"cpus": os.cpu_count(), "cpu_model": cpu_model, "kernel": platform.release(),
-            "python": platform.python_version(), "torch": torch.__version__, "git_commit": commit,
-            "git_dirty": None if status is None else bool(status)}
+    memory_bytes = None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            memory_bytes = next((int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemTotal:")), None)
+    except OSError:
+        pass
+    try:
+        dotnet = subprocess.run(["dotnet", "--version"], capture_output=True, text=True, timeout=20).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        dotnet = None
+    return {"cpus": os.cpu_count(), "cpu_model": cpu_model, "memory_bytes": memory_bytes, "kernel": platform.release(),
+            "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "dotnet_sdk": dotnet, "git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
 def write_json(path: str, metrics: dict) -> None:
@@ -856,8 +867,15 @@ def main(argv: list[str]) -> int:
     print(f"lmcache_native bench{' --quick' if quick else ''}: {NUM_LAYERS} layers x {NUM_KV_HEADS} KV heads x "
           f"{HEAD_SIZE}, bf16, block {BLOCK_SIZE}, {num_tokens} tokens = {num_tokens * bytes_per_token / 2**30:.2f} "
           f"GiB per request, chunk_size 256; {os.cpu_count()} CPUs; {repetitions} repetitions")
+    bench_perf.progress(f"copies of a {num_tokens}-token request, NHD and HND")
     copy_rows = measure_and_print_copies(num_tokens, repetitions, metrics)
+    bench_perf.progress("lookups")
     measure_and_print_lookups(("xxh3_128",) if quick else ("sha256", "xxh3_128"), lookup_calls, metrics, tiny=quick)
+    if not quick:
+        gc.collect()
+        bench_perf.measure_layout_matrix(metrics)
+    gc.collect()
+    bench_perf.measure_scaling(metrics, quick)
 
     if not quick:
         conversion_us = measure_list_conversion()
@@ -865,9 +883,11 @@ def main(argv: list[str]) -> int:
         metrics["latencies_us"]["list_to_int32_buffer_median"] = conversion_us
 
         gc.collect()
+        bench_perf.progress("the vLLM connector's own cost")
         print_connector(measure_connector(), copy_rows, metrics)
 
         gc.collect()
+        bench_perf.progress("lower tiers: disk, then Redis")
         disk = measure_disk_tier()
         gc.collect()
         redis = measure_redis_tier()
@@ -878,6 +898,9 @@ def main(argv: list[str]) -> int:
     metrics["run"]["load_average_after"] = os.getloadavg()[0]
     write_json(arguments.json, metrics)
     print(f"\ntotal bench time: {total:.1f} s; numbers written to {os.path.relpath(arguments.json)}")
+    chart = bench_perf.write_chart(metrics, os.path.splitext(arguments.json)[0] + ".png")
+    if chart:
+        print(f"chart written to {os.path.relpath(chart)}")
     if not arguments.check:
         return 0
     sys.path.insert(0, os.path.join(ROOT, "scripts"))

@@ -8,7 +8,10 @@ namespace LMCacheNative.Core.Memory;
 /// </summary>
 public interface IHostMemoryAllocator
 {
-    /// <summary>Allocates <paramref name="bytes"/> bytes, aligned to at least 4 KiB; returns 0 when the memory is not available.</summary>
+    /// <summary>
+    /// Allocates <paramref name="bytes"/> bytes, aligned to at least 4 KiB (64 bytes, a cache line,
+    /// for allocations smaller than a page); returns 0 when the memory is not available.
+    /// </summary>
     nint Allocate(long bytes);
     void Free(nint address, long bytes);
 }
@@ -18,11 +21,14 @@ public interface IHostMemoryAllocator
 /// aligned to 2 MiB and advised to use transparent huge pages: a slab is a whole chunk (tens of MiB
 /// for a Llama-sized model), streamed through at memory speed, and with 4 KiB pages every 4 KiB of
 /// it costs a TLB miss and, on first touch, a page fault (262,144 faults per GiB instead of 512).
+/// Allocations smaller than a page (tiny chunks of a tiny model) are aligned to a cache line only:
+/// page alignment would spend a whole 4 KiB page on each.
 /// </summary>
 public sealed unsafe class AlignedHostAllocator : IHostMemoryAllocator
 {
     public const int Alignment = 4096;
     public const int HugePageBytes = 2 << 20;
+    public const int CacheLineBytes = 64;
 
     public static readonly AlignedHostAllocator Instance = new();
 
@@ -31,7 +37,8 @@ public sealed unsafe class AlignedHostAllocator : IHostMemoryAllocator
         try
         {
             bool huge = bytes >= HugePageBytes && OperatingSystem.IsLinux();
-            nint address = (nint)NativeMemory.AlignedAlloc((nuint)bytes, huge ? (nuint)HugePageBytes : Alignment);
+            nuint alignment = huge ? HugePageBytes : bytes < Alignment ? (nuint)CacheLineBytes : Alignment;
+            nint address = (nint)NativeMemory.AlignedAlloc((nuint)bytes, alignment);
             if (huge) Posix.AdviseHugePages(address, bytes & ~((long)HugePageBytes - 1));
             return address;
         }
