@@ -236,26 +236,44 @@ def slope(points: list[tuple[float, float]]) -> float:
 
 
 def measure_lookup_vs_length(lengths: list[int], calls: int) -> dict:
+    """Median lookup latency (a hit, through Engine.lookup) per prompt length and hash, and one
+    SHA-256 digest of the bytes such a lookup hashes; the three timed in turn, call by call, so that
+    load and clock drift hit them alike."""
     import hashlib
 
     progress(f"scaling: lookup latency against prompt length {lengths}")
-    result = {}
     longest = max(lengths)
-    for algorithm in ("sha256", "xxh3_128"):
-        config = {"chunk_size": 256, "max_local_cpu_size": 1, "pre_caching_hash_algorithm": algorithm}
-        engine, _ = tiny_engine(config, longest // BLOCK + 8)
-        with engine:
-            tokens = torch.randint(0, 128000, (longest,), dtype=torch.int32, generator=torch.Generator().manual_seed(6))
-            slots = as_int64_buffer(torch.arange(longest))
-            assert engine.store(as_int32_buffer(tokens), slots) == longest
-            for length in lengths:
-                buffer = as_int32_buffer(tokens[:length])
-                assert engine.lookup(buffer) == length
-                result[(algorithm, length)] = median_us(lambda: engine.lookup(buffer), max(20, calls * 1024 // length))
-    for length in lengths:  # SHA-256 of the bytes a lookup of this length hashes, in one digest
-        data = bytes((32 + 4 + 4 * 256) * (length // 256))
-        result[("raw_sha256", length)] = median_us(lambda: hashlib.sha256(data).digest(), max(20, calls * 1024 // length))
-    return result
+    tokens = torch.randint(0, 128000, (longest,), dtype=torch.int32, generator=torch.Generator().manual_seed(6))
+    slots = as_int64_buffer(torch.arange(longest))
+    engines = {}
+    try:
+        for algorithm in ("sha256", "xxh3_128"):
+            config = {"chunk_size": 256, "max_local_cpu_size": 1, "pre_caching_hash_algorithm": algorithm}
+            engines[algorithm], _ = tiny_engine(config, longest // BLOCK + 8)
+            assert engines[algorithm].store(as_int32_buffer(tokens), slots) == longest
+        result = {}
+        clock = time.perf_counter_ns
+        for length in lengths:
+            buffer = as_int32_buffer(tokens[:length])
+            data = bytes((32 + 4 + 4 * 256) * (length // 256))
+            samples = {"sha256": [], "xxh3_128": [], "raw_sha256": []}
+            lookups = [(name, engine.lookup) for name, engine in engines.items()]
+            for name, lookup in lookups:
+                assert lookup(buffer) == length
+            for _ in range(max(100, calls * 8192 // length)):
+                for name, lookup in lookups:
+                    started = clock()
+                    lookup(buffer)
+                    samples[name].append(clock() - started)
+                started = clock()
+                hashlib.sha256(data).digest()
+                samples["raw_sha256"].append(clock() - started)
+            for name, values in samples.items():
+                result[(name, length)] = statistics.median(values) / 1e3
+        return result
+    finally:
+        for engine in engines.values():
+            engine.close()
 
 
 def measure_chunk_count(counts: list[int], calls: int) -> dict:
@@ -417,28 +435,62 @@ def measure_disk_index(records: int) -> dict:
     try:
         engine, _ = tiny_engine(config, batch // BLOCK + 8, model="disk-index")
         with engine:
-            slots = as_int64_buffer(torch.arange(batch))
             written, base = 0, 0
             while written < records:
                 count = min(batch, (records - written) * chunk)
-                engine.store(as_int32_buffer(torch.arange(base, base + count, dtype=torch.int32)), slots)
+                engine.store(as_int32_buffer(torch.arange(base, base + count, dtype=torch.int32)),
+                             as_int64_buffer(torch.arange(count)))
                 base += count
                 written += count // chunk
-                assert engine.flush(300), "the disk tier did not drain"
+                engine.flush(300)  # raises LmcTimeout when the tier does not drain
             disk = next(t for t in engine.tier_stats() if t["name"] == "LocalDiskBackend")
+            assert disk["write_queue_drops"] == 0, disk
         files = sum(1 for name in os.listdir(directory) if name.endswith(".lmcc"))
-        gc.collect()
-        before = rss_bytes()
-        started = time.perf_counter()
-        engine, _ = tiny_engine(config, batch // BLOCK + 8, model="disk-index")
-        seconds = time.perf_counter() - started
-        memory = rss_bytes() - before
-        with engine:
-            probe = as_int32_buffer(torch.arange(0, 4096, dtype=torch.int32))
-            assert engine.lookup(probe) == 4096, "the rebuilt index must find the first records"
-        return {"records": files, "written": disk["writes"], "seconds": seconds, "bytes_per_record": memory / max(1, files)}
+        # Start-up measured in fresh processes (this one's heap moves as earlier phases free memory):
+        # registration over an empty directory, then over the one with the records.
+        empty = tempfile.mkdtemp(prefix="lmcache-bench-index-empty-", dir=os.environ.get("LMC_BENCH_DISK_DIR"))
+        try:
+            baseline = startup_in_subprocess(dict(config, local_disk=empty), batch // BLOCK + 8)
+        finally:
+            shutil.rmtree(empty, ignore_errors=True)
+        loaded = startup_in_subprocess(config, batch // BLOCK + 8)
+        assert loaded["hit"] == 4096, "the rebuilt index must find the first records"
+        return {"records": files, "written": disk["writes"], "seconds": loaded["seconds"],
+                "seconds_empty": baseline["seconds"],
+                "bytes_per_record": (loaded["rss_delta"] - baseline["rss_delta"]) / max(1, files)}
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+STARTUP_SCRIPT = """
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+from lmcache_native import Engine, as_int32_buffer
+import bench_perf
+config, num_blocks = json.loads(sys.argv[2]), int(sys.argv[3])
+kv = torch.zeros(2, num_blocks, 16, 1, 4, dtype=torch.float16)
+engine = Engine(config, model_name="disk-index")
+before = bench_perf.rss_bytes()
+started = time.perf_counter()
+engine.register_layers([kv], layout="flash_attn")
+seconds = time.perf_counter() - started
+rss_delta = bench_perf.rss_bytes() - before
+hit = engine.lookup(as_int32_buffer(torch.arange(0, 4096, dtype=torch.int32)))
+engine.close()
+print(json.dumps({"seconds": seconds, "rss_delta": rss_delta, "hit": hit}))
+"""
+
+
+def startup_in_subprocess(config: dict, num_blocks: int) -> dict:
+    """Registration (which binds the disk tier: directory scan, index rebuild) timed in a new process."""
+    import json
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    output = subprocess.run([sys.executable, "-c", STARTUP_SCRIPT, here, json.dumps(config), str(num_blocks)],
+                            capture_output=True, text=True, timeout=600, check=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
 
 
 def measure_scaling(metrics: dict, quick: bool) -> dict:
@@ -532,10 +584,11 @@ def print_scaling(scaling: dict, metrics: dict) -> None:
         disk = scaling["disk"]
         values["disk_index_records"] = disk["records"]
         values["disk_index_rebuild_seconds"] = disk["seconds"]
+        values["disk_index_empty_registration_seconds"] = disk["seconds_empty"]
         values["disk_index_bytes_per_record"] = disk["bytes_per_record"]
         print()
-        print(f"scaling: disk tier with {disk['records']} records: a new engine registers (scans the directory and "
-              f"rebuilds the index) in {disk['seconds']:.2f} s ({disk['seconds'] / max(1, disk['records']) * 1e6:.1f} us "
+        print(f"scaling: disk tier with {disk['records']} records: a new engine (new process) registers (scans the "
+              f"directory and rebuilds the index) in {disk['seconds']:.2f} s (empty directory: {disk['seconds_empty'] * 1e3:.0f} ms) ({disk['seconds'] / max(1, disk['records']) * 1e6:.1f} us "
               f"per record); the index takes {disk['bytes_per_record']:.0f} B per record")
 
 
@@ -558,12 +611,13 @@ def write_chart(metrics: dict, path: str) -> str | None:
 
     # GB/s of every copy next to its baseline: the 8192-token NHD/HND rows, the layout table, the tiers.
     bars = []
+    tokens = metrics.get("run", {}).get("tokens")
     for layout in ("nhd", "hnd"):
         if f"store_{layout}_median" in throughput:
-            bars.append((f"{layout.upper()} 8K", throughput.get(f"parallel_memcpy_{layout}_median"),
+            bars.append((f"{layout.upper()} bf16 c256, {tokens} tokens", throughput.get(f"parallel_memcpy_{layout}_median"),
                          throughput[f"store_{layout}_median"], throughput[f"retrieve_{layout}_median"]))
-    for key in sorted(k[len("layout_"):-len("_store_median")] for k in throughput if k.startswith("layout_") and k.endswith("_store_median")):
-        bars.append((key.replace("_c", " c"), throughput.get(f"layout_{key}_parallel_memcpy_median"),
+    for key in [k[len("layout_"):-len("_store_median")] for k in throughput if k.startswith("layout_") and k.endswith("_store_median")]:
+        bars.append((key.replace("_", " ").replace(" c", " c").replace("blocks first", "blocks_first"), throughput.get(f"layout_{key}_parallel_memcpy_median"),
                      throughput[f"layout_{key}_store_median"], throughput[f"layout_{key}_retrieve_median"]))
     if bars:
         panels.append(("copies", bars))
@@ -600,7 +654,8 @@ def write_chart(metrics: dict, path: str) -> str | None:
         axis.set_xlabel("GB/s (median)")
         axis.set_title("tiers and pool")
     else:
-        axis.text(0.5, 0.5, "no tier figures in this run", ha="center")
+        axis.text(0.5, 0.5, "no tier figures in this run (--quick)", ha="center")
+        axis.axis("off")
     axis = figure.add_subplot(grid[row, 1])
     if lookups:
         axis.bar([n for n, _ in lookups], [v for _, v in lookups], color=["#9467bd", "#8c564b", "#bbbbbb"][:len(lookups)])
@@ -627,3 +682,128 @@ def write_chart(metrics: dict, path: str) -> str | None:
     figure.savefig(path, dpi=80)
     plt.close(figure)
     return path
+
+
+# ------------------------------------------------------------------------------------------------
+# The README's benchmark figures, generated from a bench.json (never edited by hand)
+# ------------------------------------------------------------------------------------------------
+
+README_BEGIN = "<!-- bench figures: generated by `python-demo/bench_perf.py --readme build/bench/bench.json` -->"
+README_END = "<!-- end of generated bench figures -->"
+
+
+def readme_markdown(metrics: dict) -> str:
+    """The copies, lookup, layout and scaling figures of one run as Markdown."""
+    ratios, throughput, latencies = metrics["ratios"], metrics["throughput_gbps"], metrics["latencies_us"]
+    values = metrics.get("scaling", {})
+    machine, run = metrics.get("machine", {}), metrics.get("run", {})
+    lines = [README_BEGIN, ""]
+    memory = machine.get("memory_bytes")
+    lines.append(f"Run of commit `{str(machine.get('git_commit'))[:10]}`{' (with local changes)' if machine.get('git_dirty') else ''} "
+                 f"on {run.get('date_utc')}: {machine.get('cpu_model')}, {machine.get('cpus')} CPUs, "
+                 f"{memory / 2**30:.0f} GiB, Linux {machine.get('kernel')}, .NET SDK {machine.get('dotnet_sdk')}; "
+                 f"1-minute load average {run.get('load_average_before', float('nan')):.1f} before and "
+                 f"{run.get('load_average_after', float('nan')):.1f} after (2 means both cores busy with other work).")
+    lines += ["", "| copy | GB/s best, median | ÷ memcpy (best, median) | ÷ memcpy on every core (best, median) |",
+              "|---|---|---|---|"]
+    for layout in ("nhd", "hnd"):
+        for kind in ("store", "retrieve"):
+            key = f"{kind}_{layout}"
+            if f"{key}_best" not in throughput:
+                continue
+            lines.append(f"| {kind}, {layout.upper()} | {throughput[f'{key}_best']:.1f}, {throughput[f'{key}_median']:.1f} | "
+                         f"{ratios[f'{key}_vs_memcpy_best']:.2f}, {ratios[f'{key}_vs_memcpy_median']:.2f} | "
+                         f"{ratios[f'{key}_vs_parallel_memcpy_best']:.2f}, {ratios[f'{key}_vs_parallel_memcpy_median']:.2f} |")
+    if "lookup_sha256_raw_median" in latencies:
+        lines += ["", f"Lookup of the 8192-token prompt (int32 buffer, raw `lmc_lookup`, median): xxh3_128 "
+                  f"{latencies['lookup_xxh3_raw_median']:.1f} µs, sha256 {latencies['lookup_sha256_raw_median']:.1f} µs; "
+                  f"through `Engine.lookup` {latencies['lookup_xxh3_median']:.1f} and {latencies['lookup_sha256_median']:.1f} µs. "
+                  f"One SHA-256 digest of the very bytes the key chain hashes takes "
+                  f"{latencies['sha256_same_bytes_one_digest_median']:.1f} µs (hashlib, the same OpenSSL), so the sha256 "
+                  f"lookup is **{ratios['lookup_sha256_raw_vs_sha256_same_bytes_median']:.2f}×** a single digest (target ≤ 1.3×)."]
+    layout_keys = [k[len("layout_"):-len("_store_vs_parallel_memcpy_median")] for k in ratios
+                   if k.startswith("layout_") and k.endswith("_store_vs_parallel_memcpy_median")]
+    if layout_keys:
+        lines += ["", f"Every layout, one {LAYOUT_TOKENS}-token request (Llama-3-8B shape; MLA one 576-wide latent), "
+                  "engine ÷ a memcpy of the same bytes on every core timed in turn with it (median, best):", "",
+                  "| layout | dtype | chunk | memcpy GB/s | store GB/s | retrieve GB/s | store ÷ memcpy | retrieve ÷ memcpy |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key in layout_keys:
+            layout, dtype, chunk = key.rsplit("_", 2)
+            cells = [throughput[f"layout_{key}_{k}_median"] for k in ("parallel_memcpy", "store", "retrieve")]
+            store = f"{ratios[f'layout_{key}_store_vs_parallel_memcpy_median']:.2f}, {ratios[f'layout_{key}_store_vs_parallel_memcpy_best']:.2f}"
+            retrieve = f"{ratios[f'layout_{key}_retrieve_vs_parallel_memcpy_median']:.2f}, {ratios[f'layout_{key}_retrieve_vs_parallel_memcpy_best']:.2f}"
+            lines.append(f"| {layout.upper() if layout in ('nhd', 'hnd', 'mla') else layout} | {dtype} | {chunk[1:]} | "
+                         f"{cells[0]:.1f} | {cells[1]:.1f} | {cells[2]:.1f} | {store} | {retrieve} |")
+    scaling_lines = []
+    length_keys = sorted((int(k.split("_")[-2][:-1]), k) for k in latencies if k.startswith("scaling_lookup_sha256_") and k.endswith("k_median"))
+    if length_keys:
+        scaling_lines.append("| prompt tokens | " + " | ".join(f"{n}K" for n, _ in length_keys) + " |")
+        scaling_lines.append("|---|" + "---|" * len(length_keys))
+        for name, label in (("sha256", "sha256 lookup, µs"), ("xxh3", "xxh3_128 lookup, µs"), ("raw_sha256", "one SHA-256 digest of the same bytes, µs")):
+            scaling_lines.append(f"| {label} | " + " | ".join(f"{latencies[f'scaling_lookup_{name}_{n}k_median']:.1f}" for n, _ in length_keys) + " |")
+        sha_linear = next((v for k, v in ratios.items() if k.startswith("scaling_lookup_sha256_per_token_")), None)
+        xxh_linear = next((v for k, v in ratios.items() if k.startswith("scaling_lookup_xxh3_per_token_")), None)
+        scaling_lines += ["", f"Slopes: sha256 lookup {values.get('lookup_sha256_slope_us_per_1k_tokens', float('nan')):.2f} µs per 1K tokens, "
+                          f"the digest alone {values.get('raw_sha256_slope_us_per_1k_tokens', float('nan')):.2f} "
+                          f"(**{ratios.get('scaling_lookup_sha256_slope_vs_raw_sha256_slope', float('nan')):.2f}×**); xxh3_128 "
+                          f"{values.get('lookup_xxh3_slope_us_per_1k_tokens', float('nan')):.2f}. Cost per token at the longest "
+                          f"prompt ÷ at 8K: sha256 {sha_linear:.2f}, xxh3_128 {xxh_linear:.2f} (1 = linear)."]
+    count_keys = sorted(int(k.split("_")[3]) for k in latencies if k.startswith("scaling_lookup_at_") and k.endswith("_chunks_median"))
+    if count_keys:
+        scaling_lines += ["", "| cached chunks (16 tokens each) | " + " | ".join(f"{c:,}" for c in count_keys) + " |",
+                          "|---|" + "---|" * len(count_keys),
+                          "| lookup of 4096 tokens, µs | " + " | ".join(f"{latencies[f'scaling_lookup_at_{c}_chunks_median']:.1f}" for c in count_keys) + " |",
+                          "| store of 4096 new tokens, µs | " + " | ".join(f"{latencies[f'scaling_store_at_{c}_chunks_median']:.1f}" for c in count_keys) + " |",
+                          "", f"Memory per cached chunk at {count_keys[-1]:,} chunks: {values.get('memory_per_cached_chunk_bytes', float('nan')):.0f} B, "
+                          f"of which {values.get('memory_per_cached_chunk_beyond_slab_bytes', float('nan')):.0f} B beyond its 256-byte slab "
+                          "(index entry, LRU node, chunk record, allocator overhead)."]
+    if "scaling_store_full_pool_vs_empty_pool_median" in ratios:
+        scaling_lines += ["", f"Store of 1024 tokens (128 MiB): empty pool {throughput['scaling_store_empty_pool_median']:.1f} GB/s, "
+                          f"full pool evicting on every store {throughput['scaling_store_full_pool_median']:.1f} GB/s "
+                          f"(**{ratios['scaling_store_full_pool_vs_empty_pool_median']:.2f}×**, target ≥ 0.9)."]
+    thread_counts = sorted(int(k.split("_")[3]) for k in throughput if k.startswith("scaling_store_retrieve_") and k.endswith("_threads"))
+    if thread_counts:
+        scaling_lines += ["", "| callers (store + retrieve of 32 MiB each) | " + " | ".join(str(c) for c in thread_counts) + " |",
+                          "|---|" + "---|" * len(thread_counts),
+                          "| GB/s, all callers | " + " | ".join(f"{throughput[f'scaling_store_retrieve_{c}_threads']:.1f}" for c in thread_counts) + " |",
+                          "| one-chunk lookup meanwhile, p50 / p99 µs | " + " | ".join(
+                              f"{latencies[f'scaling_lookup_during_{c}_threads_p50']:.0f} / {latencies[f'scaling_lookup_during_{c}_threads_p99']:.0f}"
+                              for c in thread_counts) + " |",
+                          "", f"The same lookup on an idle engine: {latencies.get('scaling_lookup_idle_median', float('nan')):.1f} µs; "
+                          "its rise while callers run is the CPU tier's lock wait plus the CPU time the callers take."]
+    if "disk_index_records" in values:
+        scaling_lines += ["", f"Disk tier with {values['disk_index_records']:,} records: a new engine rebuilds the index "
+                          f"(directory scan, every record's header read) in {values['disk_index_rebuild_seconds']:.2f} s; the index "
+                          f"takes {values['disk_index_bytes_per_record']:.0f} B per record."]
+    if scaling_lines:
+        lines += ["", "How costs grow (the scaling section):", ""] + scaling_lines
+    lines += ["", README_END]
+    return "\n".join(lines)
+
+
+def update_readme(bench_json: str, readme: str) -> None:
+    """Replaces the generated part of ``readme`` (between the markers) with the figures of ``bench_json``."""
+    import json
+
+    with open(bench_json) as source:
+        metrics = json.load(source)
+    with open(readme) as source:
+        text = source.read()
+    start, end = text.find(README_BEGIN), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{readme} has no generated bench section (markers {README_BEGIN!r} ... {README_END!r})")
+    text = text[:start] + readme_markdown(metrics) + text[end + len(README_END):]
+    with open(readme, "w") as out:
+        out.write(text)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Writes a bench.json's figures into the README's generated section.")
+    parser.add_argument("--readme", metavar="BENCH_JSON", required=True, help="a bench.json written by bench.py (full run)")
+    parser.add_argument("--file", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"))
+    arguments = parser.parse_args()
+    update_readme(arguments.readme, arguments.file)
+    print(f"{arguments.file}: bench figures from {arguments.readme}")

@@ -136,7 +136,7 @@ public sealed class ChunkHasher
             BinaryPrimitives.WriteInt64LittleEndian(buffer[_namespaceBytes.Length..], extraKey.Length);
             extraKey.CopyTo(buffer[(_namespaceBytes.Length + 8)..]);
             digest.Clear();
-            if (sha256 is not null) sha256.Hash(buffer[..seedLength], default, digest);
+            if (sha256 is not null) sha256.Hash(default, buffer[..seedLength], digest);
             else Hash(buffer[..seedLength], digest);
 
             for (int i = 0; i < keys.Length; i++)
