@@ -5,7 +5,8 @@
    size 128, bfloat16, 16 tokens per block; one 8192-token request in random block order; chunk_size
    256) in FlashAttention NHD and HND, next to a plain memcpy (ctypes.memmove) of the same byte count
    and a parallel memcpy (one memmove per CPU on its own thread, as the engine uses every core)
-   between two pre-touched buffers, measured in the same run with the same repetitions. Store runs
+   between two pre-touched buffers, measured in the same run with the same repetitions, the four
+   timed in turn within each repetition. Store runs
    into an emptied cache (engine.clear() before each repetition); retrieve writes into a zeroed KV
    cache (zeroed before each repetition, outside the timed region).
 2. Lookup latency of the 8192-token prompt (hit) through the Python binding with the tokens already
@@ -116,74 +117,50 @@ def summarize(seconds: list[float], num_bytes: int) -> dict:
     return {"best": num_bytes / min(seconds) / GB, "median": num_bytes / statistics.median(seconds) / GB}
 
 
-def measure_memcpy(num_bytes: int, repetitions: int = COPY_REPETITIONS) -> dict:
-    source = torch.empty(num_bytes, dtype=torch.uint8).fill_(1)  # fill_ touches every page
-    destination = torch.empty(num_bytes, dtype=torch.uint8).fill_(2)
-    seconds = []
-    for _ in range(repetitions):
-        started = time.perf_counter()
-        ctypes.memmove(destination.data_ptr(), source.data_ptr(), num_bytes)
-        seconds.append(time.perf_counter() - started)
-    return summarize(seconds, num_bytes)
-
-
-def measure_parallel_copy(num_bytes: int, repetitions: int = COPY_REPETITIONS) -> dict:
-    """The same bytes copied by one memmove per CPU on its own thread (ctypes releases the GIL during
-    the call): the fair baseline for an engine that also copies on every core."""
-    source = torch.empty(num_bytes, dtype=torch.uint8).fill_(1)
-    destination = torch.empty(num_bytes, dtype=torch.uint8).fill_(2)
-    workers = os.cpu_count() or 1
-    share = -(-num_bytes // workers)
-    pieces = [(offset, min(share, num_bytes - offset)) for offset in range(0, num_bytes, share)]
-
-    def copy_piece(piece):
-        offset, length = piece
-        ctypes.memmove(destination.data_ptr() + offset, source.data_ptr() + offset, length)
-
-    seconds = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in range(repetitions):
-            started = time.perf_counter()
-            list(pool.map(copy_piece, pieces))
-            seconds.append(time.perf_counter() - started)
-    return summarize(seconds, num_bytes)
-
-
 def measure_copies(layout: str, num_tokens: int = NUM_TOKENS,
-                   repetitions: int = COPY_REPETITIONS) -> tuple[dict, dict, int]:
+                   repetitions: int = COPY_REPETITIONS) -> tuple[dict, dict, dict, dict, int]:
+    """Store, retrieve and the two baselines (memcpy on one thread, memcpy split over every CPU, of the
+    same byte count between two touched buffers), timed in turn within each repetition so that load
+    and clock drift hit all four alike. Returns (store, retrieve, memcpy, parallel memcpy, bytes)."""
     generator = torch.Generator().manual_seed(1)
     num_blocks = num_tokens // BLOCK_SIZE * 9 // 8  # spare blocks so the request's are scattered (NUM_BLOCKS)
     layers = allocate_cache(layout, generator, num_blocks)
     tokens, slots = request(generator, num_tokens, num_blocks)
-    store_seconds, retrieve_seconds = [], []
+    num_bytes = num_tokens * NUM_LAYERS * 2 * NUM_KV_HEADS * HEAD_SIZE * 2
+    baseline = bench_perf.ParallelMemcpy(num_bytes)
+    times = {"store": [], "retrieve": [], "memcpy": [], "parallel": []}
+    # Keep two layers to verify the retrieved bytes afterwards.
+    reference = {index: layers[index].clone() for index in (0, NUM_LAYERS - 1)}
     with Engine({"chunk_size": 256, "max_local_cpu_size": 3}, model_name="llama-3-8b-shape") as engine:
         engine.register_layers(layers, layout="flash_attn")
+        stored_before, retrieved_before = engine.stats()["stored_bytes"], engine.stats()["retrieved_bytes"]
         for _ in range(repetitions):
+            started = time.perf_counter()
+            ctypes.memmove(baseline.destination.data_ptr(), baseline.source.data_ptr(), num_bytes)
+            times["memcpy"].append(time.perf_counter() - started)
+            times["parallel"].append(baseline.run())
             engine.clear()
-            before = engine.stats()["stored_bytes"]
             started = time.perf_counter()
             stored = engine.store(tokens, slots)
-            store_seconds.append(time.perf_counter() - started)
+            times["store"].append(time.perf_counter() - started)
             assert stored == num_tokens, stored
-        stored_bytes = engine.stats()["stored_bytes"] - before
-        # Keep two layers to verify the retrieved bytes afterwards.
-        reference = {index: layers[index].clone() for index in (0, NUM_LAYERS - 1)}
-        for _ in range(repetitions):
             for layer in layers:
                 layer.zero_()
-            before = engine.stats()["retrieved_bytes"]
             started = time.perf_counter()
             retrieved = engine.retrieve(tokens, slots)
-            retrieve_seconds.append(time.perf_counter() - started)
+            times["retrieve"].append(time.perf_counter() - started)
             assert retrieved == num_tokens, retrieved
-        retrieved_bytes = engine.stats()["retrieved_bytes"] - before
-    assert stored_bytes == retrieved_bytes == num_tokens * NUM_LAYERS * 2 * NUM_KV_HEADS * HEAD_SIZE * 2
+        stored_bytes = (engine.stats()["stored_bytes"] - stored_before) // repetitions
+        retrieved_bytes = (engine.stats()["retrieved_bytes"] - retrieved_before) // repetitions
+    baseline.close()
+    assert stored_bytes == retrieved_bytes == num_bytes, (stored_bytes, retrieved_bytes, num_bytes)
     slot_tensor = torch.tensor((ctypes.c_int64 * slots.length).from_address(slots.address))
     blocks, offsets = slot_tensor // BLOCK_SIZE, slot_tensor % BLOCK_SIZE
     for index, original in reference.items():
         assert torch.equal(layers[index][:, blocks, offsets].view(torch.int16),
                            original[:, blocks, offsets].view(torch.int16)), f"layer {index} differs"
-    return summarize(store_seconds, stored_bytes), summarize(retrieve_seconds, retrieved_bytes), stored_bytes
+    return (summarize(times["store"], num_bytes), summarize(times["retrieve"], num_bytes),
+            summarize(times["memcpy"], num_bytes), summarize(times["parallel"], num_bytes), num_bytes)
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -726,9 +703,7 @@ def print_connector(connector: dict, copy_rows: list, metrics: dict) -> None:
 def measure_and_print_copies(num_tokens: int, repetitions: int, metrics: dict) -> list:
     copy_rows = []
     for layout in ("NHD", "HND"):
-        store, retrieve, num_bytes = measure_copies(layout, num_tokens, repetitions)
-        memcpy = measure_memcpy(num_bytes, repetitions)
-        parallel = measure_parallel_copy(num_bytes, repetitions)
+        store, retrieve, memcpy, parallel, num_bytes = measure_copies(layout, num_tokens, repetitions)
         copy_rows.append((layout, store, retrieve, memcpy, parallel))
         gc.collect()
 
