@@ -71,3 +71,41 @@ def test_chart_with_only_the_quick_figures(tmp_path):
 def test_slope_is_the_least_squares_slope():
     assert bench_perf.slope([(1, 3.0), (2, 5.0), (4, 9.0)]) == pytest.approx(2.0)
     assert bench_perf.slope([(0, 1.0), (1, 2.0), (2, 2.0), (3, 4.0)]) == pytest.approx(0.9)
+
+
+def test_readme_section_is_regenerated_between_its_markers(tmp_path):
+    import json
+
+    metrics = made_up_metrics()
+    metrics["machine"].update({"memory_bytes": 24 * 2**30, "kernel": "6.1", "dotnet_sdk": "10.0"})
+    metrics["run"].update({"load_average_before": 0.5, "load_average_after": 0.7})
+    metrics["latencies_us"].update({"lookup_xxh3_median": 6.0, "lookup_sha256_median": 25.0})
+    metrics["ratios"]["lookup_sha256_raw_vs_sha256_same_bytes_median"] = 23.0 / 19.2
+    for kind, value in (("store", 0.85), ("retrieve", 0.95)):
+        for statistic in ("median", "best"):
+            metrics["ratios"][f"layout_hnd_fp8_c16_{kind}_vs_parallel_memcpy_{statistic}"] = value
+    bench_json = tmp_path / "bench.json"
+    bench_json.write_text(json.dumps(metrics))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n\n{bench_perf.README_BEGIN}\nstale figures\n{bench_perf.README_END}\n\nafter\n")
+    bench_perf.update_readme(str(bench_json), str(readme))
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nbefore\n\n") and text.endswith("\n\nafter\n")
+    assert "stale figures" not in text
+    assert "| HND | fp8 | 16 | 30.0 | 26.0 | 29.0 | 0.85, 0.85 | 0.95, 0.95 |" in text
+    assert "store: 1 of 1 rows below 0.9×" in text and "retrieve: 0 of 1 rows below 0.9×" in text
+    assert "| sha256 lookup, µs | 7.0 | 24.0 | 90.0 | 350.0 |" in text
+    assert "the sha256 lookup is **1.20×** a single digest" in text
+    bench_perf.update_readme(str(bench_json), str(readme))  # idempotent
+    assert readme.read_text() == text
+
+
+def test_readme_without_markers_is_an_error(tmp_path):
+    import json
+
+    bench_json = tmp_path / "bench.json"
+    bench_json.write_text(json.dumps(made_up_metrics()))
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    with pytest.raises(SystemExit, match="no generated bench section"):
+        bench_perf.update_readme(str(bench_json), str(readme))
