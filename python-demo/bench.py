@@ -36,7 +36,13 @@ for another file), one flat object per kind of number, names stable between runs
                 "disk_retrieve_cold_vs_read_cold_median": 1.24, "redis_retrieve_vs_get_loop_median": 1.05, ...},
      "throughput_gbps": {"memcpy_nhd_median": ..., "store_nhd_median": 15.9, "disk_read_cold_median": ...},
      "latencies_us": {"lookup_xxh3_raw_median": 4.0, "lookup_xxh3_median": 5.6, "lookup_sha256_p99": ...,
-                      "list_to_int32_buffer_median": 43, "connector_scheduler_median": 104, ...}}
+                      "list_to_int32_buffer_median": 43, "connector_scheduler_median": 104, ...},
+     "scaling": {"lookup_sha256_slope_us_per_1k_tokens": ..., "memory_per_cached_chunk_bytes": ...,
+                 "disk_index_rebuild_seconds": ..., "disk_index_bytes_per_record": ..., ...}}
+
+The copies in every layout and the scaling section come from bench_perf.py (see its docstring): their
+ratios and latencies go to the same sections under "layout_..." and "scaling_..." names, other figures
+(slopes, bytes, seconds) to "scaling". The chart goes next to the JSON (build/bench/bench.png).
 
 Ratios are engine / baseline of the same run ("_best": best over best, "_median": median over median);
 GB are 10^9 bytes; latencies in microseconds; a number that could not be measured (no redis-server) is
