@@ -5,7 +5,8 @@
    size 128, bfloat16, 16 tokens per block; one 8192-token request in random block order; chunk_size
    256) in FlashAttention NHD and HND, next to a plain memcpy (ctypes.memmove) of the same byte count
    and a parallel memcpy (one memmove per CPU on its own thread, as the engine uses every core)
-   between two pre-touched buffers, measured in the same run with the same repetitions. Store runs
+   between two pre-touched buffers, measured in the same run with the same repetitions, the four
+   timed in turn within each repetition. Store runs
    into an emptied cache (engine.clear() before each repetition); retrieve writes into a zeroed KV
    cache (zeroed before each repetition, outside the timed region).
 2. Lookup latency of the 8192-token prompt (hit) through the Python binding with the tokens already
@@ -37,7 +38,13 @@ for another file), one flat object per kind of number, names stable between runs
                 "disk_retrieve_cold_vs_read_cold_median": 1.24, "redis_retrieve_vs_get_loop_median": 1.05, ...},
      "throughput_gbps": {"memcpy_nhd_median": ..., "store_nhd_median": 15.9, "disk_read_cold_median": ...},
      "latencies_us": {"lookup_xxh3_raw_median": 4.0, "lookup_xxh3_median": 5.6, "lookup_sha256_p99": ...,
-                      "list_to_int32_buffer_median": 43, "connector_scheduler_median": 104, ...}}
+                      "list_to_int32_buffer_median": 43, "connector_scheduler_median": 104, ...},
+     "scaling": {"lookup_sha256_slope_us_per_1k_tokens": ..., "memory_per_cached_chunk_bytes": ...,
+                 "disk_index_rebuild_seconds": ..., "disk_index_bytes_per_record": ..., ...}}
+
+The copies in every layout and the scaling section come from bench_perf.py (see its docstring): their
+ratios and latencies go to the same sections under "layout_..." and "scaling_..." names, other figures
+(slopes, bytes, seconds) to "scaling". The chart goes next to the JSON (build/bench/bench.png).
 
 Ratios are engine / baseline of the same run ("_best": best over best, "_median": median over median);
 GB are 10^9 bytes; latencies in microseconds; a number that could not be measured (no redis-server) is
@@ -78,6 +85,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from lmcache_native import Engine, _bindings, as_int32_buffer, as_int64_buffer  # noqa: E402
+import bench_perf  # noqa: E402  (copies in every layout, scaling, the chart)
 
 NUM_LAYERS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 32, 8, 128, 16
 NUM_TOKENS = 8192
@@ -117,74 +125,50 @@ def summarize(seconds: list[float], num_bytes: int) -> dict:
     return {"best": num_bytes / min(seconds) / GB, "median": num_bytes / statistics.median(seconds) / GB}
 
 
-def measure_memcpy(num_bytes: int, repetitions: int = COPY_REPETITIONS) -> dict:
-    source = torch.empty(num_bytes, dtype=torch.uint8).fill_(1)  # fill_ touches every page
-    destination = torch.empty(num_bytes, dtype=torch.uint8).fill_(2)
-    seconds = []
-    for _ in range(repetitions):
-        started = time.perf_counter()
-        ctypes.memmove(destination.data_ptr(), source.data_ptr(), num_bytes)
-        seconds.append(time.perf_counter() - started)
-    return summarize(seconds, num_bytes)
-
-
-def measure_parallel_copy(num_bytes: int, repetitions: int = COPY_REPETITIONS) -> dict:
-    """The same bytes copied by one memmove per CPU on its own thread (ctypes releases the GIL during
-    the call): the fair baseline for an engine that also copies on every core."""
-    source = torch.empty(num_bytes, dtype=torch.uint8).fill_(1)
-    destination = torch.empty(num_bytes, dtype=torch.uint8).fill_(2)
-    workers = os.cpu_count() or 1
-    share = -(-num_bytes // workers)
-    pieces = [(offset, min(share, num_bytes - offset)) for offset in range(0, num_bytes, share)]
-
-    def copy_piece(piece):
-        offset, length = piece
-        ctypes.memmove(destination.data_ptr() + offset, source.data_ptr() + offset, length)
-
-    seconds = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in range(repetitions):
-            started = time.perf_counter()
-            list(pool.map(copy_piece, pieces))
-            seconds.append(time.perf_counter() - started)
-    return summarize(seconds, num_bytes)
-
-
 def measure_copies(layout: str, num_tokens: int = NUM_TOKENS,
-                   repetitions: int = COPY_REPETITIONS) -> tuple[dict, dict, int]:
+                   repetitions: int = COPY_REPETITIONS) -> tuple[dict, dict, dict, dict, int]:
+    """Store, retrieve and the two baselines (memcpy on one thread, memcpy split over every CPU, of the
+    same byte count between two touched buffers), timed in turn within each repetition so that load
+    and clock drift hit all four alike. Returns (store, retrieve, memcpy, parallel memcpy, bytes)."""
     generator = torch.Generator().manual_seed(1)
     num_blocks = num_tokens // BLOCK_SIZE * 9 // 8  # spare blocks so the request's are scattered (NUM_BLOCKS)
     layers = allocate_cache(layout, generator, num_blocks)
     tokens, slots = request(generator, num_tokens, num_blocks)
-    store_seconds, retrieve_seconds = [], []
+    num_bytes = num_tokens * NUM_LAYERS * 2 * NUM_KV_HEADS * HEAD_SIZE * 2
+    baseline = bench_perf.ParallelMemcpy(num_bytes)
+    times = {"store": [], "retrieve": [], "memcpy": [], "parallel": []}
+    # Keep two layers to verify the retrieved bytes afterwards.
+    reference = {index: layers[index].clone() for index in (0, NUM_LAYERS - 1)}
     with Engine({"chunk_size": 256, "max_local_cpu_size": 3}, model_name="llama-3-8b-shape") as engine:
         engine.register_layers(layers, layout="flash_attn")
+        stored_before, retrieved_before = engine.stats()["stored_bytes"], engine.stats()["retrieved_bytes"]
         for _ in range(repetitions):
+            started = time.perf_counter()
+            ctypes.memmove(baseline.destination.data_ptr(), baseline.source.data_ptr(), num_bytes)
+            times["memcpy"].append(time.perf_counter() - started)
+            times["parallel"].append(baseline.run())
             engine.clear()
-            before = engine.stats()["stored_bytes"]
             started = time.perf_counter()
             stored = engine.store(tokens, slots)
-            store_seconds.append(time.perf_counter() - started)
+            times["store"].append(time.perf_counter() - started)
             assert stored == num_tokens, stored
-        stored_bytes = engine.stats()["stored_bytes"] - before
-        # Keep two layers to verify the retrieved bytes afterwards.
-        reference = {index: layers[index].clone() for index in (0, NUM_LAYERS - 1)}
-        for _ in range(repetitions):
             for layer in layers:
                 layer.zero_()
-            before = engine.stats()["retrieved_bytes"]
             started = time.perf_counter()
             retrieved = engine.retrieve(tokens, slots)
-            retrieve_seconds.append(time.perf_counter() - started)
+            times["retrieve"].append(time.perf_counter() - started)
             assert retrieved == num_tokens, retrieved
-        retrieved_bytes = engine.stats()["retrieved_bytes"] - before
-    assert stored_bytes == retrieved_bytes == num_tokens * NUM_LAYERS * 2 * NUM_KV_HEADS * HEAD_SIZE * 2
+        stored_bytes = (engine.stats()["stored_bytes"] - stored_before) // repetitions
+        retrieved_bytes = (engine.stats()["retrieved_bytes"] - retrieved_before) // repetitions
+    baseline.close()
+    assert stored_bytes == retrieved_bytes == num_bytes, (stored_bytes, retrieved_bytes, num_bytes)
     slot_tensor = torch.tensor((ctypes.c_int64 * slots.length).from_address(slots.address))
     blocks, offsets = slot_tensor // BLOCK_SIZE, slot_tensor % BLOCK_SIZE
     for index, original in reference.items():
         assert torch.equal(layers[index][:, blocks, offsets].view(torch.int16),
                            original[:, blocks, offsets].view(torch.int16)), f"layer {index} differs"
-    return summarize(store_seconds, stored_bytes), summarize(retrieve_seconds, retrieved_bytes), stored_bytes
+    return (summarize(times["store"], num_bytes), summarize(times["retrieve"], num_bytes),
+            summarize(times["memcpy"], num_bytes), summarize(times["parallel"], num_bytes), num_bytes)
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -650,9 +634,7 @@ def print_connector(connector: dict, copy_rows: list, metrics: dict) -> None:
 def measure_and_print_copies(num_tokens: int, repetitions: int, metrics: dict) -> list:
     copy_rows = []
     for layout in ("NHD", "HND"):
-        store, retrieve, num_bytes = measure_copies(layout, num_tokens, repetitions)
-        memcpy = measure_memcpy(num_bytes, repetitions)
-        parallel = measure_parallel_copy(num_bytes, repetitions)
+        store, retrieve, memcpy, parallel, num_bytes = measure_copies(layout, num_tokens, repetitions)
         copy_rows.append((layout, store, retrieve, memcpy, parallel))
         gc.collect()
 
@@ -723,9 +705,19 @@ def machine_info() -> dict:
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"cpus": os.cpu_count(), "cpu_model": cpu_model, "kernel": platform.release(),
-            "python": platform.python_version(), "torch": torch.__version__, "git_commit": commit,
-            "git_dirty": None if status is None else bool(status)}
+    memory_bytes = None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            memory_bytes = next((int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemTotal:")), None)
+    except OSError:
+        pass
+    try:
+        dotnet = subprocess.run(["dotnet", "--version"], capture_output=True, text=True, timeout=20).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        dotnet = None
+    return {"cpus": os.cpu_count(), "cpu_model": cpu_model, "memory_bytes": memory_bytes, "kernel": platform.release(),
+            "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "dotnet_sdk": dotnet, "git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
 def write_json(path: str, metrics: dict) -> None:
@@ -781,8 +773,15 @@ def main(argv: list[str]) -> int:
     print(f"lmcache_native bench{' --quick' if quick else ''}: {NUM_LAYERS} layers x {NUM_KV_HEADS} KV heads x "
           f"{HEAD_SIZE}, bf16, block {BLOCK_SIZE}, {num_tokens} tokens = {num_tokens * bytes_per_token / 2**30:.2f} "
           f"GiB per request, chunk_size 256; {os.cpu_count()} CPUs; {repetitions} repetitions")
+    bench_perf.progress(f"copies of a {num_tokens}-token request, NHD and HND")
     copy_rows = measure_and_print_copies(num_tokens, repetitions, metrics)
+    bench_perf.progress("lookups")
     measure_and_print_lookups(("xxh3_128",) if quick else ("sha256", "xxh3_128"), lookup_calls, metrics, tiny=quick)
+    if not quick:
+        gc.collect()
+        bench_perf.measure_layout_matrix(metrics)
+    gc.collect()
+    bench_perf.measure_scaling(metrics, quick)
 
     if not quick:
         conversion_us = measure_list_conversion()
@@ -790,9 +789,11 @@ def main(argv: list[str]) -> int:
         metrics["latencies_us"]["list_to_int32_buffer_median"] = conversion_us
 
         gc.collect()
+        bench_perf.progress("the vLLM connector's own cost")
         print_connector(measure_connector(), copy_rows, metrics)
 
         gc.collect()
+        bench_perf.progress("lower tiers: disk, then Redis")
         disk = measure_disk_tier()
         gc.collect()
         redis = measure_redis_tier()
@@ -803,6 +804,9 @@ def main(argv: list[str]) -> int:
     metrics["run"]["load_average_after"] = os.getloadavg()[0]
     write_json(arguments.json, metrics)
     print(f"\ntotal bench time: {total:.1f} s; numbers written to {os.path.relpath(arguments.json)}")
+    chart = bench_perf.write_chart(metrics, os.path.splitext(arguments.json)[0] + ".png")
+    if chart:
+        print(f"chart written to {os.path.relpath(chart)}")
     if not arguments.check:
         return 0
     sys.path.insert(0, os.path.join(ROOT, "scripts"))

@@ -31,8 +31,11 @@ build_kernels() {
 publish() {
   step "publish: dotnet publish (NativeAOT)"
   command -v dotnet >/dev/null || die "dotnet not found: the .NET 10 SDK is required"
+  # LMC_ILC_INSTRUCTION_SET (e.g. x86-64-v4, native): compile for a newer CPU than the x86-64
+  # baseline, so the copies use AVX/AVX-512 streaming stores (src/LMCacheNative.Core/Transfer/BulkCopy.cs);
+  # the library then refuses to start on CPUs without those instructions.
   dotnet publish src/LMCacheNative.Exports/LMCacheNative.Exports.csproj \
-    -r linux-x64 -c Release -o "$PUBLISH_DIR"
+    -r linux-x64 -c Release -o "$PUBLISH_DIR" ${LMC_ILC_INSTRUCTION_SET:+-p:IlcInstructionSet=$LMC_ILC_INSTRUCTION_SET}
   [[ -f $LIB ]] || die "dotnet publish did not produce $LIB"
   echo "$LIB ($(stat -c %s "$LIB") bytes)"
 }

@@ -141,7 +141,7 @@ def test_the_committed_thresholds_parse(name):
     thresholds = bench_check.load_thresholds(str(REPO_ROOT / "python-demo" / name))
     assert thresholds
     for threshold in thresholds:
-        assert threshold.section in ("ratios", "throughput_gbps", "latencies_us")
+        assert threshold.section in ("ratios", "throughput_gbps", "latencies_us", "scaling")
         if threshold.met is False:  # an unmet goal is committed below the goal
             assert (threshold.limit < threshold.target if threshold.bound == "min"
                     else threshold.limit > threshold.target)

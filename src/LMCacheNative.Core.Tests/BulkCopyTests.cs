@@ -29,4 +29,42 @@ public class BulkCopyTests
                     Assert.That(destination, Is.EqualTo(expected), $"length {length}, offsets {sourceOffset}/{destinationOffset}");
                 }
     }
+
+    /// <summary>
+    /// Each streaming width on its own (the shipped NativeAOT library takes the 16-byte one, a JIT
+    /// host or a build for a newer instruction set the wider ones): exact for every alignment and
+    /// length, guard bytes on both sides of the destination untouched.
+    /// </summary>
+    [Test]
+    public unsafe void StreamingVariant_IsExact_AndWritesOnlyItsRange([Values(16, 32, 64)] int vectorBytes)
+    {
+        bool supported = vectorBytes switch
+        {
+            64 => System.Runtime.Intrinsics.X86.Avx512F.IsSupported,
+            32 => System.Runtime.Intrinsics.X86.Avx.IsSupported,
+            _ => System.Runtime.Intrinsics.X86.Sse2.IsSupported,
+        };
+        if (!supported) Assert.Ignore($"this CPU has no {vectorBytes * 8}-bit vector stores");
+        var random = new Random(vectorBytes);
+        byte[] source = new byte[8192];
+        random.NextBytes(source);
+        foreach (int length in new[] { 0, 1, 15, 16, 63, 64, 65, 128, 144, 255, 256, 300, 1024, 4095, 4096 })
+            for (int sourceOffset = 0; sourceOffset < 70; sourceOffset += 23)
+                for (int destinationOffset = 0; destinationOffset < 130; destinationOffset += 17)
+                {
+                    byte[] destination = Enumerable.Repeat((byte)0x5A, 8192).ToArray();
+                    fixed (byte* s = source)
+                    fixed (byte* d = destination)
+                    {
+                        byte* from = s + sourceOffset, to = d + 64 + destinationOffset;
+                        if (vectorBytes == 64) BulkCopy.CopyStreaming512(from, to, length);
+                        else if (vectorBytes == 32) BulkCopy.CopyStreaming256(from, to, length);
+                        else BulkCopy.CopyStreaming128(from, to, length);
+                        BulkCopy.Fence();
+                    }
+                    byte[] expected = Enumerable.Repeat((byte)0x5A, 8192).ToArray();
+                    Array.Copy(source, sourceOffset, expected, 64 + destinationOffset, length);
+                    Assert.That(destination, Is.EqualTo(expected), $"length {length}, offsets {sourceOffset}/{destinationOffset}");
+                }
+    }
 }

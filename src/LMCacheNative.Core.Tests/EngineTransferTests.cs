@@ -121,6 +121,47 @@ public class EngineTransferTests
         for (int l = 0; l < 2; l++) Assert.That(actual[l].AsSpan().SequenceEqual(expected[l]), Is.True, $"layer {l}");
     }
 
+    /// <summary>
+    /// Streaming-sized transfers (over 8 MiB, so non-temporal stores and every core) between two
+    /// different layouts, with head vectors of 72 and 128 elements in fp8 and bf16 (72, 144, 128 and
+    /// 256 bytes: runs shorter than a streaming run, not a multiple of 64 bytes, and exactly the HND
+    /// case), whole blocks in vLLM's random order with odd-length runs (a request that starts and ends
+    /// inside a block, holes), byte for byte against the model with guard bytes everywhere else.
+    /// </summary>
+    [Test]
+    public void StreamingRequest_EveryLayoutAndHeadSize_IsBitExact(
+        [Values(TestLayout.FlashNhd, TestLayout.FlashHnd, TestLayout.BlocksFirstHnd, TestLayout.Packed)] TestLayout layout,
+        [Values(1, 2)] int elemSize, [Values(72, 128)] int headSize)
+    {
+        var random = new Random(HashCode.Combine(layout, elemSize, headSize));
+        const int layers = 2, heads = 8, blockSize = 16;
+        int bytesPerToken = layers * 2 * heads * headSize * elemSize;
+        int numTokens = (int)(Transfer.HostKvTransfer.ParallelThresholdBytes * 2 / bytesPerToken) + 7; // over the streaming threshold, ends mid-block
+        int blocks = numTokens / blockSize + 24;
+        var other = layout == TestLayout.FlashHnd ? TestLayout.Packed : TestLayout.FlashHnd;
+        using var source = new TestModelCache(layout, layers, blocks, blockSize, heads, headSize, elemSize);
+        using var destination = new TestModelCache(other, layers, blocks, blockSize, heads, headSize, elemSize);
+        source.FillRandom(random.Next());
+        destination.Fill(Guard);
+        using var engine = NewEngine("{\"chunk_size\": 256, \"max_local_cpu_size\": 0.2, \"save_unfull_chunk\": true}");
+        int[] tokens = Tokens(numTokens, 4);
+        // Shifted by 5 slots: every run starts and ends inside a block (runs of 11 and 5 tokens).
+        long[] sourceSlots = BlockOrderSlots(random, blocks - 1, blockSize, numTokens).Select(s => s + 5).ToArray();
+        long[] destinationSlots = BlockOrderSlots(random, blocks, blockSize, numTokens);
+        for (int t = 3; t < numTokens; t += 509) destinationSlots[t] = -1; // holes that split runs
+        engine.RegisterLayers(source.Describe());
+        var stored = engine.Store(tokens, sourceSlots, 0, default);
+        Assert.That(stored.BytesCopied, Is.GreaterThanOrEqualTo(2 * Transfer.HostKvTransfer.ParallelThresholdBytes - bytesPerToken));
+        engine.RegisterLayers(destination.Describe());
+        var expected = destination.Snapshot();
+        for (int t = 0; t < numTokens; t++)
+            if (destinationSlots[t] >= 0) destination.ExpectCopied(expected, source, sourceSlots[t], destinationSlots[t]);
+
+        Assert.That(engine.Retrieve(tokens, destinationSlots, 0, default).TokensMatched, Is.EqualTo(numTokens));
+        var actual = destination.Snapshot();
+        for (int l = 0; l < layers; l++) Assert.That(actual[l].AsSpan().SequenceEqual(expected[l]), Is.True, $"layer {l}");
+    }
+
     [Test]
     public void Retrieve_OnlyWritesTheRetrievedPrefix_AndLeavesLaterSlotsUntouched()
     {

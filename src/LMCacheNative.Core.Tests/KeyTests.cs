@@ -139,4 +139,48 @@ public class KeyTests
         Assert.That(back, Is.EqualTo(bytes));
         Assert.That(key.Word0, Is.EqualTo(BinaryPrimitives.ReadUInt64LittleEndian(bytes)));
     }
+
+    /// <summary>
+    /// The OpenSSL path (one pre-fetched EVP digest per chunk, tokens hashed in place) gives the very
+    /// keys of the BCL path, for full and partial chunks, chunk sizes 1 to 256 and extra keys (one over the 16 KiB update piece);
+    /// and it is the path taken where OpenSSL 3 is present (Debian 12 ships it).
+    /// </summary>
+    [Test]
+    public void Sha256Keys_FromOpenSsl_EqualTheBclOnes([Values(1, 16, 256)] int chunkSize, [Values(0, 37, 100_000)] int extraBytes)
+    {
+        Assert.That(OpenSslSha256.IsAvailable, Is.True, "libcrypto.so.3 should be loadable on this machine");
+        var random = new Random(chunkSize + extraBytes);
+        int[] tokens = Enumerable.Range(0, 3 * chunkSize + 5).Select(_ => random.Next()).ToArray();
+        byte[] extra = new byte[extraBytes];
+        random.NextBytes(extra);
+        var hasher = new ChunkHasher(ChunkHashAlgorithm.Sha256, Llama);
+        int count = ChunkHasher.ChunkCount(tokens.Length, chunkSize);
+        var fromOpenSsl = new ChunkKey[count];
+        var fromBcl = new ChunkKey[count];
+        hasher.ComputeKeys(tokens, extra, chunkSize, fromOpenSsl);
+        hasher.ComputeKeysWithBcl(tokens, extra, chunkSize, fromBcl);
+        Assert.That(fromOpenSsl, Is.EqualTo(fromBcl));
+        Assert.That(fromOpenSsl.Distinct().Count(), Is.EqualTo(count));
+    }
+
+    /// <summary>Contexts of several threads at once do not mix (each thread has its own).</summary>
+    [Test]
+    public void Sha256Keys_OnManyThreadsAtOnce_AreTheSingleThreadedOnes()
+    {
+        var hasher = new ChunkHasher(ChunkHashAlgorithm.Sha256, Llama);
+        var inputs = Enumerable.Range(0, 8).Select(seed => Enumerable.Range(0, 1000).Select(i => i * (seed + 1)).ToArray()).ToArray();
+        var expected = inputs.Select(tokens =>
+        {
+            var keys = new ChunkKey[ChunkHasher.ChunkCount(tokens.Length, 16)];
+            hasher.ComputeKeysWithBcl(tokens, default, 16, keys);
+            return keys;
+        }).ToArray();
+        Parallel.For(0, 64, i =>
+        {
+            var tokens = inputs[i % inputs.Length];
+            var keys = new ChunkKey[ChunkHasher.ChunkCount(tokens.Length, 16)];
+            hasher.ComputeKeys(tokens, default, 16, keys);
+            Assert.That(keys, Is.EqualTo(expected[i % inputs.Length]));
+        });
+    }
 }

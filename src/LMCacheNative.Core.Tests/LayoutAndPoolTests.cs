@@ -98,6 +98,34 @@ public class LayoutValidationTests
 
 public class SlabPoolTests
 {
+    /// <summary>
+    /// Alignment by size: a cache line below a page (no 4 KiB page per tiny slab), a page up to a huge
+    /// page, 2 MiB from there (so the transparent huge page advice can cover it); the memory is usable
+    /// end to end.
+    /// </summary>
+    [TestCase(256, 64)]
+    [TestCase(4095, 64)]
+    [TestCase(4096, 4096)]
+    [TestCase(1 << 20, 4096)]
+    [TestCase(2 << 20, 2 << 20)]
+    [TestCase((5 << 20) + 64, 2 << 20)]
+    public unsafe void AlignedHostAllocator_AlignsBySize(long bytes, long alignment)
+    {
+        nint address = AlignedHostAllocator.Instance.Allocate(bytes);
+        try
+        {
+            Assert.That(address, Is.Not.EqualTo((nint)0));
+            Assert.That(address % alignment, Is.Zero);
+            var span = new Span<byte>((void*)address, (int)bytes);
+            span.Fill(0x3C);
+            Assert.That(span[0] == 0x3C && span[^1] == 0x3C, Is.True);
+        }
+        finally
+        {
+            AlignedHostAllocator.Instance.Free(address, bytes);
+        }
+    }
+
     private sealed class CountingAllocator(int failAfter = int.MaxValue) : IHostMemoryAllocator
     {
         public int Allocations, Frees;

@@ -85,6 +85,18 @@ internal static partial class Posix
     /// <summary>The effective user id of this process (who may talk to its lookup sockets).</summary>
     public static uint EffectiveUserId => GetEffectiveUserId();
 
+    private const int MadviseHugePage = 14; // MADV_HUGEPAGE (linux/mman.h)
+
+    /// <summary>
+    /// Asks the kernel to back <c>[address, address + bytes)</c> with transparent huge pages where it
+    /// can (THP in "madvise" mode, Debian's default, gives them only to regions that ask). A hint:
+    /// false when the kernel refuses (THP disabled, old kernel); nothing else changes then.
+    /// </summary>
+    public static bool AdviseHugePages(nint address, long bytes) => Madvise(address, (nuint)bytes, MadviseHugePage) == 0;
+
+    [LibraryImport("libc", EntryPoint = "madvise")]
+    private static partial int Madvise(nint address, nuint length, int advice);
+
     [LibraryImport("libc", EntryPoint = "geteuid")]
     private static partial uint GetEffectiveUserId();
 

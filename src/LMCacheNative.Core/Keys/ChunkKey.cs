@@ -125,8 +125,10 @@ public sealed class ChunkHasher
 
         Span<byte> digest = stackalloc byte[ChunkKey.MaxBytes];
         int seedLength = _namespaceBytes.Length + 8 + extraKey.Length;
-        int chunkInputLength = ChunkKey.MaxBytes + 4 + chunkSize * sizeof(int);
-        byte[] rented = System.Buffers.ArrayPool<byte>.Shared.Rent(Math.Max(seedLength, chunkInputLength));
+        var sha256 = _algorithm == ChunkHashAlgorithm.Sha256 && !t_bclOnly ? (t_openSsl ??= OpenSslSha256.TryCreate()) : null;
+        // The previous key and the chunk's token count (36 bytes), hashed together with the tokens.
+        Span<byte> header = stackalloc byte[ChunkKey.MaxBytes + 4];
+        byte[] rented = System.Buffers.ArrayPool<byte>.Shared.Rent(Math.Max(seedLength, sha256 is null ? header.Length + chunkSize * sizeof(int) : 0));
         try
         {
             Span<byte> buffer = rented;
@@ -134,16 +136,27 @@ public sealed class ChunkHasher
             BinaryPrimitives.WriteInt64LittleEndian(buffer[_namespaceBytes.Length..], extraKey.Length);
             extraKey.CopyTo(buffer[(_namespaceBytes.Length + 8)..]);
             digest.Clear();
-            Hash(buffer[..seedLength], digest);
+            if (sha256 is not null) sha256.Hash(default, buffer[..seedLength], digest);
+            else Hash(buffer[..seedLength], digest);
 
             for (int i = 0; i < keys.Length; i++)
             {
                 int start = i * chunkSize;
                 int count = Math.Min(chunkSize, tokens.Length - start);
-                digest.CopyTo(buffer);
-                BinaryPrimitives.WriteInt32LittleEndian(buffer[ChunkKey.MaxBytes..], count);
-                MemoryMarshal.AsBytes(tokens.Slice(start, count)).CopyTo(buffer[(ChunkKey.MaxBytes + 4)..]);
-                Hash(buffer[..(ChunkKey.MaxBytes + 4 + count * sizeof(int))], digest);
+                var chunkTokens = MemoryMarshal.AsBytes(tokens.Slice(start, count));
+                digest.CopyTo(header);
+                BinaryPrimitives.WriteInt32LittleEndian(header[ChunkKey.MaxBytes..], count);
+                if (sha256 is not null)
+                {
+                    // One digest per chunk straight from the caller's tokens, no copy.
+                    sha256.Hash(header, chunkTokens, digest);
+                }
+                else
+                {
+                    header.CopyTo(buffer);
+                    chunkTokens.CopyTo(buffer[header.Length..]);
+                    Hash(buffer[..(header.Length + chunkTokens.Length)], digest);
+                }
                 keys[i] = ChunkKey.FromBytes(digest);
             }
         }
@@ -153,9 +166,31 @@ public sealed class ChunkHasher
         }
     }
 
+    /// <summary>
+    /// Test hook: computes keys as <see cref="ComputeKeys"/> does but through the BCL's hashes only,
+    /// so the OpenSSL path can be compared with it.
+    /// </summary>
+    internal void ComputeKeysWithBcl(ReadOnlySpan<int> tokens, ReadOnlySpan<byte> extraKey, int chunkSize, Span<ChunkKey> keys)
+    {
+        t_bclOnly = true;
+        try
+        {
+            ComputeKeys(tokens, extraKey, chunkSize, keys);
+        }
+        finally
+        {
+            t_bclOnly = false;
+        }
+    }
+
+    // This thread's OpenSSL SHA-256 context (see OpenSslSha256: the BCL's re-initialises the digest
+    // by name on every chunk); freed by its finalizer once the thread has gone.
+    [ThreadStatic] private static OpenSslSha256? t_openSsl;
+    [ThreadStatic] private static bool t_bclOnly;
+
     // One SHA-256 state per thread, reset after each digest: a one-shot SHA256.HashData sets up and
     // tears down the platform's digest context on every call, which for 1 KiB chunk inputs costs
-    // more than the hashing itself.
+    // more than the hashing itself. Used where OpenSSL 3 is not available.
     [ThreadStatic] private static IncrementalHash? t_sha256;
 
     /// <summary>Hashes into the 32-byte <paramref name="digest"/>; XXH3-128 leaves bytes 16..31 zero.</summary>

@@ -8,15 +8,27 @@ namespace LMCacheNative.Core.Memory;
 /// </summary>
 public interface IHostMemoryAllocator
 {
-    /// <summary>Allocates <paramref name="bytes"/> bytes, aligned to at least 4 KiB; returns 0 when the memory is not available.</summary>
+    /// <summary>
+    /// Allocates <paramref name="bytes"/> bytes, aligned to at least 4 KiB (64 bytes, a cache line,
+    /// for allocations smaller than a page); returns 0 when the memory is not available.
+    /// </summary>
     nint Allocate(long bytes);
     void Free(nint address, long bytes);
 }
 
-/// <summary>Page-aligned memory from the C runtime heap.</summary>
+/// <summary>
+/// Page-aligned memory from the C runtime heap. Allocations of at least one huge page (2 MiB) are
+/// aligned to 2 MiB and advised to use transparent huge pages: a slab is a whole chunk (tens of MiB
+/// for a Llama-sized model), streamed through at memory speed, and with 4 KiB pages every 4 KiB of
+/// it costs a TLB miss and, on first touch, a page fault (262,144 faults per GiB instead of 512).
+/// Allocations smaller than a page (tiny chunks of a tiny model) are aligned to a cache line only:
+/// page alignment would spend a whole 4 KiB page on each.
+/// </summary>
 public sealed unsafe class AlignedHostAllocator : IHostMemoryAllocator
 {
     public const int Alignment = 4096;
+    public const int HugePageBytes = 2 << 20;
+    public const int CacheLineBytes = 64;
 
     public static readonly AlignedHostAllocator Instance = new();
 
@@ -24,7 +36,11 @@ public sealed unsafe class AlignedHostAllocator : IHostMemoryAllocator
     {
         try
         {
-            return (nint)NativeMemory.AlignedAlloc((nuint)bytes, Alignment);
+            bool huge = bytes >= HugePageBytes && OperatingSystem.IsLinux();
+            nuint alignment = huge ? HugePageBytes : bytes < Alignment ? (nuint)CacheLineBytes : Alignment;
+            nint address = (nint)NativeMemory.AlignedAlloc((nuint)bytes, alignment);
+            if (huge) Posix.AdviseHugePages(address, bytes & ~((long)HugePageBytes - 1));
+            return address;
         }
         catch (OutOfMemoryException)
         {

@@ -12,19 +12,34 @@ namespace LMCacheNative.Core.Transfer;
 /// bytes over the memory bus for each byte copied. glibc's memcpy switches to non-temporal stores
 /// for copies this large, so without them the gather runs at about 2/3 of memcpy's speed. Small
 /// transfers use ordinary stores: their data is read again soon and should stay in cache.
+///
+/// Why the widest vector: a streaming store that covers a whole 64-byte line (AVX-512) leaves the
+/// write-combining buffer full at once; narrower ones need 2 (AVX) or 4 (SSE2) stores per line,
+/// and when a layout interleaves many short runs (HND: one 256-byte head per run, eight heads 4 KiB
+/// apart) partly filled buffers can be flushed as partial writes. In a C model of the HND scatter
+/// (scripts/copy_reference.c) on the development VM (AMD EPYC, 2 cores, quiet) 64-byte streaming
+/// stores ran at 37 GB/s, 16-byte ones at 31 GB/s, ordinary stores at 19 GB/s.
 /// </summary>
 internal static unsafe class BulkCopy
 {
     /// <summary>Transfers at least this large use non-temporal stores.</summary>
     public const long StreamingThresholdBytes = 8L << 20;
 
-    /// <summary>Runs shorter than this are copied with ordinary stores even when streaming: the alignment prologue would dominate.</summary>
-    private const long MinStreamingRunBytes = 256;
+    /// <summary>
+    /// Runs shorter than this are copied with ordinary stores even when streaming: a run must cover
+    /// at least one whole cache line after aligning the destination, or the partial line costs a
+    /// read-for-ownership anyway. 128 bytes admits an fp8 head (128 x 1 byte) at 64-byte alignment.
+    /// </summary>
+    private const long MinStreamingRunBytes = 128;
 
-    // SSE2 is part of the x86-64 baseline that NativeAOT compiles for, so these paths exist in the
-    // shipped library (an Avx.IsSupported check is compiled as false there). 16-byte streaming
-    // stores fill the write-combining buffers as well as wider ones for a memory-bound copy.
+    // SSE2 is part of the x86-64 baseline that NativeAOT compiles for by default; there the AVX and
+    // AVX-512 checks below are constants (false) and the library copies with SSE2. A library built
+    // for a newer CPU (LMC_ILC_INSTRUCTION_SET=x86-64-v4 ./build.sh) takes the wider paths, and so
+    // does code run by the JIT (the unit tests), which answers the checks from the CPU it runs on.
     public static bool StreamingSupported => Sse2.IsSupported;
+
+    /// <summary>The vector width the streaming path uses on this CPU, in bytes (for the benchmark's description).</summary>
+    public static int StreamingVectorBytes => Avx512F.IsSupported ? 64 : Avx.IsSupported ? 32 : Sse2.IsSupported ? 16 : 0;
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static void Copy(byte* source, byte* destination, long bytes, bool streaming)
@@ -35,27 +50,19 @@ internal static unsafe class BulkCopy
 
     /// <summary>
     /// One head vector (tens to hundreds of bytes): inlined 16-byte vector moves when the length
-    /// allows, so the per-copy cost stays small next to the bytes moved; streaming stores when asked
-    /// and the destination is 16-byte aligned.
+    /// allows, so the per-copy cost stays small next to the bytes moved; the wide streaming path when
+    /// streaming and the run is long enough to fill whole lines.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static void CopySmall(byte* source, byte* destination, long bytes, bool streaming)
     {
-        if (!Sse2.IsSupported || (bytes & 15) != 0 || bytes > 4096)
+        if (!Sse2.IsSupported || (bytes & 15) != 0 || bytes > 4096 || (streaming && bytes >= MinStreamingRunBytes))
         {
             Copy(source, destination, bytes, streaming);
             return;
         }
-        if (streaming && ((long)destination & 15) == 0)
-        {
-            for (long i = 0; i < bytes; i += 16)
-                Sse2.StoreAlignedNonTemporal(destination + i, Sse2.LoadVector128(source + i));
-        }
-        else
-        {
-            for (long i = 0; i < bytes; i += 16)
-                Sse2.Store(destination + i, Sse2.LoadVector128(source + i));
-        }
+        for (long i = 0; i < bytes; i += 16)
+            Sse2.Store(destination + i, Sse2.LoadVector128(source + i));
     }
 
     /// <summary>Makes the streaming stores of this thread globally visible; call once when a streaming transfer is done.</summary>
@@ -66,17 +73,84 @@ internal static unsafe class BulkCopy
 
     private static void CopyStreaming(byte* source, byte* destination, long bytes)
     {
-        // Ordinary stores up to the first 16-byte boundary of the destination, 16-byte streaming
-        // stores (8 per iteration, two cache lines) after it, ordinary stores for the tail. Loads
-        // may be unaligned.
-        long head = (16 - ((long)destination & 15)) & 15;
-        if (head > 0)
+        if (Avx512F.IsSupported) CopyStreaming512(source, destination, bytes);
+        else if (Avx.IsSupported) CopyStreaming256(source, destination, bytes);
+        else CopyStreaming128(source, destination, bytes);
+    }
+
+    /// <summary>Ordinary stores up to the destination's next <paramref name="alignment"/> boundary; advances the pointers.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void AlignDestination(ref byte* source, ref byte* destination, ref long bytes, long alignment)
+    {
+        long head = (alignment - ((long)destination & (alignment - 1))) & (alignment - 1);
+        if (head == 0) return;
+        head = Math.Min(head, bytes);
+        Buffer.MemoryCopy(source, destination, head, head);
+        source += head;
+        destination += head;
+        bytes -= head;
+    }
+
+    // Each variant: ordinary stores up to the first aligned destination address, aligned streaming
+    // stores of whole vectors after it (loads may be unaligned), ordinary stores for the tail.
+
+    internal static void CopyStreaming512(byte* source, byte* destination, long bytes)
+    {
+        AlignDestination(ref source, ref destination, ref bytes, 64);
+        while (bytes >= 256)
         {
-            Buffer.MemoryCopy(source, destination, head, head);
-            source += head;
-            destination += head;
-            bytes -= head;
+            var a = Avx512F.LoadVector512(source);
+            var b = Avx512F.LoadVector512(source + 64);
+            var c = Avx512F.LoadVector512(source + 128);
+            var d = Avx512F.LoadVector512(source + 192);
+            Avx512F.StoreAlignedNonTemporal(destination, a);
+            Avx512F.StoreAlignedNonTemporal(destination + 64, b);
+            Avx512F.StoreAlignedNonTemporal(destination + 128, c);
+            Avx512F.StoreAlignedNonTemporal(destination + 192, d);
+            source += 256;
+            destination += 256;
+            bytes -= 256;
         }
+        while (bytes >= 64)
+        {
+            Avx512F.StoreAlignedNonTemporal(destination, Avx512F.LoadVector512(source));
+            source += 64;
+            destination += 64;
+            bytes -= 64;
+        }
+        if (bytes > 0) Buffer.MemoryCopy(source, destination, bytes, bytes);
+    }
+
+    internal static void CopyStreaming256(byte* source, byte* destination, long bytes)
+    {
+        AlignDestination(ref source, ref destination, ref bytes, 32);
+        while (bytes >= 128)
+        {
+            var a = Avx.LoadVector256(source);
+            var b = Avx.LoadVector256(source + 32);
+            var c = Avx.LoadVector256(source + 64);
+            var d = Avx.LoadVector256(source + 96);
+            Avx.StoreAlignedNonTemporal(destination, a);
+            Avx.StoreAlignedNonTemporal(destination + 32, b);
+            Avx.StoreAlignedNonTemporal(destination + 64, c);
+            Avx.StoreAlignedNonTemporal(destination + 96, d);
+            source += 128;
+            destination += 128;
+            bytes -= 128;
+        }
+        while (bytes >= 32)
+        {
+            Avx.StoreAlignedNonTemporal(destination, Avx.LoadVector256(source));
+            source += 32;
+            destination += 32;
+            bytes -= 32;
+        }
+        if (bytes > 0) Buffer.MemoryCopy(source, destination, bytes, bytes);
+    }
+
+    internal static void CopyStreaming128(byte* source, byte* destination, long bytes)
+    {
+        AlignDestination(ref source, ref destination, ref bytes, 16);
         while (bytes >= 128)
         {
             var a = Sse2.LoadVector128(source);

@@ -196,9 +196,12 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
         }
 
         // Heads apart (HND, packed): one head vector per copy. Tokens are taken in runs that sit in
-        // consecutive slots of one block, and each run is walked head by head, so the paged side is
-        // read or written as one sequential stretch per head (HND keeps a head's tokens together)
-        // instead of hopping between heads for every token.
+        // consecutive slots of one block; each run is walked in the order its source side is laid
+        // out, so reads stream front to back and only the (streaming) stores jump: head by head for a
+        // gather from HND (the paged side keeps a head's tokens together), token by token for a
+        // scatter (the chunk side keeps a token's heads together) and for layouts whose heads sit
+        // closer than their tokens.
+        bool headMajor = gather && layer.HeadStrideBytes > layer.TokenStrideBytes;
         int t0 = firstLocal;
         while (t0 < chunk.TokenCount)
         {
@@ -215,13 +218,28 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
 
             byte* pagedRun = pagedKvBase + block * layer.BlockStrideBytes + offset * layer.TokenStrideBytes;
             byte* rowRun = chunkRows + t0 * _rowBytes;
-            for (int h = 0; h < _numHeads; h++)
+            if (headMajor)
             {
-                byte* paged = pagedRun + h * layer.HeadStrideBytes;
-                byte* row = rowRun + h * _headBytes;
+                for (int h = 0; h < _numHeads; h++)
+                {
+                    byte* paged = pagedRun + h * layer.HeadStrideBytes;
+                    byte* row = rowRun + h * _headBytes;
+                    for (int i = 0; i < run; i++)
+                        BulkCopy.CopySmall(paged + i * layer.TokenStrideBytes, row + i * _rowBytes, _headBytes, streaming);
+                }
+            }
+            else
+            {
                 for (int i = 0; i < run; i++)
-                    BulkCopy.CopySmall(gather ? paged + i * layer.TokenStrideBytes : row + i * _rowBytes,
-                                       gather ? row + i * _rowBytes : paged + i * layer.TokenStrideBytes, _headBytes, streaming);
+                {
+                    byte* paged = pagedRun + i * layer.TokenStrideBytes;
+                    byte* row = rowRun + i * _rowBytes;
+                    for (int h = 0; h < _numHeads; h++)
+                    {
+                        if (gather) BulkCopy.CopySmall(paged + h * layer.HeadStrideBytes, row + h * _headBytes, _headBytes, streaming);
+                        else BulkCopy.CopySmall(row + h * _headBytes, paged + h * layer.HeadStrideBytes, _headBytes, streaming);
+                    }
+                }
             }
             copied += (long)run * _numHeads * _headBytes;
             t0 += run;
