@@ -110,8 +110,9 @@ class Destination:
         return None
 
 
-def wait_for_remote(engine, timeout: float = 10.0) -> float:
-    """Waits until the engine's Redis tier is connected; returns the seconds waited.
+def wait_for_remote(engine, timeout: float = 30.0) -> float:
+    """Waits until the engine's Redis tier is connected; returns the seconds waited. The bound is
+    generous because a Sentinel or cluster handshake on a loaded 2-core machine can take seconds.
 
     Workaround, see test_tiers.py::test_fresh_engine_waits_for_its_first_connection: the tier
     connects in the background and, until it is connected, every lookup is a miss and every write is
