@@ -424,17 +424,7 @@ class Engine:
     # -- configuration and layers -----------------------------------------------------------------
     def config(self) -> dict:
         """The resolved configuration, via the size-query protocol of lmc_engine_get_config."""
-        handle = self.handle
-        needed = c_int64(0)
-        status = _b.lmc_engine_get_config(byref(needed), handle, None, 0)
-        if status not in (_b.LMC_OK, _b.LMC_E_BUFFER_TOO_SMALL):
-            raise error_for_status(status, last_error_message())
-        while True:
-            buffer = ctypes.create_string_buffer(max(needed.value, 1))
-            status = _b.lmc_engine_get_config(byref(needed), handle, buffer, len(buffer))
-            if status != _b.LMC_E_BUFFER_TOO_SMALL:  # a concurrent change could make it grow
-                check(status)
-                return json.loads(buffer.value.decode("utf-8"))
+        return json.loads(_read_sized_text(_b.lmc_engine_get_config, self.handle))
 
     def register_layers(self, layers, layout: str | None = None) -> None:
         """Registers the KV layers in model layer order. ``layers`` is a list of ``LmcKvLayerDesc``
@@ -546,18 +536,8 @@ class Engine:
         """The engine's metrics in the Prometheus text exposition format (lmc_engine_get_metrics):
         LMCache's ``lmcache:*`` names, labels model_name / worker_id / role and buckets; serve it as
         ``text/plain; version=0.0.4``. docs/metrics.md lists every metric."""
-        handle = self.handle
-        needed = c_int64(0)
-        status = _b.lmc_engine_get_metrics(byref(needed), handle, None, 0)
-        if status not in (_b.LMC_OK, _b.LMC_E_BUFFER_TOO_SMALL):
-            raise error_for_status(status, last_error_message())
-        while True:
-            # Room for counters that gain digits between the size query and the read.
-            buffer = ctypes.create_string_buffer(max(needed.value, 1) + 1024)
-            status = _b.lmc_engine_get_metrics(byref(needed), handle, buffer, len(buffer))
-            if status != _b.LMC_E_BUFFER_TOO_SMALL:
-                check(status)
-                return buffer.value.decode("utf-8")
+        # Room for counters that gain digits between the size query and the read.
+        return _read_sized_text(_b.lmc_engine_get_metrics, self.handle, slack=1024)
 
     def metric_families(self) -> dict:
         """``metrics()`` parsed with prometheus_client's parser: family name -> Metric (its
@@ -570,17 +550,7 @@ class Engine:
         """Per-node counters of lower tier ``tier_index`` (lmc_engine_get_tier_nodes): one dict per
         remote node with endpoint, role, connected, bytes_read, bytes_written, errors, reconnects,
         redirects and last_error; [] for local tiers."""
-        handle = self.handle
-        needed = c_int64(0)
-        status = _b.lmc_engine_get_tier_nodes(byref(needed), handle, tier_index, None, 0)
-        if status not in (_b.LMC_OK, _b.LMC_E_BUFFER_TOO_SMALL):
-            raise error_for_status(status, last_error_message())
-        while True:
-            buffer = ctypes.create_string_buffer(max(needed.value, 1))
-            status = _b.lmc_engine_get_tier_nodes(byref(needed), handle, tier_index, buffer, len(buffer))
-            if status != _b.LMC_E_BUFFER_TOO_SMALL:  # nodes may appear between the two calls
-                check(status)
-                return json.loads(buffer.value.decode("utf-8"))
+        return json.loads(_read_sized_text(_b.lmc_engine_get_tier_nodes, self.handle, tier_index))
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Waits until the lower tiers have written everything stored so far (None: no limit);
@@ -653,6 +623,22 @@ def remote_lookup(socket_path: str, tokens, extra_key=b"", timeout_s: float | No
 _config_schema_cache = None
 
 
+def _read_sized_text(function, *args, slack: int = 0) -> str:
+    """Calls an export with the size-query protocol of lmc_engine_get_config,
+    ``function(needed_out, *args, buffer, capacity)``: asks for the size, then reads, asking again
+    when the text grew in between (a concurrent change); returns the text."""
+    needed = c_int64(0)
+    status = function(byref(needed), *args, None, 0)
+    if status not in (_b.LMC_OK, _b.LMC_E_BUFFER_TOO_SMALL):
+        raise error_for_status(status, last_error_message())
+    while True:
+        buffer = ctypes.create_string_buffer(max(needed.value, 1) + slack)
+        status = function(byref(needed), *args, buffer, len(buffer))
+        if status != _b.LMC_E_BUFFER_TOO_SMALL:
+            check(status)
+            return buffer.value.decode("utf-8")
+
+
 def config_schema() -> list[dict]:
     """The configuration keys ``Engine`` accepts (lmc_config_schema), one dict per key with "name",
     "type", "default", "nullable", "description" and, where they apply, "minimum", "maximum",
@@ -660,13 +646,7 @@ def config_schema() -> list[dict]:
     fresh copy."""
     global _config_schema_cache
     if _config_schema_cache is None:
-        needed = c_int64(0)
-        status = _b.lmc_config_schema(byref(needed), None, 0)
-        if status not in (_b.LMC_OK, _b.LMC_E_BUFFER_TOO_SMALL):
-            raise error_for_status(status, last_error_message())
-        buffer = ctypes.create_string_buffer(max(needed.value, 1))
-        check(_b.lmc_config_schema(byref(needed), buffer, len(buffer)))
-        _config_schema_cache = buffer.value.decode("utf-8")
+        _config_schema_cache = _read_sized_text(_b.lmc_config_schema)
     return json.loads(_config_schema_cache)
 
 
