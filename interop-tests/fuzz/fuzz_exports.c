@@ -1974,59 +1974,42 @@ static void op_job_poll(reader *r) {
 
 static char g_cfgbuf[CONFIG_BUF + 64];
 
-static void op_get_config(reader *r) {
-  uint64_t h = pick_handle(r, 1);
-  uint8_t sel = u8(r);
-  char *buf = g_cfgbuf;
-  int64_t cap;
-  if (sel < 64) buf = NULL, cap = sel < 48 ? 0 : any64(r);
-  else if (sel < 128) cap = CONFIG_BUF;
-  else if (sel < 240) cap = u16(r) % 2048;
-  else cap = any64(r), cap = cap > CONFIG_BUF ? CONFIG_BUF : cap;
-  memset(g_cfgbuf, CANARY, sizeof g_cfgbuf);
-  int64_t needed = SENT;
-  set_call("lmc_engine_get_config(&needed, 0x%" PRIx64 ", %s, %" PRId64 ")", h, buf ? "buffer" : "NULL", cap);
-  lmc_status st = lmc_engine_get_config(&needed, (lmc_engine *)(uintptr_t)h, buf, cap);
-  check_status(st);
-  check_handle_status(st, h, 1);
-  size_t untouched_from = buf && cap > 0 ? (size_t)cap : 0;
-  for (size_t i = untouched_from; i < sizeof g_cfgbuf; i++)
-    if ((uint8_t)g_cfgbuf[i] != CANARY) die("wrote byte %zu of the config buffer, past capacity %" PRId64, i, cap);
-  if (st == LMC_OK) {
-    if (needed < 1 || needed > cap) die("LMC_OK with needed %" PRId64 " and capacity %" PRId64, needed, cap);
-    if (g_cfgbuf[needed - 1] != 0 || strlen(g_cfgbuf) != (size_t)needed - 1 || g_cfgbuf[0] != '{')
-      die("config is not a NUL-terminated JSON object of %" PRId64 " bytes", needed);
-  } else if (st == LMC_E_BUFFER_TOO_SMALL) {
-    if (needed <= cap || needed < 1) die("BUFFER_TOO_SMALL with needed %" PRId64 " and capacity %" PRId64, needed, cap);
-  } else if (needed != SENT) die("needed_out written on %s", sname(st));
-}
+/* The size-query protocol shared by lmc_engine_get_config, lmc_engine_get_metrics and
+ * lmc_engine_get_tier_nodes over any handle and capacity: statuses pinned; nothing written past the
+ * capacity; needed_out written only on LMC_OK / BUFFER_TOO_SMALL; on LMC_OK a NUL-terminated text of
+ * exactly needed bytes that starts with what the function promises. */
+enum sized_text { TEXT_CONFIG, TEXT_METRICS, TEXT_TIER_NODES };
 
-/* lmc_engine_get_metrics: the size-query protocol of lmc_engine_get_config over any handle and
- * capacity. Statuses pinned; nothing written past the capacity; on LMC_OK a NUL-terminated text of
- * exactly needed bytes that starts with a "# HELP lmcache:" line and contains no NaN. */
-static void op_get_metrics(reader *r) {
+static void op_sized_text(reader *r, enum sized_text what) {
+  static const char *const names[] = {"lmc_engine_get_config", "lmc_engine_get_metrics", "lmc_engine_get_tier_nodes"};
+  static const char *const starts[] = {"{", "# HELP lmcache:", "["};
   uint64_t h = pick_handle(r, 1);
+  int32_t tier = what == TEXT_TIER_NODES ? (u8(r) < 200 ? (int32_t)(u8(r) % 4) - 1 : any32(r)) : 0;
   uint8_t sel = u8(r);
   char *buf = g_cfgbuf;
   int64_t cap;
   if (sel < 64) buf = NULL, cap = sel < 48 ? 0 : any64(r);
   else if (sel < 128) cap = CONFIG_BUF;
-  else if (sel < 240) cap = u16(r) % 32768;
+  else if (sel < 240) cap = u16(r) % (what == TEXT_METRICS ? 32768 : 2048);
   else cap = any64(r), cap = cap > CONFIG_BUF ? CONFIG_BUF : cap;
   memset(g_cfgbuf, CANARY, sizeof g_cfgbuf);
   int64_t needed = SENT;
-  set_call("lmc_engine_get_metrics(&needed, 0x%" PRIx64 ", %s, %" PRId64 ")", h, buf ? "buffer" : "NULL", cap);
-  lmc_status st = lmc_engine_get_metrics(&needed, (lmc_engine *)(uintptr_t)h, buf, cap);
+  set_call("%s(&needed, 0x%" PRIx64 ", tier %d, %s, %" PRId64 ")", names[what], h, tier, buf ? "buffer" : "NULL", cap);
+  lmc_engine *engine = (lmc_engine *)(uintptr_t)h;
+  lmc_status st = what == TEXT_CONFIG    ? lmc_engine_get_config(&needed, engine, buf, cap)
+                  : what == TEXT_METRICS ? lmc_engine_get_metrics(&needed, engine, buf, cap)
+                                         : lmc_engine_get_tier_nodes(&needed, engine, tier, buf, cap);
   check_status(st);
   check_handle_status(st, h, 1);
   size_t untouched_from = buf && cap > 0 ? (size_t)cap : 0;
   for (size_t i = untouched_from; i < sizeof g_cfgbuf; i++)
-    if ((uint8_t)g_cfgbuf[i] != CANARY) die("wrote byte %zu of the metrics buffer, past capacity %" PRId64, i, cap);
+    if ((uint8_t)g_cfgbuf[i] != CANARY) die("%s wrote byte %zu of the buffer, past capacity %" PRId64, names[what], i, cap);
   if (st == LMC_OK) {
     if (needed < 1 || needed > cap) die("LMC_OK with needed %" PRId64 " and capacity %" PRId64, needed, cap);
-    if (g_cfgbuf[needed - 1] != 0 || strlen(g_cfgbuf) != (size_t)needed - 1 || strncmp(g_cfgbuf, "# HELP lmcache:", 15) != 0)
-      die("metrics are not a NUL-terminated Prometheus text of %" PRId64 " bytes", needed);
-    if (strstr(g_cfgbuf, "NaN")) die("metrics contain NaN");
+    if (g_cfgbuf[needed - 1] != 0 || strlen(g_cfgbuf) != (size_t)needed - 1 ||
+        strncmp(g_cfgbuf, starts[what], strlen(starts[what])) != 0)
+      die("%s: not a NUL-terminated text of %" PRId64 " bytes starting with \"%s\"", names[what], needed, starts[what]);
+    if (what == TEXT_METRICS && strstr(g_cfgbuf, "NaN")) die("metrics contain NaN");
   } else if (st == LMC_E_BUFFER_TOO_SMALL) {
     if (needed <= cap || needed < 1) die("BUFFER_TOO_SMALL with needed %" PRId64 " and capacity %" PRId64, needed, cap);
   } else if (needed != SENT) die("needed_out written on %s", sname(st));
@@ -2470,10 +2453,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     case 12: destroy_job_handle(pick_handle(&r, 0)); break;
     case 13: op_transfer(&r, OP_STORE, 1); break;
     case 14: op_transfer(&r, OP_RETRIEVE, 1); break;
-    case 15: code & 0x80 ? op_get_metrics(&r) : op_get_config(&r); break; /* metrics: high bit */
+    case 15: op_sized_text(&r, code & 0x80 ? TEXT_METRICS : TEXT_CONFIG); break; /* metrics: high bit */
     case 16: op_stats(&r); break;
     case 17: op_tier_count(&r); break;
-    case 18: op_tier_stats(&r); break;
+    case 18: code & 0x80 ? op_sized_text(&r, TEXT_TIER_NODES) : op_tier_stats(&r); break; /* per-node: high bit */
     case 19: op_flush(&r); break;
     case 20: code & 0x80 ? op_poll_events(&r) : op_clear(&r); break; /* POLL_EVENTS: 20 with bit 7 set */
     case 21: op_server_start(&r); break;

@@ -24,6 +24,7 @@ CREATE, DESTROY, REGISTER, LOOKUP, STORE, RETRIEVE, ROUNDTRIP = 0, 2, 3, 5, 6, 7
 PREFETCH, JOB_WAIT, JOB_DESTROY, STORE_JOB, RETRIEVE_JOB = 10, 11, 12, 13, 14
 GET_CONFIG, STATS, TIER_COUNT, TIER_STATS, FLUSH, CLEAR, SERVER_START = 15, 16, 17, 18, 19, 20, 21
 GET_METRICS = 15 + 5 * 28  # 155: operation 15 with the high bit set
+GET_TIER_NODES = 18 + 4 * 28  # 130: operation 18 with the high bit set
 REMOTE_LOOKUP, SERVER_STOP, MISC = 22, 22 + 28 * 4, 23  # SERVER_STOP: 22 with bit 7 set (134)
 JOB_POLL, JOB_RESULT, SCHEMA, TWIN = 24, 25, 26, 27
 POLL_EVENTS = 20 + 28 * 4  # CLEAR with bit 7 set (132)
@@ -300,6 +301,10 @@ SEEDS: dict[str, bytes] = {
     "regress_poll_events_as_first_call": poll_events(handle=NULL_HANDLE, cap=1),
     "regress_extra_key_0x7FFFFFC7": create(*SMALL) + register() + lookup(8, extra=bytes([112, 0]))
     + prefetch(8, extra=bytes([112, 0])) + store(8, job=True, extra=bytes([112, 0])),
+    # lmc_engine_get_tier_nodes (operation 18 with the high bit: 130): tier 0 and tier -1 of a live
+    # engine, with a full buffer and a size query.
+    "tier_nodes": create(*SMALL) + register() + store(24)
+    + bytes([GET_TIER_NODES]) + LIVE + bytes([0, 1, 64]) + bytes([GET_TIER_NODES]) + LIVE + bytes([0, 0, 0]),
     # lmc_engine_get_metrics (operation 15 with the high bit: 155): a full buffer, a size query, a
     # small buffer, then on a destroyed engine.
     "metrics": create(*SMALL) + register() + store(24) + lookup(24)
@@ -312,7 +317,8 @@ SEEDS: dict[str, bytes] = {
 def main() -> None:
     CORPUS.mkdir(exist_ok=True)
     for old in CORPUS.iterdir():
-        if old.is_file():
+        # Regression inputs saved from a fuzzer's crash (regress_* with no entry here) are kept.
+        if old.is_file() and not (old.name.startswith("regress_") and old.name not in SEEDS):
             old.unlink()
     for name, data in SEEDS.items():
         (CORPUS / name).write_bytes(data)
