@@ -37,7 +37,7 @@ namespace LMCacheNative.Redis;
 /// first multiplexer each <see cref="RedisEndpoint.PingInterval"/>, bounded by
 /// <see cref="RedisEndpoint.PingTimeout"/>; never on a request thread. It counts successes and errors
 /// and keeps the newest latency and error code (<see cref="PingTimeoutErrorCode"/>,
-/// <see cref="PingGenericErrorCode"/>) in the tier stats; a failed ping also sets the node's last error.
+/// <see cref="PingGenericErrorCode"/>) in the tier stats; a ping that fails on a live connection also sets the node's last error.
 /// </summary>
 public sealed class RedisTier : IStorageTier
 {
@@ -231,6 +231,7 @@ public sealed class RedisTier : IStorageTier
             var pings = servers.Select(async server =>
             {
                 var watch = System.Diagnostics.Stopwatch.StartNew();
+                bool wasConnected = server.IsConnected;
                 try
                 {
                     await server.PingAsync().ConfigureAwait(false);
@@ -238,7 +239,9 @@ public sealed class RedisTier : IStorageTier
                 }
                 catch (Exception)
                 {
-                    failedNode ??= server.EndPoint;
+                    // Only news on a live connection: a lost one already has its reason (connection
+                    // failure, WRONGPASS, TLS) as the node's last error, which the ping must not hide.
+                    if (wasConnected) failedNode ??= server.EndPoint;
                     throw;
                 }
             }).ToArray();
