@@ -189,16 +189,13 @@ public sealed class RedisTier : IStorageTier
         {
             try
             {
-                await PingOnce(stop).ConfigureAwait(false);
+                try { await PingOnce(stop).ConfigureAwait(false); }
+                catch (Exception) when (!stop.IsCancellationRequested) { } // PingOnce records its own failures; nothing may end the loop
                 await Task.Delay(_endpoint.PingInterval, stop).ConfigureAwait(false);
             }
             catch (OperationCanceledException) when (stop.IsCancellationRequested)
             {
                 return;
-            }
-            catch (Exception)
-            {
-                // PingOnce records its own failures; nothing else may end the loop.
             }
         }
     }
