@@ -279,6 +279,7 @@ public class MetricsTests
             "active_memory_objs_count", "pinned_memory_objs_count", "lmcache_is_healthy", "remote_put_task_num", "put_failed_count",
             "get_blocking_failed_count", "time_to_retrieve", "time_to_store", "time_to_lookup", "retrieve_speed", "store_speed",
             "remote_time_to_get", "remote_time_to_put",
+            "remote_ping_latency", "remote_ping_errors_total", "remote_ping_successes_total", "remote_ping_error_code",
         ];
         Assert.That(lmcache.Select(n => "lmcache:" + n), Is.SubsetOf(families));
     }

@@ -96,6 +96,19 @@ public class RedisEndpointTests
     }
 
     [Test]
+    public void PingKeys_AreLMCaches_WithItsDefaults_AndTheTimeoutBoundedByBlockingTimeout()
+    {
+        var defaults = Parse("redis://h", timeout: 10);
+        Assert.That((defaults.PingInterval, defaults.PingTimeout), Is.EqualTo((TimeSpan.FromSeconds(30), TimeSpan.FromSeconds(5))));
+        var set = Parse("redis://h", """{"ping_interval": 0.25, "ping_timeout": 1.5}""", timeout: 10);
+        Assert.That((set.PingInterval, set.PingTimeout), Is.EqualTo((TimeSpan.FromMilliseconds(250), TimeSpan.FromMilliseconds(1500))));
+        Assert.That(Parse("redis://h", """{"ping_timeout": 4}""", timeout: 2).PingTimeout, Is.EqualTo(TimeSpan.FromSeconds(2)), "never above blocking_timeout_secs");
+        foreach (string key in new[] { "ping_interval", "ping_timeout" })
+        foreach (string bad in new[] { "0", "-1", "\"5\"", "86401" })
+            Assert.That(Assert.Throws<LmcException>(() => Parse("redis://h", $$"""{"{{key}}": {{bad}}}"""))!.Message, Does.Contain(key));
+    }
+
+    [Test]
     public void TheCaFile_NeedsTlsAndAnExistingCertificate()
     {
         Assert.That(Assert.Throws<LmcException>(() => Parse("redis://h", """{"remote_tls_ca_file": "/etc/hostname"}"""))!.Message, Does.Contain("TLS"));

@@ -31,12 +31,21 @@ public enum RedisTopology
 /// the Sentinels, which usually run without). extra_config keys read here:
 /// <c>remote_ttl_secs</c> (alias <c>valkey_ttl_sec</c>), <c>valkey_mode</c> ("standalone" or "cluster"),
 /// <c>remote_connections</c> (multiplexers in the pool, 1..64, default 4), <c>remote_tls_ca_file</c>
-/// (PEM or DER file of the CA that signed the servers' certificates).
+/// (PEM or DER file of the CA that signed the servers' certificates), and LMCache's health-monitor keys
+/// <c>ping_interval</c> (seconds between background pings of the store, default 30 as in LMCache) and
+/// <c>ping_timeout</c> (seconds one ping may take, default 5 as in LMCache, at most blocking_timeout_secs).
 /// </summary>
 public sealed record RedisEndpoint(ConfigurationOptions Options, int Database, RedisTopology Topology, TimeSpan? Ttl, int Connections)
 {
     public const int DefaultConnections = 4;
     public const int MaxConnections = 64;
+    /// <summary>LMCache's DEFAULT_PING_INTERVAL and DEFAULT_PING_TIMEOUT (lmcache/v1/health_monitor/constants.py).</summary>
+    public static readonly TimeSpan DefaultPingInterval = TimeSpan.FromSeconds(30), DefaultPingTimeout = TimeSpan.FromSeconds(5);
+
+    /// <summary>Time between the end of one background ping round and the start of the next.</summary>
+    public TimeSpan PingInterval { get; init; } = DefaultPingInterval;
+    /// <summary>Bound on one ping round (ping_timeout, never above blocking_timeout_secs).</summary>
+    public TimeSpan PingTimeout { get; init; } = DefaultPingTimeout;
 
     public static readonly string[] Schemes =
         ["redis", "rediss", "valkey", "valkeys", "redis-cluster", "rediss-cluster", "redis-sentinel", "rediss-sentinel"];
@@ -170,7 +179,10 @@ public sealed record RedisEndpoint(ConfigurationOptions Options, int Database, R
                 throw LmcException.InvalidArgument($"config: \"extra_config.remote_tls_ca_file\" \"{Shorten(caFile)}\" is not a certificate: {e.Message}");
             }
         }
-        return new RedisEndpoint(options, database, topology, ttl, connections);
+        var pingInterval = ReadSeconds(extra, "ping_interval", MaxPingSeconds) ?? DefaultPingInterval;
+        var pingTimeout = ReadSeconds(extra, "ping_timeout", MaxPingSeconds) ?? DefaultPingTimeout;
+        if (pingTimeout > timeout) pingTimeout = timeout;
+        return new RedisEndpoint(options, database, topology, ttl, connections) { PingInterval = pingInterval, PingTimeout = pingTimeout };
     }
 
     private static EndPoint ParseNode(string url, string node, int defaultPort)
@@ -215,6 +227,17 @@ public sealed record RedisEndpoint(ConfigurationOptions Options, int Database, R
         const double MaxTtlSeconds = 100 * 365.25 * 86400;
         if (ttl.ValueKind != JsonValueKind.Number || !ttl.TryGetDouble(out double seconds) || !(seconds > 0) || seconds > MaxTtlSeconds)
             throw LmcException.InvalidArgument($"config: \"extra_config.{name}\" must be a number of seconds > 0 and <= {MaxTtlSeconds:0} (a century)");
+        return TimeSpan.FromSeconds(seconds);
+    }
+
+    private const double MaxPingSeconds = 86400;
+
+    /// <summary>A number of seconds in (0, <paramref name="max"/>] under extra_config's <paramref name="name"/>; null when absent.</summary>
+    private static TimeSpan? ReadSeconds(JsonElement extra, string name, double max)
+    {
+        if (extra.ValueKind != JsonValueKind.Object || !extra.TryGetProperty(name, out var value) || value.ValueKind == JsonValueKind.Null) return null;
+        if (value.ValueKind != JsonValueKind.Number || !value.TryGetDouble(out double seconds) || !(seconds > 0) || seconds > max)
+            throw LmcException.InvalidArgument($"config: \"extra_config.{name}\" must be a number of seconds > 0 and <= {max:0}");
         return TimeSpan.FromSeconds(seconds);
     }
 

@@ -32,6 +32,12 @@ namespace LMCacheNative.Redis;
 /// and a write into a skipped write, counted in the stats (per node too, with the last error
 /// message). While a node is unreachable, calls to it fail fast; the client reconnects in the
 /// background and hits come back when the node (or its promoted replica) does.
+///
+/// Health pings (LMCache's RemoteBackendHealthCheck): a background task PINGs every data node of the
+/// first multiplexer each <see cref="RedisEndpoint.PingInterval"/>, bounded by
+/// <see cref="RedisEndpoint.PingTimeout"/>; never on a request thread. It counts successes and errors
+/// and keeps the newest latency and error code (<see cref="PingTimeoutErrorCode"/>,
+/// <see cref="PingGenericErrorCode"/>) in the tier stats; a ping that fails on a live connection also sets the node's last error.
 /// </summary>
 public sealed class RedisTier : IStorageTier
 {
@@ -40,6 +46,11 @@ public sealed class RedisTier : IStorageTier
     /// <summary>Record bytes a write batch keeps in flight at once (each record is staged in a rented buffer).</summary>
     private const long MaxWriteBytesInFlight = 512L << 20;
 
+    /// <summary>LMCache's ping error codes (lmcache/v1/health_monitor/constants.py); 0 is a successful ping.</summary>
+    public const int PingTimeoutErrorCode = -1, PingGenericErrorCode = -2;
+
+    private readonly CancellationTokenSource _stopPinging = new();
+    private readonly Task _pinging;
     private readonly object _statsLock = new();
     private readonly StorageTierStats _stats = new();
     private readonly Dictionary<string, NodeCounters> _nodes = new(StringComparer.Ordinal);
@@ -62,6 +73,7 @@ public sealed class RedisTier : IStorageTier
         // Connecting in the background keeps engine creation fast when the store is down.
         _pool = new PooledConnection[_endpoint.Connections];
         for (int i = 0; i < _pool.Length; i++) _pool[i] = new PooledConnection(this);
+        _pinging = Task.Run(() => PingLoop(_stopPinging.Token));
     }
 
     public string Name => "RemoteBackend";
@@ -91,6 +103,9 @@ public sealed class RedisTier : IStorageTier
     {
         private Task<ConnectionMultiplexer> _connecting = tier.Connect();
         private long _retryAtMs = Environment.TickCount64 + 1000;
+
+        /// <summary>The current connect attempt (the ping loop awaits it instead of blocking a thread).</summary>
+        public Task<ConnectionMultiplexer> Connecting => _connecting;
 
         public ConnectionMultiplexer? Get(DateTime deadline)
         {
@@ -164,6 +179,104 @@ public sealed class RedisTier : IStorageTier
             if (multiplexer is { IsConnected: true }) databases.Add(multiplexer.GetDatabase(_endpoint.Database));
         }
         return databases.ToArray();
+    }
+
+    // ---- health pings ----
+
+    private async Task PingLoop(CancellationToken stop)
+    {
+        while (!stop.IsCancellationRequested)
+        {
+            try
+            {
+                try { await PingOnce(stop).ConfigureAwait(false); }
+                catch (Exception) when (!stop.IsCancellationRequested) { } // PingOnce records its own failures; nothing may end the loop
+                await Task.Delay(_endpoint.PingInterval, stop).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException) when (stop.IsCancellationRequested)
+            {
+                return;
+            }
+        }
+    }
+
+    /// <summary>
+    /// One ping round: PING every data node (not Sentinels) the first multiplexer knows, in parallel,
+    /// all within <see cref="RedisEndpoint.PingTimeout"/>. The round succeeds when every node answers;
+    /// its latency is the slowest answer.
+    /// </summary>
+    private async Task PingOnce(CancellationToken stop)
+    {
+        var timeout = _endpoint.PingTimeout;
+        var started = DateTime.UtcNow;
+        EndPoint? failedNode = null;
+        int code;
+        string? failure = null;
+        double latencyMs = 0;
+        try
+        {
+            var connection = _pool[0];
+            var multiplexer = connection.Get(DateTime.MinValue); // never blocks; also triggers a due reconnect
+            if (multiplexer is null && !connection.Connecting.IsCompleted)
+            {
+                try { await connection.Connecting.WaitAsync(timeout, stop).ConfigureAwait(false); } catch (TimeoutException) { }
+                multiplexer = connection.Get(DateTime.MinValue);
+            }
+            if (multiplexer is null) throw new InvalidOperationException("no connection to the store");
+            var servers = multiplexer.GetEndPoints().Select(e => multiplexer.GetServer(e)).Where(s => s.ServerType != ServerType.Sentinel).ToArray();
+            if (servers.Length == 0) throw new InvalidOperationException("no data node known");
+            var pings = servers.Select(async server =>
+            {
+                var watch = System.Diagnostics.Stopwatch.StartNew();
+                bool wasConnected = server.IsConnected;
+                try
+                {
+                    await server.PingAsync().ConfigureAwait(false);
+                    return watch.Elapsed.TotalMilliseconds;
+                }
+                catch (Exception)
+                {
+                    // Only news on a live connection: a lost one already has its reason (connection
+                    // failure, WRONGPASS, TLS) as the node's last error, which the ping must not hide.
+                    if (wasConnected) failedNode ??= server.EndPoint;
+                    throw;
+                }
+            }).ToArray();
+            var left = timeout - (DateTime.UtcNow - started);
+            var all = Task.WhenAll(pings);
+            latencyMs = (await all.WaitAsync(left > TimeSpan.Zero ? left : TimeSpan.Zero, stop).ConfigureAwait(false)).Max();
+            code = 0;
+        }
+        catch (OperationCanceledException) when (stop.IsCancellationRequested)
+        {
+            throw;
+        }
+        catch (TimeoutException)
+        {
+            code = PingTimeoutErrorCode;
+            failure = $"PING timed out after {timeout.TotalSeconds:0.###} s";
+        }
+        catch (Exception e)
+        {
+            code = PingGenericErrorCode;
+            failure = "PING failed: " + e.Message;
+        }
+        lock (_statsLock)
+        {
+            _stats.LastPingErrorCode = code;
+            if (code == 0)
+            {
+                _stats.PingSuccesses++;
+                _stats.LastPingLatencyMs = latencyMs;
+            }
+            else
+            {
+                _stats.PingErrors++;
+            }
+        }
+        // A node that failed its PING gets that as its newest failure, not as one more failed
+        // operation (its Errors count those). Without a connection the connect failure already says why.
+        if (failure is not null && failedNode is not null) NodeFailed(failedNode, failure, countError: false);
     }
 
     // ---- lookups ----
@@ -594,6 +707,9 @@ public sealed class RedisTier : IStorageTier
 
     public void Dispose()
     {
+        _stopPinging.Cancel();
+        // The loop ends at its next await; a ping in flight fails once its multiplexer is disposed.
+        try { _pinging.Wait(_endpoint.PingTimeout); } catch (Exception) { }
         foreach (var connection in _pool) connection.Dispose();
     }
 }

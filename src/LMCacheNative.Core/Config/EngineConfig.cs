@@ -111,7 +111,7 @@ public sealed record EngineConfig
         new("remote_serde", "string", "serialisation of remote records", (c, k, v) => c with { RemoteSerde = Serde(k, v) },
             (w, c) => w.WriteString("remote_serde", c.RemoteSerde)) { Choices = ["naive"], UnsupportedValues = ["cachegen", "kivi"] },
         new("extra_config", "object", "free-form object; remote tier: remote_ttl_secs (alias valkey_ttl_sec) sets an expiry on remote records, "
-            + "valkey_mode (standalone | cluster), remote_connections (multiplexer pool size, default 4), remote_tls_ca_file (CA of the servers' certificates)", (c, k, v) => c with { ExtraConfigJson = ExtraConfig(k, v) },
+            + "valkey_mode (standalone | cluster), remote_connections (multiplexer pool size, default 4), remote_tls_ca_file (CA of the servers' certificates), ping_interval / ping_timeout (seconds between / bound on the background health pings, default 30 / 5)", (c, k, v) => c with { ExtraConfigJson = ExtraConfig(k, v) },
             (w, c) =>
             {
                 w.WritePropertyName("extra_config");

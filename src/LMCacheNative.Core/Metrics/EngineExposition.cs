@@ -61,10 +61,11 @@ internal static class EngineExposition
         w.Gauge("lmcache:local_storage_usage", "Local storage usage (bytes) of lmcache", disk?.UsedBytes ?? 0);
         w.Gauge("lmcache:active_memory_objs_count", "The number of active memory objects", cpu.ActiveSlabs);
         w.Gauge("lmcache:pinned_memory_objs_count", "The number of pinned memory objects", cpu.PinnedSlabs);
-        long failures = tiers.Sum(t => t.Counters.Errors + t.Counters.CorruptRecords);
+        long failures = tiers.Sum(t => t.Counters.Errors + t.Counters.CorruptRecords + t.Counters.PingErrors);
+        bool pingsOk = tiers.All(t => t.Counters.LastPingErrorCode == 0);
         w.Gauge("lmcache:lmcache_is_healthy",
-            $"The health status of LMCache (1=healthy, 0=unhealthy: layers not registered, or a lower tier failed or found a corrupt record in the last {EngineMetrics.UnhealthyAfterFailure.TotalSeconds:0} s)",
-            m.HealthyGiven(failures) && registered ? 1 : 0);
+            $"The health status of LMCache (1=healthy, 0=unhealthy: layers not registered, the newest remote ping failed, or a lower tier failed, failed a ping or found a corrupt record in the last {EngineMetrics.UnhealthyAfterFailure.TotalSeconds:0} s)",
+            m.HealthyGiven(failures) && pingsOk && registered ? 1 : 0);
         w.Gauge("lmcache:remote_put_task_num", "The number of remote put tasks", remoteTimings?.PendingWrites ?? 0);
         w.Gauge("lmcache:put_failed_count", "The number of put failed (remote writes dropped because the write-behind queue was full)",
             remote?.WriteQueueDrops ?? 0);
@@ -80,6 +81,13 @@ internal static class EngineExposition
         var emptyMs = new Histogram(LMCacheBuckets.RemoteMilliseconds).Snapshot();
         w.Histogram("lmcache:remote_time_to_get", "Time to get from remote backends (ms)", remoteTimings?.ReadMilliseconds ?? emptyMs);
         w.Histogram("lmcache:remote_time_to_put", "Time to put to remote backends (ms)", remoteTimings?.WriteMilliseconds ?? emptyMs);
+
+        // ---- LMCache's remote health pings (its RemoteBackendHealthCheck) ----
+        w.Gauge("lmcache:remote_ping_latency", "Latest ping latency to remote backends (ms)", remote?.LastPingLatencyMs ?? 0);
+        w.Counter("lmcache:remote_ping_errors", "Number of ping errors to remote backends", remote?.PingErrors ?? 0);
+        w.Counter("lmcache:remote_ping_successes", "Number of ping successes to remote backends", remote?.PingSuccesses ?? 0);
+        w.Gauge("lmcache:remote_ping_error_code", "Latest ping error code to remote backends (0: ok, -1: timed out, -2: other failure)",
+            remote?.LastPingErrorCode ?? 0);
 
         // ---- what the engine knows beyond LMCache ----
         w.Counter("lmcache:num_stored_bytes", "Total number of KV bytes copied into lmcache by stores", s.StoredBytes);
@@ -115,6 +123,20 @@ internal static class EngineExposition
             w.Gauge("lmcache:tier_pending_writes", "Writes queued for a lower backend or being written now",
                 timings.Select(t => (Backend(t.Name), (double)t.PendingWrites)));
         }
+        var nodes = tiers.SelectMany(t => t.Counters.Nodes.Select(n => (Tier: t.Name, Node: n))).ToArray();
+        if (nodes.Length > 0)
+        {
+            // Per remote node (a Redis server: standalone, cluster master or replica, Sentinel-found
+            // primary; "(tier)" holds failures not tied to one node), labelled backend, node
+            // ("host:port") and node_role (master, replica, sentinel, unknown).
+            NodeCounter(w, nodes, "lmcache:remote_node_read_bytes", "Total number of payload bytes read from a remote node", n => n.BytesRead);
+            NodeCounter(w, nodes, "lmcache:remote_node_written_bytes", "Total number of payload bytes written to a remote node", n => n.BytesWritten);
+            NodeCounter(w, nodes, "lmcache:remote_node_errors", "Total number of failed or timed-out operations of a remote node", n => n.Errors);
+            NodeCounter(w, nodes, "lmcache:remote_node_reconnects", "Total number of connections to a remote node restored", n => n.Reconnects);
+            NodeCounter(w, nodes, "lmcache:remote_node_redirects", "Total number of slot moves (MOVED) a remote node answered with", n => n.Redirects);
+            w.Gauge("lmcache:remote_node_connected", "Whether the client is connected to a remote node now (1) or not (0)",
+                nodes.Select(n => (NodeLabels(n.Tier, n.Node), n.Node.Connected ? 1.0 : 0.0)));
+        }
         if (diskTimings is { } d)
         {
             w.Histogram("lmcache:local_disk_time_to_get", "Time to read a batch of records from the local disk backend (ms)", d.ReadMilliseconds);
@@ -132,6 +154,12 @@ internal static class EngineExposition
     private static double Ratio(long numerator, long denominator) => denominator == 0 ? 0 : (double)numerator / denominator;
 
     private static KeyValuePair<string, string>[] Backend(string name) => [new("backend", name)];
+
+    private static KeyValuePair<string, string>[] NodeLabels(string tier, NodeStats node) =>
+        [new("backend", tier), new("node", node.Endpoint), new("node_role", node.Role)];
+
+    private static void NodeCounter(PrometheusTextWriter w, (string Tier, NodeStats Node)[] nodes, string name, string help, Func<NodeStats, long> value) =>
+        w.Counter(name, help, nodes.Select(n => (NodeLabels(n.Tier, n.Node), (double)value(n.Node))));
 
     private static void TierCounter(PrometheusTextWriter w, IReadOnlyList<TierStats> tiers, string name, string help, Func<StorageTierStats, long> value) =>
         w.Counter(name, help, tiers.Select(t => (Backend(t.Name), (double)value(t.Counters))));

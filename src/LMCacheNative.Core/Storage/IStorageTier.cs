@@ -18,6 +18,11 @@ public sealed class StorageTierStats
     public long Reconnects;      // connections restored (remote tiers)
     public long UsedBytes;       // bytes held now (records, headers included)
     public long CapacityBytes;   // bound on UsedBytes (0 = unbounded or not applicable)
+    // Background health pings of a remote tier (LMCache's remote_ping_* metrics); 0 for local tiers.
+    public long PingSuccesses;      // ping rounds every pinged node answered
+    public long PingErrors;         // ping rounds that failed (no connection, an error answer or a timeout)
+    public double LastPingLatencyMs; // round-trip time of the newest successful round (slowest node), milliseconds
+    public int LastPingErrorCode;   // newest round: 0 ok, -1 timed out, -2 any other failure (LMCache's codes)
     /// <summary>Per-node counters of a remote tier (one per server it talked to); empty for local tiers. The tier hands out a fresh list each time.</summary>
     public IReadOnlyList<NodeStats> Nodes = [];
 
