@@ -185,7 +185,7 @@ public class SlabPoolTests
     }
 
     [Test]
-    public void PageSizedSlabs_StayPageAligned_AndHugeSlabsAreAllocatedAlone()
+    public void PageSizedSlabs_StayPageAligned_AndLargeSlabsAreAllocatedAlone()
     {
         var allocator = new CountingAllocator();
         using (var pool = new SlabPool(5000, 5000 * 4, allocator))
@@ -194,12 +194,19 @@ public class SlabPoolTests
             Assert.That(slabs.All(p => p != 0 && p % AlignedHostAllocator.Alignment == 0), Is.True, "a slab of a page or more starts on a page");
             Assert.That(allocator.Sizes, Is.EqualTo(new long[] { 4 * 8192 }));
         }
-        var huge = new CountingAllocator();
-        using (var pool = new SlabPool(3 << 20, 3L << 22, huge))
+        var largest = new CountingAllocator();
+        using (var pool = new SlabPool(SlabPool.MaxCarvedSlabBytes, 64 * SlabPool.MaxCarvedSlabBytes, largest))
         {
             Assert.That(pool.TryRent(), Is.Not.EqualTo((nint)0));
+            Assert.That(largest.Sizes, Is.EqualTo(new long[] { 2 << 20 }), "64 KiB slabs: still 32 to a block");
+        }
+        foreach (long size in new long[] { SlabPool.MaxCarvedSlabBytes + 4096, 1 << 20, 3 << 20 })
+        {
+            var alone = new CountingAllocator();
+            using var pool = new SlabPool(size, 4 * size, alone);
             Assert.That(pool.TryRent(), Is.Not.EqualTo((nint)0));
-            Assert.That(huge.Sizes, Is.EqualTo(new long[] { 3 << 20, 3 << 20 }), "slabs of a huge page or more: one allocation each, as before");
+            Assert.That(pool.TryRent(), Is.Not.EqualTo((nint)0));
+            Assert.That(alone.Sizes, Is.EqualTo(new[] { size, size }), $"{size}-byte slabs: one allocation each, as before");
         }
     }
 
