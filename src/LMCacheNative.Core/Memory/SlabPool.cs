@@ -105,8 +105,6 @@ public sealed class SlabPool : IDisposable
     /// <summary>Slabs handed out and not yet returned.</summary>
     public long RentedSlabs { get; private set; }
     public long UsedBytes => RentedSlabs * SlabBytes;
-    /// <summary>Allocations made from the allocator so far (blocks of slabs, or single slabs).</summary>
-    public int Allocations => _blocks.Count;
 
     /// <summary>A slab, or 0 when the pool is at capacity (or the system is out of memory): the caller evicts and retries, or gives up.</summary>
     public nint TryRent()
