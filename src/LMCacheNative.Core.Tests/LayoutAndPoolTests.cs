@@ -126,12 +126,15 @@ public class SlabPoolTests
         }
     }
 
-    private sealed class CountingAllocator(int failAfter = int.MaxValue) : IHostMemoryAllocator
+    private sealed class CountingAllocator(int failAfter = int.MaxValue, long largestBytes = long.MaxValue) : IHostMemoryAllocator
     {
         public int Allocations, Frees;
-        public nint Allocate(long bytes) => Allocations >= failAfter ? 0 : AlignedHostAllocator.Instance.Allocate(bytes) is var p && p != 0 ? Count(p) : 0;
-        private nint Count(nint p) { Allocations++; return p; }
-        public void Free(nint address, long bytes) { Frees++; AlignedHostAllocator.Instance.Free(address, bytes); }
+        public readonly List<long> Sizes = [];
+        public long FreedBytes;
+        public nint Allocate(long bytes) =>
+            Allocations >= failAfter || bytes > largestBytes ? 0 : AlignedHostAllocator.Instance.Allocate(bytes) is var p && p != 0 ? Count(p, bytes) : 0;
+        private nint Count(nint p, long bytes) { Allocations++; Sizes.Add(bytes); return p; }
+        public void Free(nint address, long bytes) { Frees++; FreedBytes += bytes; AlignedHostAllocator.Instance.Free(address, bytes); }
     }
 
     [Test]
@@ -149,19 +152,85 @@ public class SlabPoolTests
                 pool.Return(slabs[round % 3]);
                 slabs[round % 3] = pool.TryRent();
             }
-            Assert.That(allocator.Allocations, Is.EqualTo(3), "freed slabs are reused; the pool never fragments or grows");
+            // The three slabs are carved from one block of 3 x 1024 bytes (1000 rounded up to 64).
+            Assert.That(allocator.Sizes, Is.EqualTo(new long[] { 3 * 1024 }), "freed slabs are reused; the pool never fragments or grows");
             Assert.That(pool.UsedBytes, Is.EqualTo(3000));
         }
+        Assert.That(allocator.Frees, Is.EqualTo(1));
+    }
+
+    [Test]
+    public unsafe void SmallSlabs_AreCarvedFromHugePageBlocks_AlignedAndDisjoint()
+    {
+        // 16-token chunks of 16 bytes per token: 256-byte slabs, 8192 to a 2 MiB block.
+        const long slab = 256, slabs = 20_000;
+        var allocator = new CountingAllocator();
+        using (var pool = new SlabPool(slab, slab * slabs, allocator))
+        {
+            var rented = new List<nint>();
+            for (nint p; (p = pool.TryRent()) != 0;) rented.Add(p);
+            Assert.That(rented, Has.Count.EqualTo(slabs), "every slab of the capacity, no more");
+            Assert.That(allocator.Sizes, Is.EqualTo(new long[] { 2 << 20, 2 << 20, (slabs - 2 * 8192) * slab }),
+                "two full 2 MiB blocks and the rest of the capacity, not one allocation per slab");
+            Assert.That(rented.All(p => p % AlignedHostAllocator.CacheLineBytes == 0), Is.True, "each slab on a cache line");
+            var sorted = rented.Order().ToArray();
+            for (int i = 1; i < sorted.Length; i++)
+                Assert.That(sorted[i] - sorted[i - 1], Is.GreaterThanOrEqualTo((nint)slab), "slabs never overlap");
+            // Every byte of every slab is usable.
+            foreach (var p in rented) new Span<byte>((void*)p, (int)slab).Fill(0x5A);
+            Assert.That(rented.All(p => ((byte*)p)[0] == 0x5A && ((byte*)p)[slab - 1] == 0x5A), Is.True);
+        }
         Assert.That(allocator.Frees, Is.EqualTo(3));
+        Assert.That(allocator.FreedBytes, Is.EqualTo(allocator.Sizes.Sum()), "every block freed with its own size");
+    }
+
+    [Test]
+    public void PageSizedSlabs_StayPageAligned_AndLargeSlabsAreAllocatedAlone()
+    {
+        var allocator = new CountingAllocator();
+        using (var pool = new SlabPool(5000, 5000 * 4, allocator))
+        {
+            var slabs = Enumerable.Range(0, 4).Select(_ => pool.TryRent()).ToArray();
+            Assert.That(slabs.All(p => p != 0 && p % AlignedHostAllocator.Alignment == 0), Is.True, "a slab of a page or more starts on a page");
+            Assert.That(allocator.Sizes, Is.EqualTo(new long[] { 4 * 8192 }));
+        }
+        var largest = new CountingAllocator();
+        using (var pool = new SlabPool(SlabPool.MaxCarvedSlabBytes, 64 * SlabPool.MaxCarvedSlabBytes, largest))
+        {
+            Assert.That(pool.TryRent(), Is.Not.EqualTo((nint)0));
+            Assert.That(largest.Sizes, Is.EqualTo(new long[] { 2 << 20 }), "64 KiB slabs: still 32 to a block");
+        }
+        foreach (long size in new long[] { SlabPool.MaxCarvedSlabBytes + 4096, 1 << 20, 3 << 20 })
+        {
+            var alone = new CountingAllocator();
+            using var pool = new SlabPool(size, 4 * size, alone);
+            Assert.That(pool.TryRent(), Is.Not.EqualTo((nint)0));
+            Assert.That(pool.TryRent(), Is.Not.EqualTo((nint)0));
+            Assert.That(alone.Sizes, Is.EqualTo(new[] { size, size }), $"{size}-byte slabs: one allocation each, as before");
+        }
+    }
+
+    [Test]
+    public void BlockRefused_FallsBackToSingleSlabs()
+    {
+        // The system refuses anything above 4 KiB: the pool still hands out slabs, one allocation each.
+        var allocator = new CountingAllocator(largestBytes: 4096);
+        using var pool = new SlabPool(64, 1 << 20, allocator);
+        Assert.That(pool.TryRent(), Is.Not.EqualTo((nint)0));
+        Assert.That(pool.TryRent(), Is.Not.EqualTo((nint)0));
+        Assert.That(allocator.Sizes, Is.EqualTo(new long[] { 64, 64 }));
     }
 
     [Test]
     public void SystemOutOfMemory_ReportsNoSlab()
     {
-        using var pool = new SlabPool(64, 1 << 20, new CountingAllocator(failAfter: 2));
+        // Slabs of a huge page, one allocation each: the third is refused by the system.
+        using var pool = new SlabPool(2 << 20, 16L << 20, new CountingAllocator(failAfter: 2));
         Assert.That(pool.TryRent(), Is.Not.EqualTo((nint)0));
         Assert.That(pool.TryRent(), Is.Not.EqualTo((nint)0));
         Assert.That(pool.TryRent(), Is.EqualTo((nint)0));
+        using var small = new SlabPool(64, 1 << 20, new CountingAllocator(failAfter: 0));
+        Assert.That(small.TryRent(), Is.EqualTo((nint)0), "neither a block nor a single slab to be had");
     }
 }
 
