@@ -14,6 +14,7 @@ APT_PACKAGES=(
   gcc g++ clang-14 binutils                  # C interop tests (nm comes with binutils)
   python3-torch python3-numpy python3-pytest # Python package, demo and pytest
   redis-server redis-tools redis-sentinel    # Redis tier tests start their own servers, clusters, sentinels
+  openssl                                    # the remote tier's TLS test makes its own CA and server certificate
   python3-yaml                               # the connector reads LMCACHE_CONFIG_FILE (YAML)
   libfuzzer-14-dev libclang-rt-14-dev        # fuzz suite: clang-14 -fsanitize=fuzzer (runtime in clang-rt)
   prometheus python3-prometheus-client       # metrics: promtool check, a real scrape, the connector's exporter

@@ -374,16 +374,22 @@ def test_wrong_password_is_a_counted_failure_with_a_clear_message(tmp_path):
 
         good = redis_config(f"redis://lmc:right-secret@{node.address}/0", blocking_timeout_secs=TIMEOUT_S)
         with Engine(good, model_name="auth") as engine:
-            source.register(engine)
-            ts.wait_for_remote(engine)
-            assert engine.store(tokens, slots) == 64
-            engine.flush(10)
-            engine.clear()
-            destination.register(engine)
-            check_retrieve(engine, destination, source, 0, 64, 64)
+            store_then_retrieve_through_the_remote(engine, source, destination, tokens, slots)
             assert tier(engine, "RemoteBackend")["hits"] == 4
     finally:
         node.stop()
+
+
+def store_then_retrieve_through_the_remote(engine, source, destination, tokens, slots) -> None:
+    """Stores request 0 (64 tokens) of ``source``, waits for the write-behind, empties the CPU tier,
+    and checks that a retrieve from the remote alone is bit-exact."""
+    source.register(engine)
+    ts.wait_for_remote(engine)
+    assert engine.store(tokens, slots) == 64
+    engine.flush(10)
+    engine.clear()
+    destination.register(engine)
+    check_retrieve(engine, destination, source, 0, 64, 64)
 
 
 def _make_certificates(directory) -> tuple:
@@ -417,13 +423,7 @@ def test_tls_with_a_ca_file(tmp_path):
         config = redis_config(f"rediss://127.0.0.1:{tls_port}/0", blocking_timeout_secs=2,
                               extra_config={"remote_tls_ca_file": str(ca)})
         with Engine(config, model_name="tls") as engine:
-            source.register(engine)
-            ts.wait_for_remote(engine)
-            assert engine.store(tokens, slots) == 64
-            engine.flush(10)
-            engine.clear()
-            destination.register(engine)
-            check_retrieve(engine, destination, source, 0, 64, 64)
+            store_then_retrieve_through_the_remote(engine, source, destination, tokens, slots)
         assert len(node.command("KEYS", "lmcn:*")) == 4
         # Without the CA the server's certificate is not trusted: misses and counted errors, no hang.
         untrusted = redis_config(f"rediss://127.0.0.1:{tls_port}/0", blocking_timeout_secs=TIMEOUT_S)
