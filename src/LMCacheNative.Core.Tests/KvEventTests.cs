@@ -91,7 +91,7 @@ public class KvEventTests
     [Test]
     public void Queue_KeepsOrder_IsBounded_DropsTheNewest_AndCountsDropsPerDrain()
     {
-        var queue = new KvEventQueue(3, 32);
+        var queue = new KvEventQueue(3);
         var hashes = Enumerable.Range(1, 5).Select(i => new ChunkKey((ulong)i, 0, 0, 0)).ToArray();
         bool[] accepted = hashes.Select(h => queue.TryEnqueue(KvEvent.Removed(KvEventMedium.Cpu, h, 8))).ToArray();
         Assert.That(accepted, Is.EqualTo(new[] { true, true, true, false, false }));
@@ -114,7 +114,7 @@ public class KvEventTests
     [Test]
     public void Queue_StopsBeforeAnEventWhoseTokensDoNotFit_AndKeepsIt()
     {
-        var queue = new KvEventQueue(8, 16);
+        var queue = new KvEventQueue(8);
         var lineage = new ChunkLineage(new ChunkKey(7, 0, 0, 0), null, [1, 2, 3, 4]);
         queue.TryEnqueue(KvEvent.Stored(KvEventMedium.Cpu, lineage));
         queue.TryEnqueue(KvEvent.Stored(KvEventMedium.Disk, lineage));

@@ -70,7 +70,7 @@ public sealed class CacheEngine : IDisposable
         _allocator = allocator ?? AlignedHostAllocator.Instance;
         _deviceBackend = deviceBackend;
         if (config.EnableKvEvents)
-            _events = new KvEventQueue(config.KvEventsQueueSize, config.HashAlgorithm == ChunkHashAlgorithm.Sha256 ? 32 : 16);
+            _events = new KvEventQueue(config.KvEventsQueueSize);
         _lowerTiers = LowerTierChain.Create(config, remoteTierFactory, _events);
         _jobs = new JobRunner(2, "lmcache-native job");
     }

@@ -68,20 +68,10 @@ public sealed class KvEventQueue
     private long _droppedTotal;
 
     /// <param name="capacity">most events held until drained (kv_events_queue_size)</param>
-    /// <param name="hashBytes">bytes of a key that carry the hash: 32 for SHA-256, 16 for XXH3-128</param>
-    public KvEventQueue(int capacity, int hashBytes)
+    public KvEventQueue(int capacity)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(capacity, 1);
         _ring = new KvEvent[capacity];
-        HashBytes = hashBytes;
-    }
-
-    public int Capacity => _ring.Length;
-    public int HashBytes { get; }
-
-    public int Count
-    {
-        get { lock (_lock) return _count; }
     }
 
     /// <summary>Events dropped because the queue was full, since the engine started.</summary>
