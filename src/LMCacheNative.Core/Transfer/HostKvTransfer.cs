@@ -130,7 +130,7 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
             {
                 long copied = 0;
                 for (int item = 0; item < items; item++)
-                    copied += CopyItem(direction, chunkArray, slots, item, itemsPerChunk, streaming);
+                    copied += CopyItem(direction, chunkArray, chunks.Length, slots, item, itemsPerChunk, streaming);
                 if (streaming) BulkCopy.Fence();
                 return copied;
             }
@@ -138,10 +138,11 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
             // The pointers stay valid: the fixed scope outlives Parallel.For, which returns only when
             // every item is done. Each worker fences its own streaming stores before it reports.
             nint chunkPtr = (nint)chunkArray, slotPtr = (nint)slots;
+            int chunkCount = chunks.Length;
             long total = 0;
             Parallel.For(0, items,
                 () => 0L,
-                (item, _, local) => local + CopyItem(direction, (ChunkTransfer*)chunkPtr, (long*)slotPtr, item, itemsPerChunk, streaming),
+                (item, _, local) => local + CopyItem(direction, (ChunkTransfer*)chunkPtr, chunkCount, (long*)slotPtr, item, itemsPerChunk, streaming),
                 local =>
                 {
                     if (streaming) BulkCopy.Fence();
@@ -151,8 +152,39 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
         }
     }
 
-    /// <summary>Copies one (chunk, layer, kv) item; returns the bytes moved.</summary>
-    private long CopyItem(TransferDirection direction, ChunkTransfer* chunks, long* slots, int item, int itemsPerChunk, bool streaming)
+    /// <summary>
+    /// Where item <paramref name="item"/>'s first copied token lives on the side a copy reads
+    /// (the paged layer for a gather, the chunk object for a scatter); null when there is no such
+    /// item or it copies nothing. The previous item prefetches from here while it finishes, because
+    /// Parallel.For hands each worker consecutive items.
+    /// </summary>
+    private byte* FirstSourceAddress(TransferDirection direction, ChunkTransfer* chunks, int chunkCount, long* slots, int item, int itemsPerChunk)
+    {
+        int chunkIndex = item / itemsPerChunk;
+        if (chunkIndex >= chunkCount) return null;
+        int rest = item - chunkIndex * itemsPerChunk;
+        int layerIndex = rest / _kvCount;
+        int kv = rest - layerIndex * _kvCount;
+        ChunkTransfer chunk = chunks[chunkIndex];
+        for (int t = Math.Max(0, chunk.FirstTokenToCopy - chunk.FirstToken); t < chunk.TokenCount; t++)
+        {
+            long slot = slots[chunk.FirstToken + t];
+            if (slot < 0) continue;
+            if (direction == TransferDirection.Scatter)
+                return (byte*)chunk.ChunkData + ((long)(kv * _layers.Length + layerIndex) * chunk.TokenCount + t) * _rowBytes;
+            ref readonly LayerPlan layer = ref _layers[layerIndex];
+            long block = slot / _blockSize;
+            return layer.Base + kv * layer.KvStrideBytes + block * layer.BlockStrideBytes + (slot - block * _blockSize) * layer.TokenStrideBytes;
+        }
+        return null;
+    }
+
+    /// <summary>
+    /// Copies one (chunk, layer, kv) item; returns the bytes moved. Streaming copies prefetch the
+    /// next run's source (see <see cref="BulkCopy"/>): the next run of this item, or the first run of
+    /// item + 1.
+    /// </summary>
+    private long CopyItem(TransferDirection direction, ChunkTransfer* chunks, int chunkCount, long* slots, int item, int itemsPerChunk, bool streaming)
     {
         int chunkIndex = item / itemsPerChunk;
         int rest = item - chunkIndex * itemsPerChunk;
@@ -166,12 +198,14 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
         byte* chunkRows = (byte*)chunk.ChunkData + ((long)(kv * _layers.Length + layerIndex) * chunk.TokenCount) * _rowBytes;
         int firstLocal = Math.Max(0, chunk.FirstTokenToCopy - chunk.FirstToken);
         bool gather = direction == TransferDirection.Gather;
+        byte* nextItemSource = streaming ? FirstSourceAddress(direction, chunks, chunkCount, slots, item + 1, itemsPerChunk) : null;
         long copied = 0;
 
         if (_headsContiguous)
         {
             // A token's row is contiguous on both sides; consecutive tokens in consecutive slots of a
-            // block are contiguous too, so they are merged into one run.
+            // block are contiguous too, so they are merged into one run. A run is copied when the
+            // token that ends it is seen, so the next run's start is known and prefetched.
             byte* runPaged = null, runChunk = null;
             long runBytes = 0;
             for (int t = firstLocal; t < chunk.TokenCount; t++)
@@ -186,12 +220,12 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
                     runBytes += _rowBytes;
                     continue;
                 }
-                if (runBytes > 0) copied += Copy(gather, runPaged, runChunk, runBytes, streaming);
+                if (runBytes > 0) copied += Copy(gather, runPaged, runChunk, runBytes, streaming, gather ? paged : row);
                 runPaged = paged;
                 runChunk = row;
                 runBytes = _rowBytes;
             }
-            if (runBytes > 0) copied += Copy(gather, runPaged, runChunk, runBytes, streaming);
+            if (runBytes > 0) copied += Copy(gather, runPaged, runChunk, runBytes, streaming, nextItemSource);
             return copied;
         }
 
@@ -200,32 +234,45 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
         // out, so reads stream front to back and only the (streaming) stores jump: head by head for a
         // gather from HND (the paged side keeps a head's tokens together), token by token for a
         // scatter (the chunk side keeps a token's heads together) and for layouts whose heads sit
-        // closer than their tokens.
+        // closer than their tokens. Each head copy prefetches the same place in the next run.
         bool headMajor = gather && layer.HeadStrideBytes > layer.TokenStrideBytes;
-        int t0 = firstLocal;
+        int t0 = NextCopiedToken(chunk, slots, firstLocal);
         while (t0 < chunk.TokenCount)
         {
             long slot = slots[chunk.FirstToken + t0];
-            if (slot < 0)
-            {
-                t0++;
-                continue;
-            }
             long block = slot / _blockSize;
             long offset = slot - block * _blockSize;
             int run = 1;
             while (t0 + run < chunk.TokenCount && offset + run < _blockSize && slots[chunk.FirstToken + t0 + run] == slot + run) run++;
+            int t1 = NextCopiedToken(chunk, slots, t0 + run);
 
             byte* pagedRun = pagedKvBase + block * layer.BlockStrideBytes + offset * layer.TokenStrideBytes;
             byte* rowRun = chunkRows + t0 * _rowBytes;
+            // The next run's source start, for the prefetches (null: none).
+            byte* nextRun = nextItemSource;
+            if (t1 < chunk.TokenCount)
+            {
+                long nextSlot = slots[chunk.FirstToken + t1];
+                long nextBlock = nextSlot / _blockSize;
+                nextRun = gather
+                    ? pagedKvBase + nextBlock * layer.BlockStrideBytes + (nextSlot - nextBlock * _blockSize) * layer.TokenStrideBytes
+                    : chunkRows + t1 * _rowBytes;
+            }
+            if (!streaming) nextRun = null;
+
             if (headMajor)
             {
                 for (int h = 0; h < _numHeads; h++)
                 {
-                    byte* paged = pagedRun + h * layer.HeadStrideBytes;
+                    long headOffset = h * layer.HeadStrideBytes;
+                    byte* paged = pagedRun + headOffset;
                     byte* row = rowRun + h * _headBytes;
                     for (int i = 0; i < run; i++)
-                        BulkCopy.CopySmall(paged + i * layer.TokenStrideBytes, row + i * _rowBytes, _headBytes, streaming);
+                    {
+                        long sourceOffset = headOffset + i * layer.TokenStrideBytes;
+                        BulkCopy.CopySmall(paged + i * layer.TokenStrideBytes, row + i * _rowBytes, _headBytes, streaming,
+                            nextRun == null ? null : nextRun + sourceOffset);
+                    }
                 }
             }
             else
@@ -236,21 +283,38 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
                     byte* row = rowRun + i * _rowBytes;
                     for (int h = 0; h < _numHeads; h++)
                     {
-                        if (gather) BulkCopy.CopySmall(paged + h * layer.HeadStrideBytes, row + h * _headBytes, _headBytes, streaming);
-                        else BulkCopy.CopySmall(row + h * _headBytes, paged + h * layer.HeadStrideBytes, _headBytes, streaming);
+                        if (gather)
+                        {
+                            long sourceOffset = i * layer.TokenStrideBytes + h * layer.HeadStrideBytes;
+                            BulkCopy.CopySmall(paged + h * layer.HeadStrideBytes, row + h * _headBytes, _headBytes, streaming,
+                                nextRun == null ? null : nextRun + sourceOffset);
+                        }
+                        else
+                        {
+                            long sourceOffset = i * _rowBytes + h * _headBytes;
+                            BulkCopy.CopySmall(row + h * _headBytes, paged + h * layer.HeadStrideBytes, _headBytes, streaming,
+                                nextRun == null ? null : nextRun + sourceOffset);
+                        }
                     }
                 }
             }
             copied += (long)run * _numHeads * _headBytes;
-            t0 += run;
+            t0 = t1;
         }
         return copied;
     }
 
-    private static long Copy(bool gather, byte* paged, byte* chunk, long bytes, bool streaming)
+    /// <summary>The first local token at or after <paramref name="t"/> that has a slot (not -1); the chunk's token count when none.</summary>
+    private static int NextCopiedToken(in ChunkTransfer chunk, long* slots, int t)
     {
-        if (gather) BulkCopy.Copy(paged, chunk, bytes, streaming);
-        else BulkCopy.Copy(chunk, paged, bytes, streaming);
+        while (t < chunk.TokenCount && slots[chunk.FirstToken + t] < 0) t++;
+        return t;
+    }
+
+    private static long Copy(bool gather, byte* paged, byte* chunk, long bytes, bool streaming, byte* prefetch)
+    {
+        if (gather) BulkCopy.Copy(paged, chunk, bytes, streaming, prefetch);
+        else BulkCopy.Copy(chunk, paged, bytes, streaming, prefetch);
         return bytes;
     }
 
