@@ -63,6 +63,9 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
     /// <summary>Below this many bytes a transfer runs on the calling thread: waking workers costs more than it saves.</summary>
     public const long ParallelThresholdBytes = 4L << 20;
 
+    // Host transfers copying right now, in every engine of the process (see Copy).
+    private static int s_transfersInFlight;
+
     private readonly LayerPlan[] _layers;
     private readonly int _kvCount;
     private readonly long _rowBytes;
@@ -123,32 +126,45 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
         long transferBytes = tokensToCopy * BytesPerToken;
         bool streaming = transferBytes >= BulkCopy.StreamingThresholdBytes && BulkCopy.StreamingSupported;
 
-        fixed (long* slots = slotMapping)
-        fixed (ChunkTransfer* chunkArray = chunks)
+        // Cores are shared by every transfer in flight in the process: with N at once each takes
+        // ProcessorCount / N workers (its own thread included), so that concurrent callers do not
+        // oversubscribe the cores with N full-width Parallel.For loops that evict each other's
+        // streams and wait on each other's workers.
+        int inFlight = Interlocked.Increment(ref s_transfersInFlight);
+        try
         {
-            if (transferBytes < ParallelThresholdBytes || Environment.ProcessorCount == 1)
+            int workers = Math.Max(1, Environment.ProcessorCount / inFlight);
+            fixed (long* slots = slotMapping)
+            fixed (ChunkTransfer* chunkArray = chunks)
             {
-                long copied = 0;
-                for (int item = 0; item < items; item++)
-                    copied += CopyItem(direction, chunkArray, chunks.Length, slots, item, itemsPerChunk, streaming);
-                if (streaming) BulkCopy.Fence();
-                return copied;
-            }
-
-            // The pointers stay valid: the fixed scope outlives Parallel.For, which returns only when
-            // every item is done. Each worker fences its own streaming stores before it reports.
-            nint chunkPtr = (nint)chunkArray, slotPtr = (nint)slots;
-            int chunkCount = chunks.Length;
-            long total = 0;
-            Parallel.For(0, items,
-                () => 0L,
-                (item, _, local) => local + CopyItem(direction, (ChunkTransfer*)chunkPtr, chunkCount, (long*)slotPtr, item, itemsPerChunk, streaming),
-                local =>
+                if (transferBytes < ParallelThresholdBytes || workers == 1)
                 {
+                    long copied = 0;
+                    for (int item = 0; item < items; item++)
+                        copied += CopyItem(direction, chunkArray, chunks.Length, slots, item, itemsPerChunk, streaming);
                     if (streaming) BulkCopy.Fence();
-                    Interlocked.Add(ref total, local);
-                });
-            return total;
+                    return copied;
+                }
+
+                // The pointers stay valid: the fixed scope outlives Parallel.For, which returns only when
+                // every item is done. Each worker fences its own streaming stores before it reports.
+                nint chunkPtr = (nint)chunkArray, slotPtr = (nint)slots;
+                int chunkCount = chunks.Length;
+                long total = 0;
+                Parallel.For(0, items, new ParallelOptions { MaxDegreeOfParallelism = workers },
+                    () => 0L,
+                    (item, _, local) => local + CopyItem(direction, (ChunkTransfer*)chunkPtr, chunkCount, (long*)slotPtr, item, itemsPerChunk, streaming),
+                    local =>
+                    {
+                        if (streaming) BulkCopy.Fence();
+                        Interlocked.Add(ref total, local);
+                    });
+                return total;
+            }
+        }
+        finally
+        {
+            Interlocked.Decrement(ref s_transfersInFlight);
         }
     }
 
