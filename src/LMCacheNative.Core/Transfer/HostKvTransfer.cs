@@ -56,7 +56,8 @@ public interface IKvTransfer : IDisposable
 /// Copies go in the largest runs the strides allow: a whole token row when the heads of a token are
 /// adjacent (NHD, MLA), merged across consecutive tokens whose slots are adjacent in the same block;
 /// one head (head_size elements) at a time otherwise (HND, packed). Work is split over
-/// (chunk, layer, kv) items and spread over cores when the request is large enough to pay for it.
+/// (chunk, layer, kv) items ((chunk, layer) when K and V interleave, as in packed) and spread over
+/// cores when the request is large enough to pay for it.
 /// </summary>
 public sealed unsafe class HostKvTransfer : IKvTransfer
 {
@@ -73,6 +74,12 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
     private readonly int _numHeads;
     private readonly int _blockSize;
     private readonly bool _headsContiguous;
+    // K and V in one item (one pass over the block) instead of one item each: true when a head's K
+    // and V vectors sit side by side (the packed layout), so that a K-only pass would read every
+    // other head vector and leave the rest of each line pair to another pass.
+    private readonly bool _kvTogether;
+    // Items per (chunk, layer): kv count, or 1 when K and V go together.
+    private readonly int _itemsPerLayer;
 
     private readonly struct LayerPlan(byte* baseAddress, long kvStrideBytes, long blockStrideBytes, long tokenStrideBytes, long headStrideBytes)
     {
@@ -95,6 +102,8 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
         _numHeads = first.NumKvHeads;
         _blockSize = first.BlockSize;
         _headsContiguous = layers.All(l => l.HeadsContiguous);
+        _kvTogether = !_headsContiguous && _kvCount == 2 && layers.All(l => l.KvStride * l.ElemSize == _headBytes);
+        _itemsPerLayer = _kvTogether ? 1 : _kvCount;
         _layers = layers.Select(l => new LayerPlan(
             (byte*)l.BaseAddress,
             l.KvStride * l.ElemSize,
@@ -116,7 +125,7 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
     public long Copy(TransferDirection direction, ReadOnlySpan<ChunkTransfer> chunks, ReadOnlySpan<long> slotMapping)
     {
         if (chunks.Length == 0) return 0;
-        int itemsPerChunk = _layers.Length * _kvCount;
+        int itemsPerChunk = _layers.Length * _itemsPerLayer;
         int items = chunks.Length * itemsPerChunk;
 
         long tokensToCopy = 0;
@@ -179,8 +188,8 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
         int chunkIndex = item / itemsPerChunk;
         if (chunkIndex >= chunkCount) return null;
         int rest = item - chunkIndex * itemsPerChunk;
-        int layerIndex = rest / _kvCount;
-        int kv = rest - layerIndex * _kvCount;
+        int layerIndex = rest / _itemsPerLayer;
+        int kv = rest - layerIndex * _itemsPerLayer;
         ChunkTransfer chunk = chunks[chunkIndex];
         for (int t = Math.Max(0, chunk.FirstTokenToCopy - chunk.FirstToken); t < chunk.TokenCount; t++)
         {
@@ -196,7 +205,7 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
     }
 
     /// <summary>
-    /// Copies one (chunk, layer, kv) item; returns the bytes moved. Streaming copies prefetch the
+    /// Copies one (chunk, layer, kv) item (both kv when K and V go together); returns the bytes moved. Streaming copies prefetch the
     /// next run's source (see <see cref="BulkCopy"/>): the next run of this item, or the first run of
     /// item + 1.
     /// </summary>
@@ -204,10 +213,13 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
     {
         int chunkIndex = item / itemsPerChunk;
         int rest = item - chunkIndex * itemsPerChunk;
-        int layerIndex = rest / _kvCount;
-        int kv = rest - layerIndex * _kvCount;
+        int layerIndex = rest / _itemsPerLayer;
+        int kv = rest - layerIndex * _itemsPerLayer; // the first of the item's kv (0 when K and V go together)
+        int kvInItem = _kvTogether ? _kvCount : 1;
         ChunkTransfer chunk = chunks[chunkIndex];
         ref readonly LayerPlan layer = ref _layers[layerIndex];
+        // From K's rows to V's rows in the chunk object ([kv][layer][T][row]).
+        long chunkKvStride = (long)_layers.Length * chunk.TokenCount * _rowBytes;
 
         byte* pagedKvBase = layer.Base + kv * layer.KvStrideBytes;
         // [kv][layer][T][row]: this item's rows start here.
@@ -250,7 +262,8 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
         // out, so reads stream front to back and only the (streaming) stores jump: head by head for a
         // gather from HND (the paged side keeps a head's tokens together), token by token for a
         // scatter (the chunk side keeps a token's heads together) and for layouts whose heads sit
-        // closer than their tokens. Each head copy prefetches the same place in the next run.
+        // closer than their tokens. Each head copy prefetches the same place in the next run. When K
+        // and V go together (packed), each head vector's K and V are copied one after the other.
         bool headMajor = gather && layer.HeadStrideBytes > layer.TokenStrideBytes;
         int t0 = NextCopiedToken(chunk, slots, firstLocal);
         while (t0 < chunk.TokenCount)
@@ -280,14 +293,14 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
             {
                 for (int h = 0; h < _numHeads; h++)
                 {
-                    long headOffset = h * layer.HeadStrideBytes;
-                    byte* paged = pagedRun + headOffset;
-                    byte* row = rowRun + h * _headBytes;
                     for (int i = 0; i < run; i++)
                     {
-                        long sourceOffset = headOffset + i * layer.TokenStrideBytes;
-                        BulkCopy.CopySmall(paged + i * layer.TokenStrideBytes, row + i * _rowBytes, _headBytes, streaming,
-                            nextRun == null ? null : nextRun + sourceOffset);
+                        for (int k = 0; k < kvInItem; k++)
+                        {
+                            long sourceOffset = h * layer.HeadStrideBytes + i * layer.TokenStrideBytes + k * layer.KvStrideBytes;
+                            BulkCopy.CopySmall(pagedRun + sourceOffset, rowRun + k * chunkKvStride + i * _rowBytes + h * _headBytes, _headBytes,
+                                streaming, nextRun == null ? null : nextRun + sourceOffset);
+                        }
                     }
                 }
             }
@@ -295,26 +308,23 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
             {
                 for (int i = 0; i < run; i++)
                 {
-                    byte* paged = pagedRun + i * layer.TokenStrideBytes;
-                    byte* row = rowRun + i * _rowBytes;
                     for (int h = 0; h < _numHeads; h++)
                     {
-                        if (gather)
+                        for (int k = 0; k < kvInItem; k++)
                         {
-                            long sourceOffset = i * layer.TokenStrideBytes + h * layer.HeadStrideBytes;
-                            BulkCopy.CopySmall(paged + h * layer.HeadStrideBytes, row + h * _headBytes, _headBytes, streaming,
-                                nextRun == null ? null : nextRun + sourceOffset);
-                        }
-                        else
-                        {
-                            long sourceOffset = i * _rowBytes + h * _headBytes;
-                            BulkCopy.CopySmall(row + h * _headBytes, paged + h * layer.HeadStrideBytes, _headBytes, streaming,
-                                nextRun == null ? null : nextRun + sourceOffset);
+                            long pagedOffset = i * layer.TokenStrideBytes + h * layer.HeadStrideBytes + k * layer.KvStrideBytes;
+                            long rowOffset = k * chunkKvStride + i * _rowBytes + h * _headBytes;
+                            if (gather)
+                                BulkCopy.CopySmall(pagedRun + pagedOffset, rowRun + rowOffset, _headBytes, streaming,
+                                    nextRun == null ? null : nextRun + pagedOffset);
+                            else
+                                BulkCopy.CopySmall(rowRun + rowOffset, pagedRun + pagedOffset, _headBytes, streaming,
+                                    nextRun == null ? null : nextRun + rowOffset);
                         }
                     }
                 }
             }
-            copied += (long)run * _numHeads * _headBytes;
+            copied += (long)run * _numHeads * _headBytes * kvInItem;
             t0 = t1;
         }
         return copied;
