@@ -33,7 +33,7 @@ for another file), one flat object per kind of number, names stable between runs
     {"schema": 1, "mode": "full" | "quick",
      "machine": {"cpus": 2, "cpu_model": ..., "kernel": ..., "python": ..., "torch": ..., "git_commit": ...,
                  "git_dirty": true | false},
-     "run": {"date_utc": ..., "tokens": 8192, "copy_repetitions": 5, "total_seconds": ..., ...},
+     "run": {"date_utc": ..., "tokens": 8192, "copy_repetitions": 9, "total_seconds": ..., ...},
      "ratios": {"store_nhd_vs_memcpy_median": 0.92, "retrieve_hnd_vs_parallel_memcpy_best": 0.50,
                 "disk_retrieve_cold_vs_read_cold_median": 1.24, "redis_retrieve_vs_get_loop_median": 1.05, ...},
      "throughput_gbps": {"memcpy_nhd_median": ..., "store_nhd_median": 15.9, "disk_read_cold_median": ...},
@@ -91,7 +91,7 @@ NUM_LAYERS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 32, 8, 128, 16
 NUM_TOKENS = 8192
 NUM_BLOCKS = NUM_TOKENS // BLOCK_SIZE + 64  # a few spare blocks so the request's blocks are scattered
 DTYPE = torch.bfloat16
-COPY_REPETITIONS = 5
+COPY_REPETITIONS = 9
 LOOKUP_CALLS = 2000
 QUICK_TOKENS, QUICK_REPETITIONS, QUICK_LOOKUP_CALLS = 1024, 5, 1000  # --quick (its lookup: NUM_TOKENS)
 CONVERSION_CALLS = 200

@@ -1,16 +1,18 @@
 /* scripts/copy_reference.c — what the hardware allows for the engine's host copies (not a test).
  *
- *   gcc -O2 -mavx512f -pthread scripts/copy_reference.c -o /tmp/copy_reference && /tmp/copy_reference [threads]
+ *   gcc -O2 -mavx512f -pthread scripts/copy_reference.c -o /tmp/copy_reference
+ *   /tmp/copy_reference [threads] [head bytes] [tokens]      (defaults: 2, 256, 8192)
  *
  * Models the benchmark's 8192-token Llama-3-8B request (32 layers, K and V, 8 heads x 256 bytes,
- * 16-token blocks in random order, 256-token chunks; 1 GiB) in plain C and times, in turn within each
- * of 9 rounds (so load and clock drift hit every variant alike):
+ * 16-token blocks in random order, 256-token chunks; 1 GiB; head bytes 128 models fp8) in plain C
+ * and times, in turn within each of 9 rounds (so load and clock drift hit every variant alike):
  *   memcpy    glibc memcpy of the same bytes, split over the threads (the benchmark's baseline);
  *   gather / scatter NHD  one 32 KiB block per copy (what the engine's store / retrieve do);
  *   gather / scatter HND  one 256-byte head vector per copy, walked head by head ("h-outer": the
  *             paged side in order) or token by token ("t-outer": the chunk side in order);
- * each with ordinary stores (memcpy), 16-byte streaming stores (SSE2, what the shipped library
- * uses) and 64-byte streaming stores (AVX-512). Items (chunk, layer, K/V) are dealt round-robin to
+ * each with ordinary stores (memcpy), 16-byte streaming stores (SSE2), 64-byte streaming stores
+ * (AVX-512), and 16-byte streaming stores that prefetch, one line per line copied, the same offset
+ * in the block copied next ("sse2 + next", what the shipped library does). Items (chunk, layer, K/V) are dealt round-robin to
  * the threads, as the engine's Parallel.For deals them. Prints GB/s (10^9 B/s), best and median,
  * and the median ratio to the parallel memcpy.
  */
@@ -24,15 +26,16 @@
 #include <sys/mman.h>
 #include <time.h>
 
-enum { LAYERS = 32, HEADS = 8, HEAD_BYTES = 256, BLOCK = 16, TOKENS = 8192, CHUNK = 256, ROUNDS = 9 };
+enum { LAYERS = 32, HEADS = 8, BLOCK = 16, CHUNK = 256, ROUNDS = 9 };
+static size_t HEAD_BYTES = 256, TOKENS = 8192;
 enum Kind { MEMCPY, GATHER_NHD, SCATTER_NHD, GATHER_HND_H, GATHER_HND_T, SCATTER_HND_H, SCATTER_HND_T };
-enum Store { PLAIN, SSE2_NT, AVX512_NT };
+enum Store { PLAIN, SSE2_NT, AVX512_NT, SSE2_NT_NEXT };
 
 static const char *kind_names[] = {"memcpy", "gather NHD", "scatter NHD", "gather HND h-outer",
                                    "gather HND t-outer", "scatter HND h-outer", "scatter HND t-outer"};
-static const char *store_names[] = {"ordinary", "sse2 stream", "avx512 stream"};
+static const char *store_names[] = {"ordinary", "sse2 stream", "avx512 stream", "sse2 + next"};
 
-static size_t total_bytes, block_bytes = (size_t)BLOCK * HEADS * HEAD_BYTES, num_blocks;
+static size_t total_bytes, block_bytes, num_blocks;
 static uint8_t *paged[LAYERS], *chunks, *memcpy_source;
 static int *block_order, thread_count = 2;
 static enum Kind kind;
@@ -45,9 +48,19 @@ static double now(void)
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-static void copy(uint8_t *d, const uint8_t *s, size_t n) /* n: a multiple of 256 */
+/* Where this thread's next block starts, and the offset of the current copy in its block (prefetch). */
+static __thread const uint8_t *next_block;
+static __thread size_t offset_in_block;
+
+static void copy(uint8_t *d, const uint8_t *s, size_t n) /* n: a multiple of 64 */
 {
-    if (store == PLAIN) {
+    if (store == SSE2_NT_NEXT) {
+        const uint8_t *ahead = next_block ? next_block + offset_in_block : s;
+        for (size_t i = 0; i < n; i += 64) {
+            _mm_prefetch((const char *)(ahead + i), _MM_HINT_T0);
+            for (size_t j = i; j < i + 64; j += 16) _mm_stream_si128((__m128i *)(d + j), _mm_loadu_si128((const __m128i *)(s + j)));
+        }
+    } else if (store == PLAIN) {
         memcpy(d, s, n);
     } else if (store == SSE2_NT) {
         for (size_t i = 0; i < n; i += 16) _mm_stream_si128((__m128i *)(d + i), _mm_loadu_si128((const __m128i *)(s + i)));
@@ -64,13 +77,21 @@ static void *work(void *arg)
         memcpy(chunks + id * share, memcpy_source + id * share, share);
         return NULL;
     }
-    int items = TOKENS / CHUNK * LAYERS * 2;
+    int items = (int)(TOKENS / CHUNK * LAYERS * 2);
     for (int item = id; item < items; item += thread_count) {
         int chunk = item / (LAYERS * 2), layer = item / 2 % LAYERS, kv = item % 2;
         uint8_t *rows = chunks + ((size_t)chunk * LAYERS * 2 + layer * 2 + kv) * CHUNK * HEADS * HEAD_BYTES;
         for (int j = 0; j < CHUNK / BLOCK; j++) {
             uint8_t *block = paged[layer] + ((size_t)kv * num_blocks + block_order[chunk * (CHUNK / BLOCK) + j]) * block_bytes;
             uint8_t *row = rows + (size_t)j * block_bytes;
+            /* The block this thread copies next: the item's next one, or the first of its next item. */
+            int next_item = j + 1 < CHUNK / BLOCK ? item : item + thread_count, next_j = j + 1 < CHUNK / BLOCK ? j + 1 : 0;
+            int next_chunk = next_item / (LAYERS * 2), next_layer = next_item / 2 % LAYERS, next_kv = next_item % 2;
+            const uint8_t *next_paged = next_item < items ? paged[next_layer] + ((size_t)next_kv * num_blocks + block_order[next_chunk * (CHUNK / BLOCK) + next_j]) * block_bytes : NULL;
+            const uint8_t *next_rows = next_item < items ? chunks + ((size_t)next_chunk * LAYERS * 2 + next_layer * 2 + next_kv) * CHUNK * HEADS * HEAD_BYTES + (size_t)next_j * block_bytes : NULL;
+            int gathering = kind == GATHER_NHD || kind == GATHER_HND_H || kind == GATHER_HND_T;
+            next_block = gathering ? next_paged : next_rows;
+            offset_in_block = 0;
             if (kind == GATHER_NHD) copy(row, block, block_bytes);
             else if (kind == SCATTER_NHD) copy(block, row, block_bytes);
             else
@@ -79,7 +100,8 @@ static void *work(void *arg)
                         int h = kind == GATHER_HND_H || kind == SCATTER_HND_H ? a : b;
                         int t = kind == GATHER_HND_H || kind == SCATTER_HND_H ? b : a;
                         uint8_t *p = block + ((size_t)h * BLOCK + t) * HEAD_BYTES, *c = row + ((size_t)t * HEADS + h) * HEAD_BYTES;
-                        if (kind == GATHER_HND_H || kind == GATHER_HND_T) copy(c, p, HEAD_BYTES);
+                        offset_in_block = gathering ? (size_t)(p - block) : (size_t)(c - row);
+                        if (gathering) copy(c, p, HEAD_BYTES);
                         else copy(p, c, HEAD_BYTES);
                     }
         }
@@ -97,7 +119,10 @@ static int by_value(const void *a, const void *b)
 int main(int argc, char **argv)
 {
     if (argc > 1) thread_count = atoi(argv[1]);
-    if (thread_count < 1 || thread_count > 64) return 2;
+    if (argc > 2) HEAD_BYTES = (size_t)atoi(argv[2]);
+    if (argc > 3) TOKENS = (size_t)atoi(argv[3]);
+    if (thread_count < 1 || thread_count > 64 || HEAD_BYTES < 64 || HEAD_BYTES % 64 || TOKENS < CHUNK || TOKENS % CHUNK) return 2;
+    block_bytes = (size_t)BLOCK * HEADS * HEAD_BYTES;
     total_bytes = (size_t)TOKENS * LAYERS * 2 * HEADS * HEAD_BYTES;
     num_blocks = TOKENS / BLOCK * 9 / 8;
     for (int l = 0; l < LAYERS; l++) {
@@ -119,12 +144,12 @@ int main(int argc, char **argv)
         block_order[j] = swap;
     }
 
-    struct { enum Kind kind; enum Store store; } variants[32];
+    struct { enum Kind kind; enum Store store; } variants[64];
     int count = 0;
     variants[count].kind = MEMCPY, variants[count++].store = PLAIN;
     for (int k = GATHER_NHD; k <= SCATTER_HND_T; k++)
-        for (int s = PLAIN; s <= AVX512_NT; s++) variants[count].kind = k, variants[count++].store = s;
-    double seconds[32][ROUNDS];
+        for (int s = PLAIN; s <= SSE2_NT_NEXT; s++) variants[count].kind = k, variants[count++].store = s;
+    double seconds[64][ROUNDS];
     for (int round = 0; round < ROUNDS; round++)
         for (int v = 0; v < count; v++) {
             kind = variants[v].kind, store = variants[v].store;
@@ -135,7 +160,7 @@ int main(int argc, char **argv)
             seconds[v][round] = now() - started;
         }
     for (int v = 0; v < count; v++) qsort(seconds[v], ROUNDS, sizeof(double), by_value);
-    printf("%d threads, %.2f GiB per copy, %d rounds\n", thread_count, total_bytes / 1073741824.0, ROUNDS);
+    printf("%d threads, %zu-byte heads, %zu tokens, %.2f GiB per copy, %d rounds\n", thread_count, HEAD_BYTES, TOKENS, total_bytes / 1073741824.0, ROUNDS);
     for (int v = 0; v < count; v++)
         printf("%-22s %-14s best %5.1f  median %5.1f GB/s  median / memcpy %.2f\n", kind_names[variants[v].kind],
                store_names[variants[v].store], total_bytes / seconds[v][0] / 1e9, total_bytes / seconds[v][ROUNDS / 2] / 1e9,

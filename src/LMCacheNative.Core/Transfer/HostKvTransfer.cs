@@ -56,12 +56,16 @@ public interface IKvTransfer : IDisposable
 /// Copies go in the largest runs the strides allow: a whole token row when the heads of a token are
 /// adjacent (NHD, MLA), merged across consecutive tokens whose slots are adjacent in the same block;
 /// one head (head_size elements) at a time otherwise (HND, packed). Work is split over
-/// (chunk, layer, kv) items and spread over cores when the request is large enough to pay for it.
+/// (chunk, layer, kv) items ((chunk, layer) when K and V interleave, as in packed) and spread over
+/// cores when the request is large enough to pay for it.
 /// </summary>
 public sealed unsafe class HostKvTransfer : IKvTransfer
 {
     /// <summary>Below this many bytes a transfer runs on the calling thread: waking workers costs more than it saves.</summary>
     public const long ParallelThresholdBytes = 4L << 20;
+
+    // Host transfers copying right now, in every engine of the process (see Copy).
+    private static int s_transfersInFlight;
 
     private readonly LayerPlan[] _layers;
     private readonly int _kvCount;
@@ -70,6 +74,12 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
     private readonly int _numHeads;
     private readonly int _blockSize;
     private readonly bool _headsContiguous;
+    // K and V in one item (one pass over the block) instead of one item each: true when a head's K
+    // and V vectors sit side by side (the packed layout), so that a K-only pass would read every
+    // other head vector and leave the rest of each line pair to another pass.
+    private readonly bool _kvTogether;
+    // Items per (chunk, layer): kv count, or 1 when K and V go together.
+    private readonly int _itemsPerLayer;
 
     private readonly struct LayerPlan(byte* baseAddress, long kvStrideBytes, long blockStrideBytes, long tokenStrideBytes, long headStrideBytes)
     {
@@ -92,6 +102,8 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
         _numHeads = first.NumKvHeads;
         _blockSize = first.BlockSize;
         _headsContiguous = layers.All(l => l.HeadsContiguous);
+        _kvTogether = !_headsContiguous && _kvCount == 2 && layers.All(l => l.KvStride * l.ElemSize == _headBytes);
+        _itemsPerLayer = _kvTogether ? 1 : _kvCount;
         _layers = layers.Select(l => new LayerPlan(
             (byte*)l.BaseAddress,
             l.KvStride * l.ElemSize,
@@ -113,7 +125,7 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
     public long Copy(TransferDirection direction, ReadOnlySpan<ChunkTransfer> chunks, ReadOnlySpan<long> slotMapping)
     {
         if (chunks.Length == 0) return 0;
-        int itemsPerChunk = _layers.Length * _kvCount;
+        int itemsPerChunk = _layers.Length * _itemsPerLayer;
         int items = chunks.Length * itemsPerChunk;
 
         long tokensToCopy = 0;
@@ -123,55 +135,105 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
         long transferBytes = tokensToCopy * BytesPerToken;
         bool streaming = transferBytes >= BulkCopy.StreamingThresholdBytes && BulkCopy.StreamingSupported;
 
-        fixed (long* slots = slotMapping)
-        fixed (ChunkTransfer* chunkArray = chunks)
+        // Cores are shared by every transfer in flight in the process: with N at once each takes
+        // ProcessorCount / N workers (its own thread included), so that concurrent callers do not
+        // oversubscribe the cores with N full-width Parallel.For loops that evict each other's
+        // streams and wait on each other's workers.
+        int inFlight = Interlocked.Increment(ref s_transfersInFlight);
+        try
         {
-            if (transferBytes < ParallelThresholdBytes || Environment.ProcessorCount == 1)
+            int workers = Math.Max(1, Environment.ProcessorCount / inFlight);
+            fixed (long* slots = slotMapping)
+            fixed (ChunkTransfer* chunkArray = chunks)
             {
-                long copied = 0;
-                for (int item = 0; item < items; item++)
-                    copied += CopyItem(direction, chunkArray, slots, item, itemsPerChunk, streaming);
-                if (streaming) BulkCopy.Fence();
-                return copied;
-            }
-
-            // The pointers stay valid: the fixed scope outlives Parallel.For, which returns only when
-            // every item is done. Each worker fences its own streaming stores before it reports.
-            nint chunkPtr = (nint)chunkArray, slotPtr = (nint)slots;
-            long total = 0;
-            Parallel.For(0, items,
-                () => 0L,
-                (item, _, local) => local + CopyItem(direction, (ChunkTransfer*)chunkPtr, (long*)slotPtr, item, itemsPerChunk, streaming),
-                local =>
+                if (transferBytes < ParallelThresholdBytes || workers == 1)
                 {
+                    long copied = 0;
+                    for (int item = 0; item < items; item++)
+                        copied += CopyItem(direction, chunkArray, chunks.Length, slots, item, itemsPerChunk, streaming);
                     if (streaming) BulkCopy.Fence();
-                    Interlocked.Add(ref total, local);
-                });
-            return total;
+                    return copied;
+                }
+
+                // The pointers stay valid: the fixed scope outlives Parallel.For, which returns only when
+                // every item is done. Each worker fences its own streaming stores before it reports.
+                nint chunkPtr = (nint)chunkArray, slotPtr = (nint)slots;
+                int chunkCount = chunks.Length;
+                long total = 0;
+                Parallel.For(0, items, new ParallelOptions { MaxDegreeOfParallelism = workers },
+                    () => 0L,
+                    (item, _, local) => local + CopyItem(direction, (ChunkTransfer*)chunkPtr, chunkCount, (long*)slotPtr, item, itemsPerChunk, streaming),
+                    local =>
+                    {
+                        if (streaming) BulkCopy.Fence();
+                        Interlocked.Add(ref total, local);
+                    });
+                return total;
+            }
+        }
+        finally
+        {
+            Interlocked.Decrement(ref s_transfersInFlight);
         }
     }
 
-    /// <summary>Copies one (chunk, layer, kv) item; returns the bytes moved.</summary>
-    private long CopyItem(TransferDirection direction, ChunkTransfer* chunks, long* slots, int item, int itemsPerChunk, bool streaming)
+    /// <summary>
+    /// Where item <paramref name="item"/>'s first copied token lives on the side a copy reads
+    /// (the paged layer for a gather, the chunk object for a scatter); null when there is no such
+    /// item or it copies nothing. The previous item prefetches from here while it finishes, because
+    /// Parallel.For hands each worker consecutive items.
+    /// </summary>
+    private byte* FirstSourceAddress(TransferDirection direction, ChunkTransfer* chunks, int chunkCount, long* slots, int item, int itemsPerChunk)
+    {
+        int chunkIndex = item / itemsPerChunk;
+        if (chunkIndex >= chunkCount) return null;
+        int rest = item - chunkIndex * itemsPerChunk;
+        int layerIndex = rest / _itemsPerLayer;
+        int kv = rest - layerIndex * _itemsPerLayer;
+        ChunkTransfer chunk = chunks[chunkIndex];
+        for (int t = Math.Max(0, chunk.FirstTokenToCopy - chunk.FirstToken); t < chunk.TokenCount; t++)
+        {
+            long slot = slots[chunk.FirstToken + t];
+            if (slot < 0) continue;
+            if (direction == TransferDirection.Scatter)
+                return (byte*)chunk.ChunkData + ((long)(kv * _layers.Length + layerIndex) * chunk.TokenCount + t) * _rowBytes;
+            ref readonly LayerPlan layer = ref _layers[layerIndex];
+            long block = slot / _blockSize;
+            return layer.Base + kv * layer.KvStrideBytes + block * layer.BlockStrideBytes + (slot - block * _blockSize) * layer.TokenStrideBytes;
+        }
+        return null;
+    }
+
+    /// <summary>
+    /// Copies one (chunk, layer, kv) item (both kv when K and V go together); returns the bytes moved. Streaming copies prefetch the
+    /// next run's source (see <see cref="BulkCopy"/>): the next run of this item, or the first run of
+    /// item + 1.
+    /// </summary>
+    private long CopyItem(TransferDirection direction, ChunkTransfer* chunks, int chunkCount, long* slots, int item, int itemsPerChunk, bool streaming)
     {
         int chunkIndex = item / itemsPerChunk;
         int rest = item - chunkIndex * itemsPerChunk;
-        int layerIndex = rest / _kvCount;
-        int kv = rest - layerIndex * _kvCount;
+        int layerIndex = rest / _itemsPerLayer;
+        int kv = rest - layerIndex * _itemsPerLayer; // the first of the item's kv (0 when K and V go together)
+        int kvInItem = _kvTogether ? _kvCount : 1;
         ChunkTransfer chunk = chunks[chunkIndex];
         ref readonly LayerPlan layer = ref _layers[layerIndex];
+        // From K's rows to V's rows in the chunk object ([kv][layer][T][row]).
+        long chunkKvStride = (long)_layers.Length * chunk.TokenCount * _rowBytes;
 
         byte* pagedKvBase = layer.Base + kv * layer.KvStrideBytes;
         // [kv][layer][T][row]: this item's rows start here.
         byte* chunkRows = (byte*)chunk.ChunkData + ((long)(kv * _layers.Length + layerIndex) * chunk.TokenCount) * _rowBytes;
         int firstLocal = Math.Max(0, chunk.FirstTokenToCopy - chunk.FirstToken);
         bool gather = direction == TransferDirection.Gather;
+        byte* nextItemSource = streaming ? FirstSourceAddress(direction, chunks, chunkCount, slots, item + 1, itemsPerChunk) : null;
         long copied = 0;
 
         if (_headsContiguous)
         {
             // A token's row is contiguous on both sides; consecutive tokens in consecutive slots of a
-            // block are contiguous too, so they are merged into one run.
+            // block are contiguous too, so they are merged into one run. A run is copied when the
+            // token that ends it is seen, so the next run's start is known and prefetched.
             byte* runPaged = null, runChunk = null;
             long runBytes = 0;
             for (int t = firstLocal; t < chunk.TokenCount; t++)
@@ -186,12 +248,12 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
                     runBytes += _rowBytes;
                     continue;
                 }
-                if (runBytes > 0) copied += Copy(gather, runPaged, runChunk, runBytes, streaming);
+                if (runBytes > 0) copied += Copy(gather, runPaged, runChunk, runBytes, streaming, gather ? paged : row);
                 runPaged = paged;
                 runChunk = row;
                 runBytes = _rowBytes;
             }
-            if (runBytes > 0) copied += Copy(gather, runPaged, runChunk, runBytes, streaming);
+            if (runBytes > 0) copied += Copy(gather, runPaged, runChunk, runBytes, streaming, nextItemSource);
             return copied;
         }
 
@@ -200,57 +262,85 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
         // out, so reads stream front to back and only the (streaming) stores jump: head by head for a
         // gather from HND (the paged side keeps a head's tokens together), token by token for a
         // scatter (the chunk side keeps a token's heads together) and for layouts whose heads sit
-        // closer than their tokens.
+        // closer than their tokens. Each head copy prefetches the same place in the next run. When K
+        // and V go together (packed), each head vector's K and V are copied one after the other.
         bool headMajor = gather && layer.HeadStrideBytes > layer.TokenStrideBytes;
-        int t0 = firstLocal;
+        int t0 = NextCopiedToken(chunk, slots, firstLocal);
         while (t0 < chunk.TokenCount)
         {
             long slot = slots[chunk.FirstToken + t0];
-            if (slot < 0)
-            {
-                t0++;
-                continue;
-            }
             long block = slot / _blockSize;
             long offset = slot - block * _blockSize;
             int run = 1;
             while (t0 + run < chunk.TokenCount && offset + run < _blockSize && slots[chunk.FirstToken + t0 + run] == slot + run) run++;
+            int t1 = NextCopiedToken(chunk, slots, t0 + run);
 
             byte* pagedRun = pagedKvBase + block * layer.BlockStrideBytes + offset * layer.TokenStrideBytes;
             byte* rowRun = chunkRows + t0 * _rowBytes;
+            // The next run's source start, for the prefetches (null: none).
+            byte* nextRun = nextItemSource;
+            if (t1 < chunk.TokenCount)
+            {
+                long nextSlot = slots[chunk.FirstToken + t1];
+                long nextBlock = nextSlot / _blockSize;
+                nextRun = gather
+                    ? pagedKvBase + nextBlock * layer.BlockStrideBytes + (nextSlot - nextBlock * _blockSize) * layer.TokenStrideBytes
+                    : chunkRows + t1 * _rowBytes;
+            }
+            if (!streaming) nextRun = null;
+
             if (headMajor)
             {
                 for (int h = 0; h < _numHeads; h++)
                 {
-                    byte* paged = pagedRun + h * layer.HeadStrideBytes;
-                    byte* row = rowRun + h * _headBytes;
                     for (int i = 0; i < run; i++)
-                        BulkCopy.CopySmall(paged + i * layer.TokenStrideBytes, row + i * _rowBytes, _headBytes, streaming);
+                    {
+                        for (int k = 0; k < kvInItem; k++)
+                        {
+                            long sourceOffset = h * layer.HeadStrideBytes + i * layer.TokenStrideBytes + k * layer.KvStrideBytes;
+                            BulkCopy.CopySmall(pagedRun + sourceOffset, rowRun + k * chunkKvStride + i * _rowBytes + h * _headBytes, _headBytes,
+                                streaming, nextRun == null ? null : nextRun + sourceOffset);
+                        }
+                    }
                 }
             }
             else
             {
                 for (int i = 0; i < run; i++)
                 {
-                    byte* paged = pagedRun + i * layer.TokenStrideBytes;
-                    byte* row = rowRun + i * _rowBytes;
                     for (int h = 0; h < _numHeads; h++)
                     {
-                        if (gather) BulkCopy.CopySmall(paged + h * layer.HeadStrideBytes, row + h * _headBytes, _headBytes, streaming);
-                        else BulkCopy.CopySmall(row + h * _headBytes, paged + h * layer.HeadStrideBytes, _headBytes, streaming);
+                        for (int k = 0; k < kvInItem; k++)
+                        {
+                            long pagedOffset = i * layer.TokenStrideBytes + h * layer.HeadStrideBytes + k * layer.KvStrideBytes;
+                            long rowOffset = k * chunkKvStride + i * _rowBytes + h * _headBytes;
+                            if (gather)
+                                BulkCopy.CopySmall(pagedRun + pagedOffset, rowRun + rowOffset, _headBytes, streaming,
+                                    nextRun == null ? null : nextRun + pagedOffset);
+                            else
+                                BulkCopy.CopySmall(rowRun + rowOffset, pagedRun + pagedOffset, _headBytes, streaming,
+                                    nextRun == null ? null : nextRun + rowOffset);
+                        }
                     }
                 }
             }
-            copied += (long)run * _numHeads * _headBytes;
-            t0 += run;
+            copied += (long)run * _numHeads * _headBytes * kvInItem;
+            t0 = t1;
         }
         return copied;
     }
 
-    private static long Copy(bool gather, byte* paged, byte* chunk, long bytes, bool streaming)
+    /// <summary>The first local token at or after <paramref name="t"/> that has a slot (not -1); the chunk's token count when none.</summary>
+    private static int NextCopiedToken(in ChunkTransfer chunk, long* slots, int t)
     {
-        if (gather) BulkCopy.Copy(paged, chunk, bytes, streaming);
-        else BulkCopy.Copy(chunk, paged, bytes, streaming);
+        while (t < chunk.TokenCount && slots[chunk.FirstToken + t] < 0) t++;
+        return t;
+    }
+
+    private static long Copy(bool gather, byte* paged, byte* chunk, long bytes, bool streaming, byte* prefetch)
+    {
+        if (gather) BulkCopy.Copy(paged, chunk, bytes, streaming, prefetch);
+        else BulkCopy.Copy(chunk, paged, bytes, streaming, prefetch);
         return bytes;
     }
 
