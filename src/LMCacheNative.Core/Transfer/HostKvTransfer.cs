@@ -177,6 +177,22 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
         }
     }
 
+    /// <summary>Item number → (chunk, layer, first kv) it copies; items run chunk-major, then layer, then kv.</summary>
+    private (int Chunk, int Layer, int Kv) ItemCoordinates(int item, int itemsPerChunk)
+    {
+        int chunkIndex = item / itemsPerChunk;
+        int rest = item - chunkIndex * itemsPerChunk;
+        int layerIndex = rest / _itemsPerLayer;
+        return (chunkIndex, layerIndex, rest - layerIndex * _itemsPerLayer);
+    }
+
+    /// <summary>Where <paramref name="slot"/>'s token row starts in a paged layer whose K (or V) part starts at <paramref name="pagedKvBase"/>.</summary>
+    private byte* SlotAddress(byte* pagedKvBase, in LayerPlan layer, long slot)
+    {
+        long block = slot / _blockSize;
+        return pagedKvBase + block * layer.BlockStrideBytes + (slot - block * _blockSize) * layer.TokenStrideBytes;
+    }
+
     /// <summary>
     /// Where item <paramref name="item"/>'s first copied token lives on the side a copy reads
     /// (the paged layer for a gather, the chunk object for a scatter); null when there is no such
@@ -185,11 +201,8 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
     /// </summary>
     private byte* FirstSourceAddress(TransferDirection direction, ChunkTransfer* chunks, int chunkCount, long* slots, int item, int itemsPerChunk)
     {
-        int chunkIndex = item / itemsPerChunk;
+        var (chunkIndex, layerIndex, kv) = ItemCoordinates(item, itemsPerChunk);
         if (chunkIndex >= chunkCount) return null;
-        int rest = item - chunkIndex * itemsPerChunk;
-        int layerIndex = rest / _itemsPerLayer;
-        int kv = rest - layerIndex * _itemsPerLayer;
         ChunkTransfer chunk = chunks[chunkIndex];
         for (int t = Math.Max(0, chunk.FirstTokenToCopy - chunk.FirstToken); t < chunk.TokenCount; t++)
         {
@@ -198,8 +211,7 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
             if (direction == TransferDirection.Scatter)
                 return (byte*)chunk.ChunkData + ((long)(kv * _layers.Length + layerIndex) * chunk.TokenCount + t) * _rowBytes;
             ref readonly LayerPlan layer = ref _layers[layerIndex];
-            long block = slot / _blockSize;
-            return layer.Base + kv * layer.KvStrideBytes + block * layer.BlockStrideBytes + (slot - block * _blockSize) * layer.TokenStrideBytes;
+            return SlotAddress(layer.Base + kv * layer.KvStrideBytes, layer, slot);
         }
         return null;
     }
@@ -211,10 +223,7 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
     /// </summary>
     private long CopyItem(TransferDirection direction, ChunkTransfer* chunks, int chunkCount, long* slots, int item, int itemsPerChunk, bool streaming)
     {
-        int chunkIndex = item / itemsPerChunk;
-        int rest = item - chunkIndex * itemsPerChunk;
-        int layerIndex = rest / _itemsPerLayer;
-        int kv = rest - layerIndex * _itemsPerLayer; // the first of the item's kv (0 when K and V go together)
+        var (chunkIndex, layerIndex, kv) = ItemCoordinates(item, itemsPerChunk); // kv: the item's first (0 when K and V go together)
         int kvInItem = _kvTogether ? _kvCount : 1;
         ChunkTransfer chunk = chunks[chunkIndex];
         ref readonly LayerPlan layer = ref _layers[layerIndex];
@@ -240,8 +249,7 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
             {
                 long slot = slots[chunk.FirstToken + t];
                 if (slot < 0) continue;
-                long block = slot / _blockSize;
-                byte* paged = pagedKvBase + block * layer.BlockStrideBytes + (slot - block * _blockSize) * layer.TokenStrideBytes;
+                byte* paged = SlotAddress(pagedKvBase, layer, slot);
                 byte* row = chunkRows + t * _rowBytes;
                 if (runBytes > 0 && paged == runPaged + runBytes && row == runChunk + runBytes)
                 {
@@ -269,24 +277,17 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
         while (t0 < chunk.TokenCount)
         {
             long slot = slots[chunk.FirstToken + t0];
-            long block = slot / _blockSize;
-            long offset = slot - block * _blockSize;
+            long offset = slot % _blockSize;
             int run = 1;
             while (t0 + run < chunk.TokenCount && offset + run < _blockSize && slots[chunk.FirstToken + t0 + run] == slot + run) run++;
             int t1 = NextCopiedToken(chunk, slots, t0 + run);
 
-            byte* pagedRun = pagedKvBase + block * layer.BlockStrideBytes + offset * layer.TokenStrideBytes;
+            byte* pagedRun = SlotAddress(pagedKvBase, layer, slot);
             byte* rowRun = chunkRows + t0 * _rowBytes;
             // The next run's source start, for the prefetches (null: none).
             byte* nextRun = nextItemSource;
             if (t1 < chunk.TokenCount)
-            {
-                long nextSlot = slots[chunk.FirstToken + t1];
-                long nextBlock = nextSlot / _blockSize;
-                nextRun = gather
-                    ? pagedKvBase + nextBlock * layer.BlockStrideBytes + (nextSlot - nextBlock * _blockSize) * layer.TokenStrideBytes
-                    : chunkRows + t1 * _rowBytes;
-            }
+                nextRun = gather ? SlotAddress(pagedKvBase, layer, slots[chunk.FirstToken + t1]) : chunkRows + t1 * _rowBytes;
             if (!streaming) nextRun = null;
 
             if (headMajor)
