@@ -162,6 +162,44 @@ public class EngineTransferTests
         for (int l = 0; l < layers; l++) Assert.That(actual[l].AsSpan().SequenceEqual(expected[l]), Is.True, $"layer {l}");
     }
 
+    /// <summary>
+    /// Streaming-sized retrieve that starts writing mid-chunk (vLLM's own prefix covers the first
+    /// tokens), into the same and into a different layout: the slots before the first token to write
+    /// keep their guard bytes, every later one gets its token's KV (K and V of packed layers are copied
+    /// in one pass; every run prefetches the next, past item and chunk ends).
+    /// </summary>
+    [Test]
+    public void StreamingRetrieve_FromMidChunk_WritesOnlyFromThatToken(
+        [Values(TestLayout.FlashNhd, TestLayout.FlashHnd, TestLayout.Packed)] TestLayout layout, [Values(1, 2)] int elemSize, [Values] bool sameLayout)
+    {
+        var random = new Random(HashCode.Combine(layout, elemSize, sameLayout));
+        const int layers = 2, heads = 8, headSize = 128, blockSize = 16;
+        int bytesPerToken = layers * 2 * heads * headSize * elemSize;
+        int numTokens = (int)(Transfer.HostKvTransfer.ParallelThresholdBytes * 3 / bytesPerToken) / 256 * 256;
+        int blocks = numTokens / blockSize + 8;
+        using var source = new TestModelCache(layout, layers, blocks, blockSize, heads, headSize, elemSize);
+        using var destination = new TestModelCache(sameLayout ? layout : TestLayout.BlocksFirstHnd, layers, blocks, blockSize, heads, headSize, elemSize);
+        source.FillRandom(random.Next());
+        destination.Fill(Guard);
+        using var engine = NewEngine("{\"chunk_size\": 256, \"max_local_cpu_size\": 0.2}");
+        int[] tokens = Tokens(numTokens, 6);
+        long[] sourceSlots = BlockOrderSlots(random, blocks, blockSize, numTokens);
+        long[] destinationSlots = BlockOrderSlots(random, blocks, blockSize, numTokens);
+        engine.RegisterLayers(source.Describe());
+        Assert.That(engine.Store(tokens, sourceSlots, 0, default).TokensMatched, Is.EqualTo(numTokens));
+
+        const int firstToWrite = 256 + 100; // inside the second chunk, inside a block
+        engine.RegisterLayers(destination.Describe());
+        var expected = destination.Snapshot();
+        for (int t = firstToWrite; t < numTokens; t++) destination.ExpectCopied(expected, source, sourceSlots[t], destinationSlots[t]);
+
+        var retrieved = engine.Retrieve(tokens, destinationSlots, firstToWrite, default);
+        Assert.That(retrieved.TokensMatched, Is.EqualTo(numTokens));
+        Assert.That(retrieved.BytesCopied, Is.EqualTo((long)(numTokens - firstToWrite) * bytesPerToken));
+        var actual = destination.Snapshot();
+        for (int l = 0; l < layers; l++) Assert.That(actual[l].AsSpan().SequenceEqual(expected[l]), Is.True, $"layer {l}");
+    }
+
     [Test]
     public void Retrieve_OnlyWritesTheRetrievedPrefix_AndLeavesLaterSlotsUntouched()
     {
