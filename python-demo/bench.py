@@ -121,8 +121,15 @@ def request(generator: torch.Generator, num_tokens: int = NUM_TOKENS, num_blocks
     return as_int32_buffer(tokens), as_int64_buffer(slots)
 
 
-def summarize(seconds: list[float], num_bytes: int) -> dict:
-    return {"best": num_bytes / min(seconds) / GB, "median": num_bytes / statistics.median(seconds) / GB}
+def summarize(seconds: list[float], num_bytes: int, baselines: dict | None = None) -> dict:
+    """GB/s best and median; with baselines ({name: seconds of the same repetitions}), also
+    "paired_<name>": the median over repetitions of baseline time / this time. Each repetition times
+    the two in turn, so a load that comes and goes over seconds moves both and cancels in the pair,
+    where a ratio of the two medians can pair a quiet baseline with a loaded copy."""
+    summary = {"best": num_bytes / min(seconds) / GB, "median": num_bytes / statistics.median(seconds) / GB}
+    for name, baseline in (baselines or {}).items():
+        summary[f"paired_{name}"] = statistics.median(b / s for b, s in zip(baseline, seconds))
+    return summary
 
 
 def measure_copies(layout: str, num_tokens: int = NUM_TOKENS,
@@ -167,7 +174,8 @@ def measure_copies(layout: str, num_tokens: int = NUM_TOKENS,
     for index, original in reference.items():
         assert torch.equal(layers[index][:, blocks, offsets].view(torch.int16),
                            original[:, blocks, offsets].view(torch.int16)), f"layer {index} differs"
-    return (summarize(times["store"], num_bytes), summarize(times["retrieve"], num_bytes),
+    baselines = {"memcpy": times["memcpy"], "parallel_memcpy": times["parallel"]}
+    return (summarize(times["store"], num_bytes, baselines), summarize(times["retrieve"], num_bytes, baselines),
             summarize(times["memcpy"], num_bytes), summarize(times["parallel"], num_bytes), num_bytes)
 
 
@@ -511,11 +519,15 @@ def print_tiers(disk: dict, redis: dict | None, metrics: dict) -> None:
 
 def record_rates(metrics: dict, key: str, rates: dict, baseline_key: str | None = None,
                  baseline: dict | None = None) -> None:
-    """throughput_gbps[key_best/_median] and, with a baseline, ratios[key_vs_baseline_best/_median]."""
+    """throughput_gbps[key_best/_median] and, with a baseline, ratios[key_vs_baseline_best/_median]
+    (the median: the paired median of summarize() where the rates have one)."""
     for statistic in ("best", "median"):
         metrics["throughput_gbps"][f"{key}_{statistic}"] = rates[statistic]
         if baseline is not None:
-            metrics["ratios"][f"{key}_vs_{baseline_key}_{statistic}"] = rates[statistic] / baseline[statistic]
+            ratio = rates[statistic] / baseline[statistic]
+            if statistic == "median":
+                ratio = rates.get(f"paired_{baseline_key}", ratio)
+            metrics["ratios"][f"{key}_vs_{baseline_key}_{statistic}"] = ratio
 
 
 CONNECTOR_REQUESTS = 300
@@ -649,8 +661,8 @@ def measure_and_print_copies(num_tokens: int, repetitions: int, metrics: dict) -
         record_rates(metrics, f"memcpy_{suffix}", memcpy)
         record_rates(metrics, f"parallel_memcpy_{suffix}", parallel)
         for name, result in (("store", store), ("retrieve", retrieve)):
-            ratio = f"{result['best'] / memcpy['best']:.2f}, {result['median'] / memcpy['median']:.2f}"
-            parallel_ratio = f"{result['best'] / parallel['best']:.2f}, {result['median'] / parallel['median']:.2f}"
+            ratio = f"{result['best'] / memcpy['best']:.2f}, {result['paired_memcpy']:.2f}"
+            parallel_ratio = f"{result['best'] / parallel['best']:.2f}, {result['paired_parallel_memcpy']:.2f}"
             print(f"{name + ' ' + layout:<22}{result['best']:>9.2f}{result['median']:>9.2f}{ratio:>32}{parallel_ratio:>24}")
             record_rates(metrics, f"{name}_{suffix}", result, "memcpy", memcpy)
             record_rates(metrics, f"{name}_{suffix}", result, "parallel_memcpy", parallel)
