@@ -46,7 +46,9 @@ The copies in every layout and the scaling section come from bench_perf.py (see 
 ratios and latencies go to the same sections under "layout_..." and "scaling_..." names, other figures
 (slopes, bytes, seconds) to "scaling". The chart goes next to the JSON (build/bench/bench.png).
 
-Ratios are engine / baseline of the same run ("_best": best over best, "_median": median over median);
+Ratios are engine / baseline of the same run ("_best": best over best; "_median": for the copies, the
+median over repetitions of baseline time / engine time, the two timed in turn in each repetition, and
+otherwise median over median);
 GB are 10^9 bytes; latencies in microseconds; a number that could not be measured (no redis-server) is
 absent. ``--check`` then compares the file with python-demo/bench_thresholds.json (scripts/bench_check.py,
 one ok/FAIL line per metric; exit status 1 when one is missed; ``--thresholds PATH`` for another file).
