@@ -52,14 +52,15 @@ public readonly record struct CpuTierMetrics(int Chunks, long ActiveSlabs, long 
 
 /// <summary>
 /// The CPU tier: an index from chunk key to slab, bounded by a <see cref="SlabPool"/>, with O(1) LRU
-/// eviction. The index is a <see cref="ChunkIndex{TValue}"/> (open addressing, 16 bytes a slot), and
-/// the compound operations prefetch the slots of the keys a few places ahead of the one they probe,
-/// so that a store or lookup of 256 chunks against a million cached ones overlaps its cache misses
-/// instead of paying them one after the other. The index starts sized for the whole pool when that
-/// is at most <see cref="MaxPresizedChunks"/> chunks, else for that many, and doubles as it fills:
-/// a table sized for a million chunks up front (32 MiB) would spread a small cache's keys over
-/// memory that is not yet faulted in, and measured 20 % slower stores at 1K chunks. Only unpinned chunks sit in the LRU list, so the least recently used one can always be
-/// evicted without scanning past chunks being read. When nothing is evictable, <see cref="TryReserve"/>
+/// eviction. The index is a <see cref="ChunkIndex{TValue}"/> (open addressing, 16-byte slots of key
+/// word and chunk handle), and the compound operations prefetch the slots of the keys a few places
+/// ahead of the one they probe, so that a store or lookup of 256 chunks against a million cached
+/// ones overlaps its cache misses instead of paying them one after the other. The index starts
+/// sized for the whole pool when that is at most <see cref="MaxPresizedChunks"/> chunks, else for
+/// that many, and doubles as it fills: a table sized for a million chunks up front (32 MiB) would be
+/// memory taken before it is needed, and would spread a small cache's keys over far more cache lines
+/// than they fill. Only unpinned chunks sit in the LRU list, so the least recently used one can
+/// always be evicted without scanning past chunks being read. When nothing is evictable, <see cref="TryReserve"/>
 /// returns null at once: callers store fewer chunks instead of waiting (LMCache's 0.1 s busy loop,
 /// issue #2942).
 ///
