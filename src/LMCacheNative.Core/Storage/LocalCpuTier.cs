@@ -4,7 +4,7 @@ using LMCacheNative.Core.Memory;
 namespace LMCacheNative.Core.Storage;
 
 /// <summary>A cached chunk in the CPU tier: one slab holding <c>[kv][layer][token][head][d]</c> bytes.</summary>
-public sealed class CachedChunk
+public sealed class CachedChunk : IChunkKeyed
 {
     internal CachedChunk(LocalCpuTier owner, ChunkKey key, nint data, int tokenCount, long payloadBytes)
     {
@@ -52,8 +52,15 @@ public readonly record struct CpuTierMetrics(int Chunks, long ActiveSlabs, long 
 
 /// <summary>
 /// The CPU tier: an index from chunk key to slab, bounded by a <see cref="SlabPool"/>, with O(1) LRU
-/// eviction. Only unpinned chunks sit in the LRU list, so the least recently used one can always be
-/// evicted without scanning past chunks being read. When nothing is evictable, <see cref="TryReserve"/>
+/// eviction. The index is a <see cref="ChunkIndex{TValue}"/> (open addressing, 16-byte slots of key
+/// word and chunk handle), and the compound operations prefetch the slots of the keys a few places
+/// ahead of the one they probe, so that a store or lookup of 256 chunks against a million cached
+/// ones overlaps its cache misses instead of paying them one after the other. The index starts
+/// sized for the whole pool when that is at most <see cref="MaxPresizedChunks"/> chunks, else for
+/// that many, and doubles as it fills: a table sized for a million chunks up front (32 MiB) would be
+/// memory taken before it is needed, and would spread a small cache's keys over far more cache lines
+/// than they fill. Only unpinned chunks sit in the LRU list, so the least recently used one can
+/// always be evicted without scanning past chunks being read. When nothing is evictable, <see cref="TryReserve"/>
 /// returns null at once: callers store fewer chunks instead of waiting (LMCache's 0.1 s busy loop,
 /// issue #2942).
 ///
@@ -70,7 +77,7 @@ public sealed class LocalCpuTier : IDisposable
 {
     private readonly object _lock = new();
     private readonly bool _stagingOnly;
-    private readonly Dictionary<ChunkKey, CachedChunk> _index = new();
+    private readonly ChunkIndex<CachedChunk> _index;
     // Keys reserved by a store or promotion that has not published them yet, with their count.
     private readonly Dictionary<ChunkKey, int> _pending = new();
     private readonly SlabPool _pool;
@@ -94,8 +101,16 @@ public sealed class LocalCpuTier : IDisposable
     {
         _pool = pool;
         _stagingOnly = stagingOnly;
+        _index = new ChunkIndex<CachedChunk>((int)Math.Min(pool.CapacitySlabs, MaxPresizedChunks));
         _events = stagingOnly ? null : events;
     }
+
+    /// <summary>
+    /// Chunks the index is sized for up front at most: 2^16, a table of 2^17 16-byte slots (2 MiB).
+    /// A pool of more slabs grows the table as it fills (doubling; at a million chunks one store
+    /// pays for copying it, as it did for the Dictionary before).
+    /// </summary>
+    public const long MaxPresizedChunks = 1 << 16;
 
     public int Count
     {
@@ -118,7 +133,7 @@ public sealed class LocalCpuTier : IDisposable
 
     public CachedChunk? Find(in ChunkKey key)
     {
-        lock (_lock) return _index.GetValueOrDefault(key);
+        lock (_lock) return _index.Find(key);
     }
 
     public bool Contains(in ChunkKey key)
@@ -209,14 +224,14 @@ public sealed class LocalCpuTier : IDisposable
     private CachedChunk PublishPinnedLocked(CachedChunk chunk)
     {
         if (chunk.Published) throw new InvalidOperationException("chunk already published");
-        if (_index.TryGetValue(chunk.Key, out var existing))
+        if (_index.Find(chunk.Key) is { } existing)
         {
             AbandonLocked(chunk);
             PinLocked(existing);
             return existing;
         }
         EndPending(chunk.Key);
-        _index.Add(chunk.Key, chunk);
+        _index.TryAdd(chunk);
         chunk.Published = true;
         if (_events is not null && chunk.Lineage is { } lineage) _events.TryEnqueue(KvEvent.Stored(KvEventMedium.Cpu, lineage));
         return chunk;
@@ -242,7 +257,7 @@ public sealed class LocalCpuTier : IDisposable
     {
         lock (_lock)
         {
-            foreach (var chunk in _index.Values.ToArray()) Remove(chunk, announce: false);
+            foreach (var chunk in _index.ValuesToArray()) Remove(chunk, announce: false);
             _events?.TryEnqueue(KvEvent.AllCleared(KvEventMedium.Cpu));
         }
     }
@@ -258,9 +273,14 @@ public sealed class LocalCpuTier : IDisposable
     {
         lock (_lock)
         {
+            _index.PrefetchFirst(keys);
             int found = 0;
-            while (found < keys.Length && _index.ContainsKey(keys[found])) found++;
-            for (int i = found - 1; i >= 0; i--) TouchLocked(_index[keys[i]]);
+            for (; found < keys.Length; found++)
+            {
+                _index.PrefetchAhead(keys, found);
+                if (!_index.ContainsKey(keys[found])) break;
+            }
+            for (int i = found - 1; i >= 0; i--) TouchLocked(_index.Find(keys[i])!);
             return found;
         }
     }
@@ -271,8 +291,11 @@ public sealed class LocalCpuTier : IDisposable
         var held = new List<CachedChunk>(keys.Length);
         lock (_lock)
         {
-            while (held.Count < keys.Length && _index.GetValueOrDefault(keys[held.Count]) is { } chunk)
+            _index.PrefetchFirst(keys);
+            for (int i = 0; i < keys.Length; i++)
             {
+                _index.PrefetchAhead(keys, i);
+                if (_index.Find(keys[i]) is not { } chunk) break;
                 PinLocked(chunk);
                 held.Add(chunk);
             }
@@ -304,9 +327,11 @@ public sealed class LocalCpuTier : IDisposable
         var plan = new StorePlan { ReachedChunk = firstChunk };
         lock (_lock)
         {
+            _index.PrefetchFirst(keys[firstChunk..]);
             for (int c = firstChunk; c < keys.Length; c++)
             {
-                if (_index.GetValueOrDefault(keys[c]) is { } existing)
+                _index.PrefetchAhead(keys, c);
+                if (_index.Find(keys[c]) is { } existing)
                 {
                     PinLocked(existing);
                     plan.Held.Add((c, existing));
@@ -336,11 +361,16 @@ public sealed class LocalCpuTier : IDisposable
     /// </summary>
     public List<(CachedChunk Chunk, bool New)> PublishAll(IEnumerable<CachedChunk> filled)
     {
-        var published = new List<(CachedChunk, bool)>();
+        var chunks = filled as IReadOnlyList<CachedChunk> ?? filled.ToList();
+        var published = new List<(CachedChunk, bool)>(chunks.Count);
         lock (_lock)
         {
-            foreach (var chunk in filled)
+            const int distance = ChunkIndex<CachedChunk>.PrefetchDistance;
+            for (int i = 0; i < Math.Min(distance, chunks.Count); i++) _index.Prefetch(chunks[i].Key);
+            for (int i = 0; i < chunks.Count; i++)
             {
+                if (i + distance < chunks.Count) _index.Prefetch(chunks[i + distance].Key);
+                var chunk = chunks[i];
                 var winner = PublishPinnedLocked(chunk);
                 published.Add((winner, winner == chunk));
             }
