@@ -801,9 +801,12 @@ def readme_markdown(metrics: dict) -> str:
                           "| the same, stores that took no page fault, µs (share of stores) | " + " | ".join(
                               f"{latencies[f'scaling_store_warm_at_{c}_chunks_median']:.1f} ({values.get(f'store_warm_share_at_{c}_chunks', 0):.0%})"
                               if f"scaling_store_warm_at_{c}_chunks_median" in latencies else "n/a" for c in count_keys) + " |",
-                          "", f"Memory per cached chunk at {count_keys[-1]:,} chunks: {values.get('memory_per_cached_chunk_bytes', float('nan')):.0f} B, "
-                          f"of which {values.get('memory_per_cached_chunk_beyond_slab_bytes', float('nan')):.0f} B beyond its 256-byte slab "
-                          "(index entry, LRU node, chunk record, allocator overhead). A store allocates about 65 KB of "
+                          "", f"Memory per cached chunk at {count_keys[-1]:,} chunks: {values.get('memory_per_cached_chunk_bytes', float('nan')):.0f} B "
+                          + (f"of resident size, of which {beyond:.0f} B beyond its 256-byte slab (index entry, LRU node, chunk record, allocator overhead). "
+                             if (beyond := values.get('memory_per_cached_chunk_beyond_slab_bytes', float('nan'))) >= 0 else
+                             "of resident size, less than its 256-byte slab: memory the process held when the measure began (the GC's, "
+                             "torch's) was returned while it ran, so this is a lower bound. ")
+                          + "A store allocates about 65 KB of "
                           "managed objects; whether they land on memory the GC already touched or on fresh pages "
                           "(about 17 faults, +200 µs here) depends on the GC's history and lasts over many stores, so the "
                           "plain medians move by up to 2× at any cache size; the stores without faults show the index "
