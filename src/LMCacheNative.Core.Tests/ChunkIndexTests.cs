@@ -9,14 +9,18 @@ public class ChunkIndexTests
 {
     private sealed record Item(ChunkKey Key, int Id) : IChunkKeyed;
 
-    // Keys whose Word0 shares its low 16 bits: in any table of up to 65536 slots they all have the
-    // same home slot, so every insert, probe and removal walks one cluster.
+    // Tables whose home slot is Word0's low bits (production tables mix in a random seed), so that
+    // the tests below can put keys where they want them.
+    private static ChunkIndex<Item> Placed(int expectedCount = 0) => new(expectedCount, randomHomes: false);
+
+    // Keys whose Word0 shares its low 16 bits: in a Placed table of up to 65536 slots they all have
+    // the same home slot, so every insert, probe and removal walks one cluster.
     private static ChunkKey Colliding(int i) => new(((ulong)i << 16) | 0x1234, (ulong)i, 0, 0);
 
     [Test]
     public void InsertFindRemove_WithEveryKeyInOneCluster()
     {
-        var index = new ChunkIndex<Item>();
+        var index = Placed();
         var items = Enumerable.Range(0, 10).Select(i => new Item(Colliding(i), i)).ToArray();
         foreach (var item in items) Assert.That(index.TryAdd(item), Is.True);
         Assert.That(index.Count, Is.EqualTo(10));
@@ -34,7 +38,7 @@ public class ChunkIndexTests
     [Test]
     public void KeysEqualInWord0ButNotElsewhere_AreDistinct()
     {
-        var index = new ChunkIndex<Item>();
+        var index = Placed();
         var a = new Item(new ChunkKey(7, 1, 2, 3), 1);
         var b = new Item(new ChunkKey(7, 1, 2, 4), 2);
         Assert.That(index.TryAdd(a), Is.True);
@@ -48,7 +52,7 @@ public class ChunkIndexTests
     [Test]
     public void ClusterWrappingPastTheEndOfTheTable_SurvivesRemoval()
     {
-        var index = new ChunkIndex<Item>();
+        var index = Placed();
         int capacity = index.Capacity;
         ulong last = (ulong)capacity - 1;
         // Three keys homed in the last slot (two wrap to slots 0 and 1), then one homed in slot 0.
@@ -69,7 +73,7 @@ public class ChunkIndexTests
     [Test]
     public void EntryPastTheWrap_StaysWhenItsHomeIsBeforeTheEnd()
     {
-        var index = new ChunkIndex<Item>();
+        var index = Placed();
         ulong capacity = (ulong)index.Capacity;
         var a = new Item(new ChunkKey(capacity - 2, 1, 0, 0), 0); // slot capacity-2
         var b = new Item(new ChunkKey(capacity - 1, 2, 0, 0), 1); // slot capacity-1
@@ -84,7 +88,7 @@ public class ChunkIndexTests
     [Test]
     public void Grows_PastItsLoadLimit_AndKeepsEveryEntry()
     {
-        var index = new ChunkIndex<Item>(expectedCount: 12);
+        var index = Placed(expectedCount: 12);
         Assert.That(index.Capacity, Is.EqualTo(16));
         var random = new Random(3);
         var items = Enumerable.Range(0, 5000).Select(i => new Item(new ChunkKey((ulong)random.NextInt64(), (ulong)i, 0, 0), i)).ToList();
@@ -113,7 +117,7 @@ public class ChunkIndexTests
     [Test]
     public void Clear_EmptiesTheTable_AndKeepsItUsable()
     {
-        var index = new ChunkIndex<Item>();
+        var index = Placed();
         var items = Enumerable.Range(0, 100).Select(i => new Item(Colliding(i), i)).ToArray();
         foreach (var item in items) index.TryAdd(item);
         int capacity = index.Capacity;
@@ -129,7 +133,7 @@ public class ChunkIndexTests
     [Test]
     public void Prefetch_OfAnyKey_ChangesNothing()
     {
-        var index = new ChunkIndex<Item>();
+        var index = Placed();
         var item = new Item(Colliding(1), 1);
         index.TryAdd(item);
         ChunkKey[] keys = Enumerable.Range(0, 40).Select(i => new ChunkKey(ulong.MaxValue - (ulong)i, 0, 0, 0)).ToArray();
@@ -146,10 +150,10 @@ public class ChunkIndexTests
     /// slots: clusters are long and wrap around the end, which is where backward shift can go wrong.
     /// </summary>
     [Test]
-    public void RandomOperations_AgreeWithADictionary([Values(1, 2, 3)] int seed)
+    public void RandomOperations_AgreeWithADictionary([Values(1, 2, 3)] int seed, [Values] bool randomHomes)
     {
         var random = new Random(seed);
-        var index = new ChunkIndex<Item>();
+        var index = new ChunkIndex<Item>(0, randomHomes);
         var oracle = new Dictionary<ChunkKey, Item>();
         var universe = Enumerable.Range(0, 3000)
             .Select(i => new ChunkKey((ulong)(uint)(random.Next(-8, 8) & 0xFFFF) | ((ulong)(uint)random.Next() << 16), (ulong)i, 0, 0)).ToArray();
@@ -175,5 +179,23 @@ public class ChunkIndexTests
                 foreach (var (k, v) in oracle) Assert.That(index.Find(k), Is.SameAs(v));
         }
         Assert.That(index.ValuesToArray(), Is.EquivalentTo(oracle.Values));
+    }
+
+    /// <summary>
+    /// Keys chosen to share Word0's low 16 bits (what someone who wanted one long cluster would
+    /// search prompts for) spread over a production table's slots: its homes mix in a random seed.
+    /// </summary>
+    [Test]
+    public void KeysSharingTheirLowBits_SpreadInATableWithRandomHomes()
+    {
+        var index = new ChunkIndex<Item>(4000);
+        var keys = Enumerable.Range(0, 2000).Select(i => Colliding(i)).ToArray();
+        int distinctHomes = keys.Select(k => index.Home(k.Word0)).Distinct().Count();
+        // 2000 keys thrown at random into 8192 slots land in about 1780 distinct ones.
+        Assert.That(index.Capacity, Is.EqualTo(8192));
+        Assert.That(distinctHomes, Is.GreaterThan(1600));
+        Assert.That(Placed(4000).Home(keys[0].Word0), Is.EqualTo(Placed(4000).Home(keys[1].Word0)), "without the seed they would share one home");
+        foreach (var (key, i) in keys.Select((k, i) => (k, i))) Assert.That(index.TryAdd(new Item(key, i)), Is.True);
+        foreach (var key in keys) Assert.That(index.Find(key)?.Key, Is.EqualTo(key));
     }
 }

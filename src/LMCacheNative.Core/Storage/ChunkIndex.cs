@@ -29,7 +29,7 @@ public interface IChunkKeyed
 /// Why not a <see cref="Dictionary{TKey,TValue}"/>: its probe reads a bucket array and then an entry
 /// array (48 bytes an entry for a 32-byte key), two dependent cache misses per key once the table
 /// outgrows the caches, and it offers no way to ask for a slot ahead of time. Here a key's home slot
-/// is a function of the key alone (Word0's low bits: the words are uniform hash output already), so
+/// is a function of the key's Word0 and the table's random seed (<see cref="Home"/>), so
 /// callers that probe many keys in one go — a store plans 256 chunks at once — call
 /// <see cref="Prefetch"/> on keys a few places ahead (<see cref="PrefetchDistance"/>) and the misses
 /// overlap instead of adding up. A miss compares Word0 only and never touches the value; a Word0 match
@@ -61,6 +61,11 @@ public sealed class ChunkIndex<TValue> where TValue : class, IChunkKeyed
 
     private Slot[] _slots;
     private int _mask;
+    // Home slot = the top log2(capacity) bits of (Word0 ^ _homeSeed) * a 64-bit odd constant
+    // (Fibonacci hashing), _homeSeed random per table: see Home.
+    private int _homeShift;
+    private readonly ulong _homeSeed;
+    private readonly bool _randomHomes;
     private int _count;
     private int _growAt;
     // Values by handle; handles below _handlesUsed that are not in use are on _freeHandles. As long
@@ -72,11 +77,30 @@ public sealed class ChunkIndex<TValue> where TValue : class, IChunkKeyed
     private int _freeCount;
 
     /// <param name="expectedCount">entries the table should hold without growing (rounded up to a power-of-two capacity)</param>
-    public ChunkIndex(int expectedCount = 0)
+    public ChunkIndex(int expectedCount = 0) : this(expectedCount, randomHomes: true)
     {
+    }
+
+    /// <param name="randomHomes">false: a key's home slot is Word0's low bits, so that tests can place keys in chosen slots</param>
+    internal ChunkIndex(int expectedCount, bool randomHomes)
+    {
+        _randomHomes = randomHomes;
+        _homeSeed = randomHomes ? (ulong)Random.Shared.NextInt64() ^ ((ulong)Random.Shared.NextInt64() << 1) : 0;
         _slots = null!;
         Allocate(CapacityFor(expectedCount));
     }
+
+    /// <summary>
+    /// A key's home slot. Chunk keys are hashes, but of tokens that users choose, and a prompt can be
+    /// searched offline for chunk keys that share Word0's low bits (about 2^20 tries for 20 bits, with
+    /// any hash): with homes taken straight from those bits such keys would pile into one cluster and
+    /// make every probe of it linear (the Dictionary this replaced had the same weakness). A per-table
+    /// random seed mixed in by one multiplication puts the homes out of an outsider's reach, for one
+    /// multiply per probe.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal int Home(ulong word0) =>
+        _randomHomes ? (int)(((word0 ^ _homeSeed) * 0x9E3779B97F4A7C15UL) >> _homeShift) : (int)word0 & _mask;
 
     public int Count => _count;
 
@@ -102,7 +126,7 @@ public sealed class ChunkIndex<TValue> where TValue : class, IChunkKeyed
         {
             // The address is only a hint: should the GC move the array meanwhile, a prefetch of the
             // old address loads a useless line and never faults.
-            ref Slot home = ref _slots[(int)key.Word0 & _mask];
+            ref Slot home = ref _slots[Home(key.Word0)];
             Sse.Prefetch0(Unsafe.AsPointer(ref home));
         }
     }
@@ -128,7 +152,7 @@ public sealed class ChunkIndex<TValue> where TValue : class, IChunkKeyed
         var slots = _slots;
         int mask = _mask;
         ulong word0 = key.Word0;
-        for (int i = (int)word0 & mask; ; i = (i + 1) & mask)
+        for (int i = Home(word0); ; i = (i + 1) & mask)
         {
             ref Slot slot = ref slots[i];
             if (slot.Handle == 0) return null;
@@ -147,7 +171,7 @@ public sealed class ChunkIndex<TValue> where TValue : class, IChunkKeyed
         ulong word0 = key.Word0;
         var slots = _slots;
         int mask = _mask;
-        for (int i = (int)word0 & mask; ; i = (i + 1) & mask)
+        for (int i = Home(word0); ; i = (i + 1) & mask)
         {
             ref Slot slot = ref slots[i];
             if (slot.Handle == 0)
@@ -169,7 +193,7 @@ public sealed class ChunkIndex<TValue> where TValue : class, IChunkKeyed
         var slots = _slots;
         int mask = _mask;
         ulong word0 = key.Word0;
-        int hole = (int)word0 & mask;
+        int hole = Home(word0);
         for (; ; hole = (hole + 1) & mask)
         {
             ref Slot slot = ref slots[hole];
@@ -184,7 +208,7 @@ public sealed class ChunkIndex<TValue> where TValue : class, IChunkKeyed
         {
             ref Slot candidate = ref slots[next];
             if (candidate.Handle == 0) break;
-            int home = (int)candidate.Word0 & mask;
+            int home = Home(candidate.Word0);
             // candidate may stay where it is when its home lies in (hole, next], cyclically.
             bool stays = hole <= next ? hole < home && home <= next : hole < home || home <= next;
             if (stays) continue;
@@ -226,7 +250,7 @@ public sealed class ChunkIndex<TValue> where TValue : class, IChunkKeyed
         foreach (ref readonly Slot entry in old.AsSpan())
         {
             if (entry.Handle == 0) continue;
-            int i = (int)entry.Word0 & mask;
+            int i = Home(entry.Word0);
             while (slots[i].Handle != 0) i = (i + 1) & mask;
             slots[i] = entry;
         }
@@ -250,6 +274,7 @@ public sealed class ChunkIndex<TValue> where TValue : class, IChunkKeyed
     {
         _slots = new Slot[capacity];
         _mask = capacity - 1;
+        _homeShift = 64 - BitOperations.Log2((uint)capacity);
         _growAt = (int)((long)capacity * MaxLoadNumerator / MaxLoadDenominator);
         if (_values.Length < _growAt) Array.Resize(ref _values, _growAt);
     }
