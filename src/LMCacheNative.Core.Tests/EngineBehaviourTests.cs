@@ -165,6 +165,28 @@ public class EngineBehaviourTests
         Assert.That(stats.PoolUsedBytes, Is.EqualTo(3 * 1024));
     }
 
+    /// <summary>
+    /// A store that extends a cached prefix (two chunks held, two new) leaves its chunks least
+    /// recently used from the last to the first, held and new alike, so the next eviction takes the
+    /// new tail, not a chunk in the middle of the prompt.
+    /// </summary>
+    [Test]
+    public void StoreExtendingACachedPrefix_LeavesItsTailLeastRecentlyUsed()
+    {
+        const double fourChunksInGb = 4 * 1024.0 / (1 << 30); // slabs of 1 KiB (see above)
+        using var engine = Registered($"{{\"chunk_size\": 8, \"max_local_cpu_size\": {fourChunksInGb:R}}}");
+        int[] prompt = Tokens(32, 1);
+        Assert.That(engine.Store(prompt.AsSpan(0, 16).ToArray(), _slots.AsSpan(0, 16), 0, default).TokensMatched, Is.EqualTo(16));
+        var extended = engine.Store(prompt, _slots.AsSpan(0, 32), 0, default);
+        Assert.That(extended.TokensMatched, Is.EqualTo(32));
+        Assert.That(extended.TokensCopied, Is.EqualTo(16), "the two cached chunks are held, not copied again");
+
+        // One more chunk: the pool is full, so the least recently used chunk goes.
+        Assert.That(engine.Store(Tokens(8, 2), _slots.AsSpan(40, 8), 0, default).TokensMatched, Is.EqualTo(8));
+        Assert.That(engine.GetStats().EvictedChunks, Is.EqualTo(1));
+        Assert.That(engine.Lookup(prompt, default).HitTokens, Is.EqualTo(24), "the prompt's last chunk was evicted, nothing before it");
+    }
+
     [Test]
     public void LocalCpuFalse_StoresNothing()
     {

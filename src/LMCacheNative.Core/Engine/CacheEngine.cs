@@ -252,7 +252,12 @@ public sealed class CacheEngine : IDisposable
             var eventKeys = EventKeys(reg, keyedTokens, request.ExtraKey, keys.Span);
             foreach (var (index, chunk) in plan.Fresh) chunk.Lineage = Lineage(eventKeys, keyedTokens, index);
         }
-        var transfers = plan.Fresh.Select(f => new ChunkTransfer(f.Chunk.Data, f.Index * ChunkSize, f.Chunk.TokenCount, f.Index * ChunkSize)).ToArray();
+        var transfers = new ChunkTransfer[plan.Fresh.Count];
+        for (int i = 0; i < transfers.Length; i++)
+        {
+            var (index, chunk) = plan.Fresh[i];
+            transfers[i] = new ChunkTransfer(chunk.Data, index * ChunkSize, chunk.TokenCount, index * ChunkSize);
+        }
         long tokensMatched = Math.Max(Math.Min((long)plan.ReachedChunk * ChunkSize, tokens.Length) - alignedSkip, 0);
         return PendingTransfer.Store(reg, plan, transfers, tokensMatched, numTokens);
     }
@@ -500,17 +505,28 @@ public sealed class CacheEngine : IDisposable
     {
         var plan = op.StorePlan!;
         var tier = op.Reg.Tier;
-        var published = tier.PublishAll(plan.Fresh.Select(f => f.Chunk));
-        var held = new List<(int Index, CachedChunk Chunk)>(plan.Held);
+        // Counted while the chunks are still pinned: after the release below another store may
+        // evict them.
+        var fresh = new CachedChunk[plan.Fresh.Count];
+        long tokensCopied = 0;
+        for (int i = 0; i < fresh.Length; i++)
+        {
+            fresh[i] = plan.Fresh[i].Chunk;
+            tokensCopied += fresh[i].TokenCount;
+        }
+        var published = tier.PublishAll(fresh);
         for (int i = 0; i < published.Count; i++)
         {
-            held.Add((plan.Fresh[i].Index, published[i].Chunk));
             // Another store that got there first has queued its own copy already.
             if (published[i].New) _lowerTiers.WriteBehind(published[i].Chunk);
         }
-        // Released from the last chunk to the first, so the prefix's head ends up most recent.
-        tier.Release(held.OrderByDescending(h => h.Index).Select(h => h.Chunk));
-        long tokensCopied = plan.Fresh.Sum(f => (long)f.Chunk.TokenCount);
+        // Released from the last chunk to the first, so the prefix's head ends up most recent: Held and
+        // Fresh each run in chunk order, so a merge from their ends gives that order (no sort, nothing
+        // allocated per chunk but the one array).
+        var release = new CachedChunk[plan.Held.Count + published.Count];
+        for (int h = plan.Held.Count - 1, f = published.Count - 1, n = 0; n < release.Length; n++)
+            release[n] = f < 0 || (h >= 0 && plan.Held[h].Index > plan.Fresh[f].Index) ? plan.Held[h--].Chunk : published[f--].Chunk;
+        tier.Release(release);
         _counters.Store(tokensCopied, bytesCopied, plan.SkippedForSpace);
         long elapsedNs = Stopwatch.GetElapsedTime(started).Ticks * 100;
         _metrics.Store(tokensCopied, elapsedNs);

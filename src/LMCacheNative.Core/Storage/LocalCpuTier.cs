@@ -304,12 +304,12 @@ public sealed class LocalCpuTier : IDisposable
     }
 
     /// <summary>What a store found and reserved: see <see cref="PlanStore"/>.</summary>
-    public sealed class StorePlan
+    public sealed class StorePlan(int expectedChunks = 0)
     {
-        /// <summary>(chunk index, chunk) of chunks already cached, pinned for the store.</summary>
+        /// <summary>(chunk index, chunk) of chunks already cached, pinned for the store, in chunk order.</summary>
         public List<(int Index, CachedChunk Chunk)> Held { get; } = [];
-        /// <summary>(chunk index, chunk) reserved for the store to fill and then publish.</summary>
-        public List<(int Index, CachedChunk Chunk)> Fresh { get; } = [];
+        /// <summary>(chunk index, chunk) reserved for the store to fill and then publish, in chunk order.</summary>
+        public List<(int Index, CachedChunk Chunk)> Fresh { get; } = new(expectedChunks);
         /// <summary>Index after the last chunk the store covers (cached, filled by it, or being filled by another store).</summary>
         public int ReachedChunk { get; set; }
         public int SkippedForSpace { get; set; }
@@ -324,7 +324,8 @@ public sealed class LocalCpuTier : IDisposable
     /// <param name="tokenCount">tokens of chunk i (the last may be partial)</param>
     public StorePlan PlanStore(ReadOnlySpan<ChunkKey> keys, int firstChunk, Func<int, int> tokenCount, long bytesPerToken)
     {
-        var plan = new StorePlan { ReachedChunk = firstChunk };
+        // Sized for a store whose chunks are all new, the common case: no list growth per store.
+        var plan = new StorePlan(Math.Max(0, keys.Length - firstChunk)) { ReachedChunk = firstChunk };
         lock (_lock)
         {
             _index.PrefetchFirst(keys[firstChunk..]);
