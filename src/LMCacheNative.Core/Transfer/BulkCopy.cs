@@ -26,8 +26,9 @@ namespace LMCacheNative.Core.Transfer;
 /// wait. Each streaming copy therefore takes a second address, where the caller's NEXT run starts,
 /// and touches it one cache line per line copied (prefetcht0, SSE: in the baseline instruction set),
 /// so the next run is in cache when its copy begins. In the C model on the development VM (2 cores,
-/// 256 MiB, quiet) the gathers went from 0.65 to 1.05x a memcpy (NHD bf16), 0.51 to 0.92x (NHD fp8),
-/// 0.60 to 1.08x and 0.48 to 0.84x (HND bf16, fp8).
+/// 128-256 MiB; scripts/copy_reference.c, table in docs/performance.md) that made the SSE2 gathers
+/// 30-80 % faster, bf16 and fp8, NHD and HND (in one run: NHD bf16 0.78 -> 1.06x a memcpy, fp8
+/// 0.88 -> 1.39x; HND bf16 0.72 -> 0.93x, fp8 0.72 -> 1.21x).
 /// </summary>
 internal static unsafe class BulkCopy
 {
