@@ -288,9 +288,9 @@ def measure_chunk_count(counts: list[int], calls: int) -> dict:
     of 16 tokens cached; memory per chunk from the process's resident size.
 
     Each store's minor page faults are counted too (getrusage of the calling thread, which runs a
-    store this small). A store allocates about 65 KB of managed objects (a record per chunk, the
+    store this small). A store allocates about 48 KB of managed objects (a record per chunk, the
     plan); depending on the GC's history those land on memory already touched or on fresh pages,
-    about 17 faults and +200 us on the dev VM, and the state lasts over many stores, so which one a
+    a dozen page faults or more and up to +200 us on the dev VM, and the state lasts over many stores, so which one a
     run of stores mostly sees moves the plain median by up to 2x at any cache size. The median over
     the stores that took at most STORE_WARM_FAULTS faults is the index and copy work alone: that is
     what must stay flat as the cache grows; both are reported."""
@@ -806,9 +806,9 @@ def readme_markdown(metrics: dict) -> str:
                              if (beyond := values.get('memory_per_cached_chunk_beyond_slab_bytes', float('nan'))) >= 0 else
                              "of resident size, less than its 256-byte slab: memory the process held when the measure began (the GC's, "
                              "torch's) was returned while it ran, so this is a lower bound. ")
-                          + "A store allocates about 65 KB of "
+                          + "A store of 256 chunks allocates about 48 KB of "
                           "managed objects; whether they land on memory the GC already touched or on fresh pages "
-                          "(about 17 faults, +200 µs here) depends on the GC's history and lasts over many stores, so the "
+                          "(a dozen page faults or more, up to +200 µs here) depends on the GC's history and lasts over many stores, so the "
                           "plain medians move by up to 2× at any cache size; the stores without faults show the index "
                           f"and copy work alone: 1M ÷ 1K = **{ratios.get(f'scaling_store_warm_{count_keys[-1] // 1024}k_chunks_vs_{count_keys[0] // 1024}k_chunks', float('nan')):.2f}×** "
                           "(target ≤ 1.25)."]
