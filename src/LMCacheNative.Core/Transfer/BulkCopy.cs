@@ -61,9 +61,10 @@ internal static unsafe class BulkCopy
     }
 
     /// <summary>
-    /// One head vector (tens to hundreds of bytes): inlined 16-byte vector moves when the length
-    /// allows, so the per-copy cost stays small next to the bytes moved; the wide streaming path when
-    /// streaming and the run is long enough to fill whole lines.
+    /// One head vector (tens to hundreds of bytes), inlined so that the per-copy cost stays small next
+    /// to the bytes moved: streaming stores of whole lines when streaming and the vector is whole
+    /// lines at a line-aligned destination (with the prefetch stream); else 16-byte vector moves when
+    /// the length allows; else <see cref="Copy"/>.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static void CopySmall(byte* source, byte* destination, long bytes, bool streaming, byte* prefetch = null)
@@ -73,7 +74,7 @@ internal static unsafe class BulkCopy
             // The common head vector (128 or 256 bytes, whole lines at line-aligned addresses): inline,
             // with no call and no alignment prologue, which cost as much as the copy itself for an
             // fp8 head.
-            byte* ahead = prefetch != null ? prefetch : source;
+            byte* ahead = PrefetchStart(source, prefetch);
             for (long i = 0; i < bytes; i += 64)
             {
                 Sse.Prefetch0(ahead + i);
