@@ -289,11 +289,11 @@ def measure_chunk_count(counts: list[int], calls: int) -> dict:
 
     Each store's minor page faults are counted too (getrusage of the calling thread, which runs a
     store this small). A store allocates about 48 KB of managed objects (a record per chunk, the
-    plan); depending on the GC's history those land on memory already touched or on fresh pages,
-    a dozen page faults or more and up to +200 us on the dev VM, and the state lasts over many stores, so which one a
-    run of stores mostly sees moves the plain median by up to 2x at any cache size. The median over
-    the stores that took at most STORE_WARM_FAULTS faults is the index and copy work alone: that is
-    what must stay flat as the cache grows; both are reported."""
+    plan); depending on the GC's history those land on memory already touched or on fresh pages (a
+    dozen page faults or more, up to +200 us on the dev VM), and the state lasts over many stores,
+    so which one a run of stores mostly sees moves the plain median by up to 2x at any cache size.
+    The median over the stores that took at most STORE_WARM_FAULTS faults is the index and copy work
+    alone: that is what must stay flat as the cache grows; both are reported."""
     progress(f"scaling: lookup and store latency against cached chunks {counts}")
     chunk, prompt = 16, 4096
     fill_tokens = 16384  # tokens per filling store: 1024 chunks
