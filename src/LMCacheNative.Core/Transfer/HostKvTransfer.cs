@@ -217,9 +217,9 @@ public sealed unsafe class HostKvTransfer : IKvTransfer
     }
 
     /// <summary>
-    /// Copies one (chunk, layer, kv) item (both kv when K and V go together); returns the bytes moved. Streaming copies prefetch the
-    /// next run's source (see <see cref="BulkCopy"/>): the next run of this item, or the first run of
-    /// item + 1.
+    /// Copies one (chunk, layer, kv) item (both kv when K and V go together); returns the bytes moved.
+    /// Streaming copies prefetch the next run's source (see <see cref="BulkCopy"/>): the next run of
+    /// this item, or the first run of item + 1.
     /// </summary>
     private long CopyItem(TransferDirection direction, ChunkTransfer* chunks, int chunkCount, long* slots, int item, int itemsPerChunk, bool streaming)
     {
