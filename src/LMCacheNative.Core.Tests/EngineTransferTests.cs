@@ -33,6 +33,26 @@ public class EngineTransferTests
 
     public static int[] Tokens(int count, int seed) => Enumerable.Range(0, count).Select(i => seed * 100_000 + i).ToArray();
 
+    /// <summary>
+    /// Registers <paramref name="destination"/> (guard-filled), retrieves every token of
+    /// <paramref name="tokens"/>, writing those from <paramref name="firstToWrite"/> on, and checks it
+    /// byte for byte against the test's model: each written token's KV from its slot in
+    /// <paramref name="source"/>, slots of -1 and everything else untouched.
+    /// </summary>
+    private static TransferResult RetrieveAndCheck(CacheEngine engine, TestModelCache source, long[] sourceSlots,
+        TestModelCache destination, long[] destinationSlots, int[] tokens, int firstToWrite = 0)
+    {
+        engine.RegisterLayers(destination.Describe());
+        var expected = destination.Snapshot();
+        for (int t = firstToWrite; t < tokens.Length; t++)
+            if (destinationSlots[t] >= 0) destination.ExpectCopied(expected, source, sourceSlots[t], destinationSlots[t]);
+        var result = engine.Retrieve(tokens, destinationSlots, firstToWrite, default);
+        Assert.That(result.TokensMatched, Is.EqualTo(tokens.Length));
+        var actual = destination.Snapshot();
+        for (int l = 0; l < actual.Length; l++) Assert.That(actual[l].AsSpan().SequenceEqual(expected[l]), Is.True, $"layer {l}");
+        return result;
+    }
+
     [Test]
     public void StoreAndRetrieve_BetweenEveryPairOfLayouts_IsBitExact(
         [Values] TestLayout from, [Values] TestLayout to, [Values(1, 2, 4)] int elemSize)
@@ -50,18 +70,9 @@ public class EngineTransferTests
         engine.RegisterLayers(source.Describe());
         Assert.That(engine.Store(tokens, sourceSlots, 0, default).TokensMatched, Is.EqualTo(numTokens));
 
-        engine.RegisterLayers(destination.Describe());
         long[] destinationSlots = RandomSlots(random, destination.NumSlots, numTokens, minusOneEvery: 7);
         const int firstTokenToWrite = 5;
-        var expected = destination.Snapshot();
-        for (int t = firstTokenToWrite; t < numTokens; t++)
-            if (destinationSlots[t] >= 0) destination.ExpectCopied(expected, source, sourceSlots[t], destinationSlots[t]);
-
-        var result = engine.Retrieve(tokens, destinationSlots, firstTokenToWrite, default);
-
-        Assert.That(result.TokensMatched, Is.EqualTo(numTokens));
-        var actual = destination.Snapshot();
-        for (int l = 0; l < Layers; l++) Assert.That(actual[l], Is.EqualTo(expected[l]), $"layer {l}");
+        var result = RetrieveAndCheck(engine, source, sourceSlots, destination, destinationSlots, tokens, firstTokenToWrite);
         int written = Enumerable.Range(firstTokenToWrite, numTokens - firstTokenToWrite).Count(t => destinationSlots[t] >= 0);
         Assert.That(result.BytesCopied, Is.EqualTo((long)written * engine.BytesPerToken));
     }
@@ -80,14 +91,7 @@ public class EngineTransferTests
         long[] destinationSlots = RandomSlots(random, destination.NumSlots, 40, minusOneEvery: 5);
         engine.RegisterLayers(source.Describe());
         engine.Store(tokens, sourceSlots, 0, default);
-        engine.RegisterLayers(destination.Describe());
-        var expected = destination.Snapshot();
-        for (int t = 0; t < 40; t++)
-            if (destinationSlots[t] >= 0) destination.ExpectCopied(expected, source, sourceSlots[t], destinationSlots[t]);
-
-        Assert.That(engine.Retrieve(tokens, destinationSlots, 0, default).TokensMatched, Is.EqualTo(40));
-        var actual = destination.Snapshot();
-        for (int l = 0; l < 3; l++) Assert.That(actual[l], Is.EqualTo(expected[l]));
+        RetrieveAndCheck(engine, source, sourceSlots, destination, destinationSlots, tokens);
     }
 
     /// <summary>Large enough (8 MiB) to take the multi-core path of the host transfer.</summary>
@@ -111,14 +115,7 @@ public class EngineTransferTests
         engine.RegisterLayers(source.Describe());
         var stored = engine.Store(tokens, sourceSlots, 0, default);
         Assert.That(stored.BytesCopied, Is.GreaterThanOrEqualTo(Transfer.HostKvTransfer.ParallelThresholdBytes));
-        engine.RegisterLayers(destination.Describe());
-        var expected = destination.Snapshot();
-        for (int t = 0; t < numTokens; t++)
-            if (destinationSlots[t] >= 0) destination.ExpectCopied(expected, source, sourceSlots[t], destinationSlots[t]);
-
-        Assert.That(engine.Retrieve(tokens, destinationSlots, 0, default).TokensMatched, Is.EqualTo(numTokens));
-        var actual = destination.Snapshot();
-        for (int l = 0; l < 2; l++) Assert.That(actual[l].AsSpan().SequenceEqual(expected[l]), Is.True, $"layer {l}");
+        RetrieveAndCheck(engine, source, sourceSlots, destination, destinationSlots, tokens);
     }
 
     /// <summary>
@@ -152,14 +149,7 @@ public class EngineTransferTests
         engine.RegisterLayers(source.Describe());
         var stored = engine.Store(tokens, sourceSlots, 0, default);
         Assert.That(stored.BytesCopied, Is.GreaterThanOrEqualTo(2 * Transfer.HostKvTransfer.ParallelThresholdBytes - bytesPerToken));
-        engine.RegisterLayers(destination.Describe());
-        var expected = destination.Snapshot();
-        for (int t = 0; t < numTokens; t++)
-            if (destinationSlots[t] >= 0) destination.ExpectCopied(expected, source, sourceSlots[t], destinationSlots[t]);
-
-        Assert.That(engine.Retrieve(tokens, destinationSlots, 0, default).TokensMatched, Is.EqualTo(numTokens));
-        var actual = destination.Snapshot();
-        for (int l = 0; l < layers; l++) Assert.That(actual[l].AsSpan().SequenceEqual(expected[l]), Is.True, $"layer {l}");
+        RetrieveAndCheck(engine, source, sourceSlots, destination, destinationSlots, tokens);
     }
 
     /// <summary>
@@ -189,15 +179,8 @@ public class EngineTransferTests
         Assert.That(engine.Store(tokens, sourceSlots, 0, default).TokensMatched, Is.EqualTo(numTokens));
 
         const int firstToWrite = 256 + 100; // inside the second chunk, inside a block
-        engine.RegisterLayers(destination.Describe());
-        var expected = destination.Snapshot();
-        for (int t = firstToWrite; t < numTokens; t++) destination.ExpectCopied(expected, source, sourceSlots[t], destinationSlots[t]);
-
-        var retrieved = engine.Retrieve(tokens, destinationSlots, firstToWrite, default);
-        Assert.That(retrieved.TokensMatched, Is.EqualTo(numTokens));
+        var retrieved = RetrieveAndCheck(engine, source, sourceSlots, destination, destinationSlots, tokens, firstToWrite);
         Assert.That(retrieved.BytesCopied, Is.EqualTo((long)(numTokens - firstToWrite) * bytesPerToken));
-        var actual = destination.Snapshot();
-        for (int l = 0; l < layers; l++) Assert.That(actual[l].AsSpan().SequenceEqual(expected[l]), Is.True, $"layer {l}");
     }
 
     [Test]
