@@ -382,7 +382,7 @@ public sealed class CacheEngine : IDisposable
     public bool KvEventsEnabled => _events is not null;
 
     /// <summary>Bytes of an event hash: 32 for SHA-256 keys, 16 for XXH3-128.</summary>
-    public int KvEventHashBytes => Config.HashAlgorithm == ChunkHashAlgorithm.Sha256 ? 32 : 16;
+    public int KvEventHashBytes => ChunkHasher.DigestBytes(Config.HashAlgorithm);
 
     /// <summary>
     /// Moves the oldest queued KV events into <paramref name="destination"/> without waiting (see

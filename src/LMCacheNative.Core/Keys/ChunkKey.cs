@@ -102,6 +102,11 @@ public sealed class ChunkHasher
     public KeyNamespace Namespace { get; }
     public ChunkHashAlgorithm Algorithm => _algorithm;
 
+    /// <summary>Bytes of a key's digest: 32 for SHA-256, 16 for XXH3-128 (whose key words 2 and 3 are zero).</summary>
+    public static int DigestBytes(ChunkHashAlgorithm algorithm) => algorithm == ChunkHashAlgorithm.Sha256 ? ChunkKey.MaxBytes : XxHashDigestBytes;
+
+    private const int XxHashDigestBytes = 16;
+
     /// <summary>
     /// Bound on a request's extra key (cache salt, LoRA id, multimodal hashes, tags): 1 MiB holds tens
     /// of thousands of digests, and the bound keeps the key seed's length far from int overflow.
@@ -204,8 +209,8 @@ public sealed class ChunkHasher
         }
         else
         {
-            XxHash128.Hash(input, digest[..16]);
-            digest[16..].Clear();
+            XxHash128.Hash(input, digest[..XxHashDigestBytes]);
+            digest[XxHashDigestBytes..].Clear();
         }
     }
 }
