@@ -1,6 +1,7 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using LMCacheNative.Core;
+using LMCacheNative.Core.Keys;
 using LMCacheNative.Core.Storage;
 
 namespace LMCacheNative.Exports;
@@ -13,7 +14,7 @@ internal unsafe struct NativeKvEvent
     public uint Kind;
     public uint Medium;
     public uint HashLen;
-    public fixed byte BlockHash[32];
+    public fixed byte BlockHash[32]; // ChunkKey.MaxBytes (a fixed buffer's size must be a literal)
     public fixed byte ParentHash[32];
     public uint ParentHashLen;
     public uint TokenCount;
@@ -74,7 +75,7 @@ internal static unsafe class EventExports
     private static void WriteEvents(NativeKvEvent* events, uint eventSize, int* tokenIds, ReadOnlySpan<KvEvent> drained, int hashBytes)
     {
         uint written = Math.Min(eventSize, (uint)sizeof(NativeKvEvent));
-        Span<byte> hash = stackalloc byte[32];
+        Span<byte> hash = stackalloc byte[ChunkKey.MaxBytes];
         long tokenOffset = 0;
         for (int i = 0; i < drained.Length; i++)
         {
@@ -91,13 +92,13 @@ internal static unsafe class EventExports
             {
                 native.HashLen = (uint)hashBytes;
                 e.BlockHash.WriteTo(hash);
-                hash[..hashBytes].CopyTo(new Span<byte>(native.BlockHash, 32));
+                hash[..hashBytes].CopyTo(new Span<byte>(native.BlockHash, ChunkKey.MaxBytes));
             }
             if (e.ParentHash is { } parent)
             {
                 native.ParentHashLen = (uint)hashBytes;
                 parent.WriteTo(hash);
-                hash[..hashBytes].CopyTo(new Span<byte>(native.ParentHash, 32));
+                hash[..hashBytes].CopyTo(new Span<byte>(native.ParentHash, ChunkKey.MaxBytes));
             }
             if (e.TokenIds is { } ids)
             {
